@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny models written once per session, small image sets, isolated caches."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a hub in tests
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_SPLIT = REPO / "data" / "demo" / "split_zhou_Demo.json"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache_home(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("VERMOUTH_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "cache-home"))
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    from vermouth_cache.tiny_models import write_tiny_models
+
+    return write_tiny_models(tmp_path_factory.mktemp("models"), seed=0)
+
+
+def make_images(root: Path, classes: dict[str, int], *, size=(96, 80), seed: int = 0) -> Path:
+    """root/<class>/<i>.png with distinct random content; non-square so resize and crop matter."""
+    rng = np.random.default_rng(seed)
+    for name, count in classes.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / name / f"{i:02d}.png")
+    return root
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    """A 2-class image folder of 5 images, each 96x80."""
+    return make_images(tmp_path / "imgs", {"cat": 3, "dog": 2})
+
+
+@pytest.fixture
+def request_for(tiny, tmp_path):
+    """ExtractRequest factory on the tiny models, CPU, quiet, small shards."""
+    from vermouth_cache.request import ExtractRequest
+
+    def make(dataset, **kw):
+        base = dict(dataset=str(dataset), store=str(tmp_path / "store"), sd_model=str(tiny["sd"]),
+                    captioner=str(tiny["blip"]), resolution=128, device="cpu", shard_size=2, batch_size=2,
+                    progress=False)
+        base.update(kw)
+        return ExtractRequest(**base)
+
+    return make
+
+
+def store_bytes(root: Path) -> dict[str, bytes]:
+    """Every data chunk and Zarr metadata file of a store, by relative path (records separately)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and "/arrays/" in str(p)}
+
+
+def record_content(root: Path) -> dict[str, tuple]:
+    """Shard records without the run facts (device, seconds) that may differ between runs."""
+    import json
+
+    out = {}
+    for p in sorted(root.rglob("shards/*/*.json")):
+        rec = json.loads(p.read_text())
+        out[str(p.relative_to(root))] = (rec["start"], rec["stop"], tuple(rec["status"]), tuple(rec.get("values") or ()))
+    return out

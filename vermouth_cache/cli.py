@@ -1,0 +1,184 @@
+"""The `vermouth-cache` command: a thin layer over the Python API (extract, listing, export, demo).
+
+Errors the user can fix print as one line on stderr with exit status 1; no tracebacks.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .errors import VermouthError
+from .models import DEFAULT_CAPTIONER, DEFAULT_SD_MODEL, EXPERT_MODELS
+
+
+def _ints(value: str, name: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise VermouthError(f"{name} takes whole numbers separated by commas, got {value!r}") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="vermouth-cache")
+def main():
+    """Stable Diffusion features for perception, computed once and cached in Zarr."""
+
+
+@main.command()
+@click.argument("dataset")
+@click.option("--store", required=True, help="Store directory (created if new).")
+@click.option("--image-root", help="Image root for a CoOp split file or a manifest (default: beside the file).")
+@click.option("--split", help="Split of a CoOp split file or a manifest: train, val or test.")
+@click.option("--shots", type=int, help="Extract only a K-shot-per-class subset (CoOp-style).")
+@click.option("--shot-seed", type=int, default=0, show_default=True, help="Seed of the K-shot subset.")
+@click.option("--t", "t", default="200", show_default=True, help="Timestep(s) 0-999, comma-separated; one U-net pass each.")
+@click.option("--stages", default="mid,up", show_default=True, help="U-net stages to keep: any of down, mid, up.")
+@click.option("--taps", help="Blocks to keep, by name (down_blocks.0-3, mid_block, up_blocks.0-3); adds to --stages.")
+@click.option("--attn-maps", help="Also keep cross-attention maps of these stages (up, down, mid).")
+@click.option("--expert", type=click.Choice(list(EXPERT_MODELS)), help="Also cache this expert's multi-scale features.")
+@click.option("--expert-model", help="Hub id or directory of the expert (default: the expert's standard model).")
+@click.option("--sd-model", default=DEFAULT_SD_MODEL, show_default=True, help="SD pipeline: hub id or diffusers directory.")
+@click.option("--captioner", default=DEFAULT_CAPTIONER, show_default=True, help="BLIP captioner: hub id or directory.")
+@click.option("--prompt", default="blip", show_default=True,
+              help="Caption source: blip, null (empty), random (seeded random words), classname (uses the label!), "
+                   "or text:YOUR TEXT.")
+@click.option("--caption-prefix", default="", help="Text BLIP continues (the official code used 'a picture of ').")
+@click.option("--caption-min-tokens", type=int, default=5, show_default=True, help="BLIP minimum new tokens.")
+@click.option("--caption-max-tokens", type=int, default=20, show_default=True, help="BLIP maximum new tokens.")
+@click.option("--text-layer", type=click.Choice(["final", "penultimate"]), default="final", show_default=True,
+              help="CLIP text layer used as the condition.")
+@click.option("--resolution", type=int, default=256, show_default=True,
+              help="Shorter side resized to this, then centre-cropped square (256 classification/SBIR, 512 segmentation).")
+@click.option("--noise", type=click.Choice(["ddpm", "ddim-inversion", "none"]), default="ddpm", show_default=True,
+              help="How the latent reaches t: DDPM forward noise, DDIM inversion, or the clean latent.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed (and random-prompt seed).")
+@click.option("--noise-draws", type=int, default=1, show_default=True, help="Average the taps over K DDPM noise draws.")
+@click.option("--inversion-steps", type=int, default=10, show_default=True, help="U-net calls of a DDIM inversion.")
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True,
+              help="Storage dtype of features.")
+@click.option("--batch-size", type=int, default=8, show_default=True,
+              help="Images per model call on CUDA (the CPU always uses 1: batching changes CPU rounding).")
+@click.option("--shard-size", type=int, default=64, show_default=True,
+              help="Samples per shard (= Zarr chunk) of NEW entries; an existing entry keeps its own.")
+@click.option("--device", help="cpu, cuda or cuda:N (default: cuda when present).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
+              help="Compute dtype (auto: fp32 on CPU, fp16 on CUDA); recorded per shard.")
+@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
+              help="On an unreadable image: stop, or record it per sample and go on.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def extract(dataset, store, image_root, split, shots, shot_seed, t, stages, taps, attn_maps, expert, expert_model,
+            sd_model, captioner, prompt, caption_prefix, caption_min_tokens, caption_max_tokens, text_layer,
+            resolution, noise, seed, noise_draws, inversion_steps, dtype, batch_size, shard_size, device, precision,
+            on_error, quiet):
+    """Extract SD features of DATASET into the store, computing only what it lacks.
+
+    DATASET is an image-folder tree (root/<class>/<image>), a CoOp split file
+    (split_zhou_<Name>.json, with --split) or a CSV/JSONL manifest (path, label, split, ...).
+    """
+    from .extract import extract as run_extract
+    from .request import ExtractRequest
+
+    req = ExtractRequest(
+        dataset=dataset, store=store, image_root=image_root, split=split, shots=shots, shot_seed=shot_seed,
+        t=_ints(t, "--t"), stages=stages or None, taps=taps, attn_maps=attn_maps, expert=expert,
+        expert_model=expert_model, sd_model=sd_model, captioner=captioner, prompt=prompt,
+        caption_prefix=caption_prefix, caption_min_tokens=caption_min_tokens,
+        caption_max_tokens=caption_max_tokens, text_layer=text_layer, resolution=resolution, noise=noise,
+        seed=seed, noise_draws=noise_draws, inversion_steps=inversion_steps, dtype=dtype, batch_size=batch_size,
+        shard_size=shard_size, device=device, precision=precision, on_error=on_error, progress=not quiet,
+    )
+    report = run_extract(req)
+    ds = report.dataset
+    click.echo(f"dataset {ds['name']}: {ds['n_samples']} samples, identity {ds['identity'][:16]}")
+    for name, key in report.entries.items():
+        click.echo(f"  {name:<16} {key}")
+    done = ", ".join(f"{k} {v}" for k, v in report.computed.items() if v) or "nothing (all cached)"
+    click.echo(f"computed: {done}")
+    secs = ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())
+    click.echo(f"time: {report.wall_seconds:.1f}s ({secs})" if secs else f"time: {report.wall_seconds:.1f}s")
+    if report.failed:
+        click.echo(f"{len(report.failed)} sample(s) failed and were recorded:", err=True)
+        for sid, why in list(report.failed.items())[:10]:
+            click.echo(f"  {sid}: {why}", err=True)
+
+
+@main.command("ls")
+@click.argument("store")
+@click.option("--kind", type=click.Choice(["captions", "text", "latents", "features", "expert"]),
+              help="Only entries of this kind.")
+def ls_cmd(store, kind):
+    """List the entries of STORE: dataset, model, t, taps, resolution, prompt, noise, progress, size."""
+    from .listing import table
+    from .store import Store
+
+    click.echo(table(Store(store), kind))
+
+
+@main.command()
+@click.argument("store")
+@click.option("--out", required=True, help="HDF5 file to write (through a temporary name).")
+@click.option("--entry", help="Key (or key prefix) of the feature entry; needed when the store has several.")
+@click.option("--taps", help="Taps to export, comma-separated (default: all of the entry's).")
+def export(store, out, entry, taps):
+    """Export one feature entry of STORE to HDF5: /sample_ids, /labels, /captions, /features/<tap>."""
+    from .export import export_h5
+    from .store import Store
+
+    res = export_h5(Store(store), out, entry_key=entry, taps=[t.strip() for t in taps.split(",")] if taps else None)
+    click.echo(f"wrote {res['path']}: {res['samples']} samples, taps {', '.join(res['taps'])}"
+               + (f" ({res['excluded']} failed samples excluded)" if res["excluded"] else ""))
+
+
+@main.group()
+def models():
+    """Model utilities."""
+
+
+@models.command("tiny")
+@click.argument("directory")
+@click.option("--seed", type=int, default=0, show_default=True, help="Weights seed; same seed, same bytes.")
+def models_tiny(directory, seed):
+    """Write tiny random models in the real on-disk formats to DIRECTORY (sd, blip, experts, clip)."""
+    from .tiny_models import write_tiny_models
+
+    for name, path in write_tiny_models(directory, seed=seed).items():
+        click.echo(f"{name:<10} {path}")
+
+
+@main.command()
+@click.option("--out", default="demo-out", show_default=True, help="Directory for tiny models, store and results.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def demo(out, quiet):
+    """Run the whole flow on tiny models and the bundled demo data: extract, ls, a few-shot probe."""
+    from .demo import run_demo
+
+    res = run_demo(out, progress=not quiet)
+    click.echo(res.listing)
+    click.echo(f"\nfew-shot linear probe on cached features: top-1 {res.accuracy:.3f} on {res.n_test} test images "
+               f"({res.n_classes} classes, {res.n_train} training images; chance {1 / res.n_classes:.3f})")
+
+
+def run() -> None:
+    """Entry point: user errors become one line and exit 1; Ctrl-C says how to resume."""
+    try:
+        main(standalone_mode=False)
+    except VermouthError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted: run the same command again to resume", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    run()

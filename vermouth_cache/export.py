@@ -1,0 +1,79 @@
+"""`export`: one feature entry to a self-contained HDF5 file a collaborator reads with h5py alone.
+
+    vermouth-cache export STORE --out feats.h5 [--entry KEY] [--taps mid_block,up_blocks.0]
+
+Layout: /sample_ids, /labels, /captions, /features/<tap> (N, C, H, W); the recipe and readable
+facts as attributes. Only samples computed in every exported tap are written; failed samples are
+listed in the `excluded` attribute. Written to a temporary name and renamed into place, so a
+killed export never leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .errors import VermouthError
+from .store import OK, Entry, Store
+
+
+def select_features_entry(store: Store, key: str | None) -> Entry:
+    if key:
+        return store.find("features", key)
+    entries = store.entries("features")
+    if len(entries) == 1:
+        return entries[0]
+    if not entries:
+        raise VermouthError(f"store {store.root} holds no feature entries")
+    keys = ", ".join(f"{e.key} (t={e.manifest['about'].get('t')})" for e in entries)
+    raise VermouthError(f"store {store.root} holds {len(entries)} feature entries; choose one with --entry: {keys}")
+
+
+def export_h5(store: Store, out: str | os.PathLike, *, entry_key: str | None = None,
+              taps: list[str] | None = None) -> dict:
+    entry = select_features_entry(store, entry_key)
+    names = entry.array_names()
+    taps = taps or names
+    unknown = [t for t in taps if t not in names]
+    if unknown:
+        raise VermouthError(f"entry {entry.key} has no tap {unknown[0]!r} (it has {', '.join(names)})")
+    about = entry.manifest["about"]
+    record = store.dataset(about["dataset_record"])
+    statuses = [entry.statuses(t) for t in taps]
+    missing = [i for i in range(entry.n_samples) if any(st[i] is None for st in statuses)]
+    if missing:
+        raise VermouthError(
+            f"entry {entry.key} is incomplete: {len(missing)} of {entry.n_samples} samples not computed "
+            f"(first: {record['ids'][missing[0]]}); run extract again to finish it"
+        )
+    keep = [i for i in range(entry.n_samples) if all(st[i] == OK for st in statuses)]
+    excluded = [record["ids"][i] for i in range(entry.n_samples) if i not in set(keep)]
+    captions = store.find("captions", about["captions"]).values("captions")
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("sample_ids", data=np.array([record["ids"][i] for i in keep], dtype=h5py.string_dtype()))
+            f.create_dataset("labels", data=np.array([-1 if record["labels"][i] is None else record["labels"][i]
+                                                      for i in keep], dtype=np.int64))
+            f.create_dataset("captions", data=np.array([captions[i] for i in keep], dtype=h5py.string_dtype()))
+            grp = f.create_group("features")
+            for tap in taps:
+                grp.create_dataset(tap, data=entry.read(tap, keep))
+            f.attrs["recipe"] = json.dumps(entry.manifest["recipe"], sort_keys=True)
+            f.attrs["key"] = entry.key
+            f.attrs["about"] = json.dumps(about, sort_keys=True)
+            f.attrs["classnames"] = json.dumps(record["classnames"])
+            f.attrs["excluded"] = json.dumps(excluded)
+            for k, v in about.items():
+                if isinstance(v, (int, float, str)):
+                    f.attrs[f"about.{k}"] = v
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"entry": entry.key, "samples": len(keep), "excluded": len(excluded), "taps": taps, "path": str(out)}

@@ -1,0 +1,267 @@
+"""Loading the frozen models the way users load them, and naming them by their bytes.
+
+Every model is a hub id or a local directory, loaded with diffusers/transformers
+`from_pretrained`; a hub id is first resolved to a local snapshot so that its files can be
+hashed. A component's identity is the sha256 of the files `from_pretrained` reads (configs,
+tokenizer files, the non-variant weights), so a renamed copy shares a cache and a fine-tuned one
+does not. Components load lazily: a run that only needs the U-net never reads the VAE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import functools
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import VermouthError
+from .hashing import file_sha256, recipe_key
+
+DEFAULT_SD_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-base"
+EXPERT_MODELS = {
+    "resnet18": "microsoft/resnet-18",
+    "dino": "facebook/dino-vitb16",
+    "dinov2": "facebook/dinov2-base",
+}
+
+SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# Files from_pretrained reads; weight variants (fp16, non-EMA) and other frameworks are not.
+_READ_PATTERNS = ("*.json", "*.txt", "*.model", "*.safetensors", "*.bin")
+_VARIANT_PATTERNS = ("*.fp16.*", "*.non_ema.*", "*.ema.*", "*.bf16.*", "*.msgpack", "*.onnx", "*.h5")
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model_dir(spec: str, *, role: str, hub_patterns: list[str]) -> Path:
+    """A local directory for `spec`: the directory itself, or a hub snapshot of the files needed."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if path.exists():
+        raise VermouthError(f"{role} {spec!r} is a file, not a model directory")
+    if not _HUB_ID.match(spec):
+        raise VermouthError(f"{role} {spec!r}: no such model directory (and not a hub id of the form org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(spec, allow_patterns=hub_patterns, ignore_patterns=list(_VARIANT_PATTERNS)))
+    except Exception as exc:  # hub errors come in many types; the user needs the id and the cause
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VermouthError(f"{role} {spec!r}: cannot fetch it from the model hub ({first_line[:200]})") from None
+
+
+def _files_read(directory: Path) -> list[Path]:
+    files = [
+        p
+        for p in sorted(directory.iterdir())
+        if p.is_file()
+        and any(fnmatch.fnmatch(p.name, pat) for pat in _READ_PATTERNS)
+        and not any(fnmatch.fnmatch(p.name, pat) for pat in _VARIANT_PATTERNS)
+    ]
+    if any(p.suffix == ".safetensors" for p in files):  # safetensors wins over .bin in from_pretrained
+        files = [p for p in files if p.suffix != ".bin"]
+    return files
+
+
+def directory_identity(directory: Path) -> str:
+    """Hash of (file name, sha256) for every file from_pretrained reads in `directory`."""
+    files = _files_read(directory)
+    if not files:
+        raise VermouthError(f"model directory {str(directory)!r} holds no config or weight files")
+    return recipe_key({p.name: file_sha256(p) for p in files}, length=32)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Library warnings and per-file progress bars off while loading: users see ours only."""
+    import transformers
+
+    loggers = [logging.getLogger(n) for n in ("diffusers", "transformers")]
+    levels = [lg.level for lg in loggers]
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, levels):
+            lg.setLevel(lvl)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+
+
+def _load(cls, path: Path, placement: "Placement | None" = None, **kwargs):
+    """cls.from_pretrained, quietly, placed on the device; failures become one-line errors."""
+    with _quiet():
+        try:
+            model = cls.from_pretrained(str(path), **kwargs)
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            where = f"{path}/{kwargs['subfolder']}" if "subfolder" in kwargs else str(path)
+            raise VermouthError(f"cannot load {cls.__name__} from {where}: {msg[:300]}") from None
+        if placement is not None:
+            model = model.to(placement.device, placement.dtype).eval().requires_grad_(False)
+        return model
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise VermouthError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise VermouthError(f"device {device!r} requested but CUDA is not available here")
+    if dev.type not in ("cpu", "cuda"):
+        raise VermouthError(f"unsupported device {device!r} (use cpu, cuda or cuda:N)")
+    return dev
+
+
+_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """Compute dtype: fp32 on the CPU, fp16 on CUDA unless asked otherwise."""
+    if precision == "auto":
+        return torch.float32 if device.type == "cpu" else torch.float16
+    if precision not in _PRECISIONS:
+        raise VermouthError(f"unknown precision {precision!r} (use auto, fp32, fp16 or bf16)")
+    return _PRECISIONS[precision]
+
+
+@dataclass
+class Placement:
+    device: torch.device
+    dtype: torch.dtype
+
+    def describe(self) -> dict:
+        return {"device": str(self.device), "precision": str(self.dtype).replace("torch.", "")}
+
+
+class StableDiffusion:
+    """The SD pipeline's components, each loaded on first use and hashed by its files."""
+
+    def __init__(self, spec: str, placement: Placement):
+        self.spec = spec
+        self.placement = placement
+        self.dir = resolve_model_dir(
+            spec,
+            role="SD model",
+            hub_patterns=["model_index.json"] + [f"{c}/*" for c in SD_COMPONENTS],
+        )
+        if not (self.dir / "model_index.json").is_file():
+            raise VermouthError(f"SD model {spec!r} is not a diffusers pipeline directory (no model_index.json)")
+        for comp in SD_COMPONENTS:
+            if not (self.dir / comp).is_dir():
+                raise VermouthError(f"SD model {spec!r} has no {comp}/ folder")
+
+    @functools.cache
+    def identity(self, component: str) -> str:
+        return directory_identity(self.dir / component)
+
+    @functools.cached_property
+    def unet(self):
+        from diffusers import UNet2DConditionModel
+
+        return _load(UNet2DConditionModel, self.dir, self.placement, subfolder="unet")
+
+    @functools.cached_property
+    def vae(self):
+        from diffusers import AutoencoderKL
+
+        return _load(AutoencoderKL, self.dir, self.placement, subfolder="vae")
+
+    @functools.cached_property
+    def text_encoder(self):
+        from transformers import CLIPTextModel
+
+        return _load(CLIPTextModel, self.dir, self.placement, subfolder="text_encoder")
+
+    @functools.cached_property
+    def tokenizer(self):
+        from transformers import CLIPTokenizer
+
+        return _load(CLIPTokenizer, self.dir, subfolder="tokenizer")
+
+    @functools.cached_property
+    def scheduler(self):
+        # SD 1.5 ships a PNDM config; only its beta schedule matters for one forward-noising step.
+        from diffusers import DDPMScheduler
+
+        return _load(DDPMScheduler, self.dir, subfolder="scheduler")
+
+    def schedule_recipe(self) -> dict:
+        cfg = self.scheduler.config
+        return {
+            k: cfg[k]
+            for k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "trained_betas")
+            if k in cfg
+        }
+
+
+class Captioner:
+    """A BLIP image-captioning model and its processor."""
+
+    def __init__(self, spec: str, placement: Placement):
+        self.spec = spec
+        self.placement = placement
+        self.dir = resolve_model_dir(spec, role="captioner", hub_patterns=["*.json", "*.txt", "*.safetensors"])
+
+    @functools.cached_property
+    def identity(self) -> str:
+        return directory_identity(self.dir)
+
+    @functools.cached_property
+    def processor(self):
+        from transformers import BlipProcessor
+
+        return _load(BlipProcessor, self.dir)
+
+    @functools.cached_property
+    def model(self):
+        from transformers import BlipForConditionalGeneration
+
+        return _load(BlipForConditionalGeneration, self.dir, self.placement)
+
+
+class Expert:
+    """A frozen image backbone (ResNet, DINO ViT, DINOv2) whose multi-scale features are cached."""
+
+    def __init__(self, name: str, spec: str | None, placement: Placement):
+        if name not in EXPERT_MODELS:
+            raise VermouthError(f"unknown expert {name!r} (choose from {', '.join(EXPERT_MODELS)})")
+        self.name = name
+        self.spec = spec or EXPERT_MODELS[name]
+        self.placement = placement
+        self.dir = resolve_model_dir(self.spec, role=f"expert {name}", hub_patterns=["*.json", "*.safetensors"])
+
+    @functools.cached_property
+    def identity(self) -> str:
+        return directory_identity(self.dir)
+
+    @functools.cached_property
+    def image_stats(self) -> tuple[list[float], list[float]]:
+        """(mean, std) from the model's preprocessor config; ImageNet's when it has none."""
+        import json
+
+        cfg_path = self.dir / "preprocessor_config.json"
+        if cfg_path.is_file():
+            cfg = json.loads(cfg_path.read_text())
+            if "image_mean" in cfg and "image_std" in cfg:
+                return list(cfg["image_mean"]), list(cfg["image_std"])
+        return [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+    @functools.cached_property
+    def model(self):
+        from transformers import AutoModel
+
+        return _load(AutoModel, self.dir, self.placement)

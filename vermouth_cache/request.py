@@ -1,0 +1,103 @@
+"""What `extract` is asked to do: one frozen, validated dataclass, the CLI's and the API's input."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from .errors import VermouthError
+from .models import DEFAULT_CAPTIONER, DEFAULT_SD_MODEL, EXPERT_MODELS
+from .noise import NOISE_MODES
+from .store import STORAGE_DTYPES
+from .unet_taps import STAGES, parse_stages, taps_for
+
+PROMPT_MODES = ("blip", "null", "random", "classname")
+TEXT_LAYERS = ("final", "penultimate")
+ON_ERROR = ("fail", "skip")
+CLASSNAME_TEMPLATE = "a photo of a {}."
+
+
+@dataclass(frozen=True)
+class ExtractRequest:
+    dataset: str
+    store: str
+    image_root: str | None = None
+    split: str | None = None
+    shots: int | None = None
+    shot_seed: int = 0
+    t: tuple[int, ...] = (200,)
+    stages: str | None = "mid,up"
+    taps: str | None = None
+    attn_maps: str | None = None
+    expert: str | None = None
+    expert_model: str | None = None
+    sd_model: str = DEFAULT_SD_MODEL
+    captioner: str = DEFAULT_CAPTIONER
+    prompt: str = "blip"
+    caption_prefix: str = ""
+    caption_min_tokens: int = 5
+    caption_max_tokens: int = 20
+    text_layer: str = "final"
+    resolution: int = 256
+    noise: str = "ddpm"
+    seed: int = 0
+    noise_draws: int = 1
+    inversion_steps: int = 10
+    dtype: str = "fp16"
+    batch_size: int = 8
+    shard_size: int = 64
+    device: str | None = None
+    precision: str = "auto"
+    on_error: str = "fail"
+    progress: bool = True
+    block_taps: tuple[str, ...] = field(default=(), init=False)
+
+    def __post_init__(self):
+        """Refuse bad options before any model or image is touched."""
+        if isinstance(self.t, int):
+            object.__setattr__(self, "t", (self.t,))
+        if not self.t:
+            raise VermouthError("no timestep given (--t)")
+        for t in self.t:
+            if not isinstance(t, int) or not 0 <= t <= 999:
+                raise VermouthError(f"timestep {t!r} is outside 0-999")
+        object.__setattr__(self, "t", tuple(sorted(set(self.t))))
+        object.__setattr__(self, "block_taps", taps_for(self.stages, self.taps))
+        if self.attn_maps:
+            parse_stages(self.attn_maps)
+        if self.expert is not None and self.expert not in EXPERT_MODELS:
+            raise VermouthError(f"unknown expert {self.expert!r} (choose from {', '.join(EXPERT_MODELS)})")
+        if self.expert_model and not self.expert:
+            raise VermouthError("--expert-model needs --expert")
+        if self.prompt not in PROMPT_MODES and not self.prompt.startswith("text:"):
+            raise VermouthError(
+                f"unknown prompt mode {self.prompt!r} (choose from {', '.join(PROMPT_MODES)}, or text:YOUR TEXT)"
+            )
+        if self.text_layer not in TEXT_LAYERS:
+            raise VermouthError(f"unknown text layer {self.text_layer!r} (choose from {', '.join(TEXT_LAYERS)})")
+        if self.noise not in NOISE_MODES:
+            raise VermouthError(f"unknown noise mode {self.noise!r} (choose from {', '.join(NOISE_MODES)})")
+        if self.noise_draws < 1:
+            raise VermouthError("--noise-draws must be at least 1")
+        if self.noise != "ddpm" and self.noise_draws != 1:
+            raise VermouthError(f"--noise-draws averages random draws; noise mode {self.noise!r} has none")
+        if self.inversion_steps < 1:
+            raise VermouthError("--inversion-steps must be at least 1")
+        if self.dtype not in STORAGE_DTYPES:
+            raise VermouthError(f"unknown dtype {self.dtype!r} (choose from {', '.join(STORAGE_DTYPES)})")
+        if self.resolution < 64 or self.resolution % 64:
+            raise VermouthError(f"--resolution {self.resolution} must be a multiple of 64")
+        if self.batch_size < 1 or self.shard_size < 1:
+            raise VermouthError("--batch-size and --shard-size must be at least 1")
+        if self.batch_size > self.shard_size:
+            raise VermouthError(f"--batch-size {self.batch_size} exceeds --shard-size {self.shard_size}")
+        if not 0 <= self.caption_min_tokens <= self.caption_max_tokens:
+            raise VermouthError("caption token limits need 0 <= min <= max")
+        if self.on_error not in ON_ERROR:
+            raise VermouthError(f"unknown --on-error {self.on_error!r} (choose from fail, skip)")
+
+    def with_(self, **changes) -> "ExtractRequest":
+        return replace(self, **changes)
+
+
+def stage_names() -> tuple[str, ...]:
+    return tuple(STAGES)
