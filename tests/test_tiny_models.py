@@ -91,8 +91,13 @@ def test_rewrite_replaces_directory(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_re")
     paths = write_tiny_models(out, seed=0)
     (paths["dino"] / "stale.bin").write_bytes(b"x")
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
     write_tiny_models(out, seed=0)
     assert not (paths["dino"] / "stale.bin").exists()
+    # The per-model seeding does not disturb the caller's RNG stream.
+    assert torch.equal(torch.rand(3), expected)
 
 
 # ----------------------------------------------------------------------------- (b) loading

@@ -126,6 +126,9 @@ def load_dataset(spec: str | Path, *, image_root: str | Path | None = None,
     # shot_seed is recorded only when it mattered, so it cannot split otherwise equal sources.
     seed = shot_seed if shots is not None else None
     source = {"kind": kind, "spec": str(spec), "split": split, "shots": shots, "shot_seed": seed}
+    # the subset is part of the readable name: listings then tell train from test
+    name += f"/{split}" if split else ""
+    name += f"/{shots}-shot-seed{shot_seed}" if shots else ""
     return Dataset(name, root, tuple(sorted(samples, key=lambda s: s.id)), classnames, source)
 
 

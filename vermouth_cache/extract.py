@@ -140,10 +140,6 @@ def _decode(samples) -> list:
         return list(pool.map(one, samples))
 
 
-def _storage_dtype(entry: Entry, req_dtype: str) -> str:
-    return "float32" if entry.kind in ("text", "latents") else STORAGE_DTYPES[req_dtype]
-
-
 def _write(entry: Entry, name: str, shard: int, ok_index: list[int], n: int, status: list[str],
            data: np.ndarray | None, run: dict, dtype: str) -> None:
     """Scatter the ok samples' rows into a NaN-filled shard block and write it whole."""
@@ -163,10 +159,16 @@ class _Stage:
 
     def __enter__(self):
         self.t0 = time.perf_counter()
+        return self
 
     def __exit__(self, *exc):
-        self.report.seconds[self.name] += time.perf_counter() - self.t0
+        self.seconds = time.perf_counter() - self.t0
+        self.report.seconds[self.name] += self.seconds
         self.report.computed[self.name] += self.n
+
+    def run(self, base: dict) -> dict:
+        """The shard record's run facts: device and precision, plus this step's seconds."""
+        return {**base, "step": self.name, "seconds": round(self.seconds, 4)}
 
 
 def extract(req: ExtractRequest) -> ExtractReport:
@@ -226,7 +228,7 @@ def _extract_shard(req, ds, plan: _Plan, sd, captioner, expert, shard: int, need
     # captions: per-sample strings kept in the shard record
     if need["captions"]:
         ok = [i for i in range(n) if status[i] == OK]
-        with _Stage(report, "caption", len(ok) if req.prompt == "blip" else 0):
+        with _Stage(report, "caption", len(ok) if req.prompt == "blip" else 0) as step:
             if req.prompt == "blip":
                 caps = compute.blip_captions(captioner, [images[i] for i in ok], prefix=req.caption_prefix,
                                              min_new=req.caption_min_tokens, max_new=req.caption_max_tokens,
@@ -237,7 +239,7 @@ def _extract_shard(req, ds, plan: _Plan, sd, captioner, expert, shard: int, need
         values = [None] * n
         for i, c in zip(ok, caps):
             values[i] = c
-        plan.captions.write_shard(CAPTIONS, shard, status, values=values, run=run)
+        plan.captions.write_shard(CAPTIONS, shard, status, values=values, run=step.run(run))
     rec = plan.captions.record(CAPTIONS, shard)
     captions = rec.values
     status = [s if s != OK else c for s, c in zip(status, rec.status)]  # carry caption failures
@@ -253,24 +255,24 @@ def _extract_shard(req, ds, plan: _Plan, sd, captioner, expert, shard: int, need
     text = lat = None
     if need["text"]:
         ok = [i for i in range(n) if status[i] == OK]
-        with _Stage(report, "text", len(ok)):
+        with _Stage(report, "text", len(ok)) as step:
             text = compute.text_conditions(sd, [captions[i] for i in ok], layer=req.text_layer, batch=batch) if ok else None
         with _Stage(report, "write"):
-            _write(plan.text, TEXT, shard, ok, n, list(status), text, run, "float32")
+            _write(plan.text, TEXT, shard, ok, n, list(status), text, step.run(run), "float32")
     if need["latents"]:
         ok = [i for i in range(n) if status[i] == OK]
-        with _Stage(report, "vae", len(ok)):
+        with _Stage(report, "vae", len(ok)) as step:
             lat = compute.vae_latents(sd, [images[i] for i in ok], resolution=req.resolution, batch=batch) if ok else None
         with _Stage(report, "write"):
-            _write(plan.latents, LATENTS, shard, ok, n, list(status), lat, run, "float32")
+            _write(plan.latents, LATENTS, shard, ok, n, list(status), lat, step.run(run), "float32")
     if need["expert"]:
         ok = [i for i in range(n) if status[i] == OK]
-        with _Stage(report, "expert", len(ok)):
+        with _Stage(report, "expert", len(ok)) as step:
             maps = compute.expert_features(expert, [images[i] for i in ok], resolution=req.resolution,
                                            batch=batch) if ok else {f"expert.level{j}": None for j in range(4)}
         with _Stage(report, "write"):
             for name, data in maps.items():
-                _write(plan.expert, name, shard, ok, n, list(status), data, run, STORAGE_DTYPES[req.dtype])
+                _write(plan.expert, name, shard, ok, n, list(status), data, step.run(run), STORAGE_DTYPES[req.dtype])
     if not need["features"]:
         return
     # the U-net always reads conditions and latents back from the store, so a value computed in
@@ -280,11 +282,11 @@ def _extract_shard(req, ds, plan: _Plan, sd, captioner, expert, shard: int, need
         lat = upstream(plan.latents, LATENTS)
     ok = [i for i in range(n) if status[i] == OK]
     for t, taps in need["features"].items():
-        with _Stage(report, "unet", len(ok) * req.noise_draws):
+        with _Stage(report, "unet", len(ok) * req.noise_draws) as step:
             feats = compute.unet_features(sd, lat, text, [ids[i] for i in ok], t=t, taps=taps, noise=req.noise,
                                           seed=req.seed, draws=req.noise_draws,
                                           inversion_steps=req.inversion_steps, batch=batch) if ok else {}
         with _Stage(report, "write"):
             for tp in taps:
-                _write(plan.features[t], tp, shard, ok, n, list(status), feats.get(tp), run,
+                _write(plan.features[t], tp, shard, ok, n, list(status), feats.get(tp), step.run(run),
                        STORAGE_DTYPES[req.dtype])

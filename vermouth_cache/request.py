@@ -14,6 +14,7 @@ PROMPT_MODES = ("blip", "null", "random", "classname")
 TEXT_LAYERS = ("final", "penultimate")
 ON_ERROR = ("fail", "skip")
 CLASSNAME_TEMPLATE = "a photo of a {}."
+DEFAULT_STAGES = "mid,up"
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class ExtractRequest:
     shots: int | None = None
     shot_seed: int = 0
     t: tuple[int, ...] = (200,)
-    stages: str | None = "mid,up"
+    stages: str | None = None  # mid,up when neither stages nor taps are given
     taps: str | None = None
     attn_maps: str | None = None
     expert: str | None = None
@@ -61,6 +62,8 @@ class ExtractRequest:
             if not isinstance(t, int) or not 0 <= t <= 999:
                 raise VermouthError(f"timestep {t!r} is outside 0-999")
         object.__setattr__(self, "t", tuple(sorted(set(self.t))))
+        if self.stages is None and self.taps is None:
+            object.__setattr__(self, "stages", DEFAULT_STAGES)
         object.__setattr__(self, "block_taps", taps_for(self.stages, self.taps))
         if self.attn_maps:
             parse_stages(self.attn_maps)
@@ -88,8 +91,6 @@ class ExtractRequest:
             raise VermouthError(f"--resolution {self.resolution} must be a multiple of 64")
         if self.batch_size < 1 or self.shard_size < 1:
             raise VermouthError("--batch-size and --shard-size must be at least 1")
-        if self.batch_size > self.shard_size:
-            raise VermouthError(f"--batch-size {self.batch_size} exceeds --shard-size {self.shard_size}")
         if not 0 <= self.caption_min_tokens <= self.caption_max_tokens:
             raise VermouthError("caption token limits need 0 <= min <= max")
         if self.on_error not in ON_ERROR:

@@ -13,7 +13,8 @@
 Why: there is no model hub in tests, CI or the offline demo, yet the code under test must go through
 the same `from_pretrained` path a user's hub id does (config parsing, safetensors loading, tokenizer
 files, processor configs). So these are not mocks: every file is in the format the real repos ship,
-only the widths are tiny (the whole set is a few MB and is written in seconds on a laptop CPU).
+only the widths are tiny: ~17 MB in all (13 MB of it the UNet, which keeps SD 1.5's full block
+layout), written in well under a second once torch/transformers/diffusers are imported.
 
 Tokenizer and processor files are written by hand in the layout the real hub repos use
 (vocab.json + merges.txt, vocab.txt, preprocessor_config.json) rather than by `save_pretrained`:
@@ -88,7 +89,8 @@ def write_tiny_models(
         "clip": lambda d: _write_clip(d, seed, clip_vocab, clip_merges),
     }
     paths: dict[str, Path] = {}
-    with _quiet_libraries():
+    # fork_rng: the per-model manual_seed calls must not leak into the caller's global RNG.
+    with torch.random.fork_rng(devices=[]), _quiet_libraries():
         for name, write in writers.items():
             d = out / name
             if d.exists():
