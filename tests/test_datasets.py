@@ -127,7 +127,7 @@ def coop_fixture(tmp_path) -> Path:
 def test_coop_split_and_classnames_from_all_splits(tmp_path):
     spec = coop_fixture(tmp_path)
     ds = load_dataset(spec, split="test")
-    assert ds.name == "OxfordPets"
+    assert ds.name == "OxfordPets/test"
     assert ds.root == spec.parent / "images"
     assert ds.classnames == ("abyssinian", "beagle", "chihuahua")
     assert [(s.id, s.label, s.classname, s.split) for s in ds.samples] == [
@@ -242,7 +242,7 @@ def test_jsonl_manifest_name_labels_and_image_root(tmp_path):
     assert ds.classnames == ("ant", "mole", "zebra")
     assert [(s.id, s.label, s.classname) for s in ds.samples] == [
         ("p/1.png", 2, "zebra"), ("p/2.png", 0, "ant")]
-    assert ds.name == "mini" and ds.root == base
+    assert ds.name == "mini/train" and ds.root == base
     # Without image_root, paths are relative to the manifest's directory, where they don't exist.
     msg = errmsg(load_dataset, spec, split="train")
     assert str(tmp_path / "lists" / "p/1.png") in msg and "line 1" in msg

@@ -31,6 +31,7 @@ from .store import OK, STORAGE_DTYPES, Entry, Store
 from .unet_taps import attn_taps_for, blocks_with_cross_attention
 
 CAPTIONS, TEXT, LATENTS = "captions", "cond", "latent"
+EXPERT_LEVELS = [f"expert.level{i}" for i in range(4)]
 
 
 @dataclass
@@ -112,7 +113,7 @@ def _missing(plan: _Plan) -> dict[int, dict]:
     feat_done = {(t, tp): e.done_shards(tp) for t, e in plan.features.items() for tp in plan.taps}
     exp_done = {}
     if plan.expert is not None:
-        exp_done = {f"expert.level{i}": plan.expert.done_shards(f"expert.level{i}") for i in range(4)}
+        exp_done = {name: plan.expert.done_shards(name) for name in EXPERT_LEVELS}
     out = {}
     for shard in range(plan.captions.n_shards):
         feats = {t: [tp for tp in plan.taps if shard not in feat_done[(t, tp)]] for t in plan.features}
@@ -252,27 +253,18 @@ def _extract_shard(req, ds, plan: _Plan, sd, captioner, expert, shard: int, need
         ok = [i for i in range(n) if status[i] == OK]
         return entry.read(name, [start + i for i in ok]) if ok else None
 
-    text = lat = None
+    f32 = "float32"
     if need["text"]:
-        ok = [i for i in range(n) if status[i] == OK]
-        with _Stage(report, "text", len(ok)) as step:
-            text = compute.text_conditions(sd, [captions[i] for i in ok], layer=req.text_layer, batch=batch) if ok else None
-        with _Stage(report, "write"):
-            _write(plan.text, TEXT, shard, ok, n, list(status), text, step.run(run), "float32")
+        _compute_shard(report, plan.text, [TEXT], "text", shard, status, run, f32, lambda ok: {
+            TEXT: compute.text_conditions(sd, [captions[i] for i in ok], layer=req.text_layer, batch=batch)})
     if need["latents"]:
-        ok = [i for i in range(n) if status[i] == OK]
-        with _Stage(report, "vae", len(ok)) as step:
-            lat = compute.vae_latents(sd, [images[i] for i in ok], resolution=req.resolution, batch=batch) if ok else None
-        with _Stage(report, "write"):
-            _write(plan.latents, LATENTS, shard, ok, n, list(status), lat, step.run(run), "float32")
+        _compute_shard(report, plan.latents, [LATENTS], "vae", shard, status, run, f32, lambda ok: {
+            LATENTS: compute.vae_latents(sd, [images[i] for i in ok], resolution=req.resolution, batch=batch)})
+    dtype = STORAGE_DTYPES[req.dtype]
     if need["expert"]:
-        ok = [i for i in range(n) if status[i] == OK]
-        with _Stage(report, "expert", len(ok)) as step:
-            maps = compute.expert_features(expert, [images[i] for i in ok], resolution=req.resolution,
-                                           batch=batch) if ok else {f"expert.level{j}": None for j in range(4)}
-        with _Stage(report, "write"):
-            for name, data in maps.items():
-                _write(plan.expert, name, shard, ok, n, list(status), data, step.run(run), STORAGE_DTYPES[req.dtype])
+        _compute_shard(report, plan.expert, EXPERT_LEVELS, "expert", shard, status, run, dtype, lambda ok:
+                       compute.expert_features(expert, [images[i] for i in ok], resolution=req.resolution,
+                                               batch=batch))
     if not need["features"]:
         return
     # the U-net always reads conditions and latents back from the store, so a value computed in
@@ -280,13 +272,22 @@ def _extract_shard(req, ds, plan: _Plan, sd, captioner, expert, shard: int, need
     with _Stage(report, "read"):
         text = upstream(plan.text, TEXT)
         lat = upstream(plan.latents, LATENTS)
-    ok = [i for i in range(n) if status[i] == OK]
     for t, taps in need["features"].items():
-        with _Stage(report, "unet", len(ok) * req.noise_draws) as step:
-            feats = compute.unet_features(sd, lat, text, [ids[i] for i in ok], t=t, taps=taps, noise=req.noise,
-                                          seed=req.seed, draws=req.noise_draws,
-                                          inversion_steps=req.inversion_steps, batch=batch) if ok else {}
-        with _Stage(report, "write"):
-            for tp in taps:
-                _write(plan.features[t], tp, shard, ok, n, list(status), feats.get(tp), step.run(run),
-                       STORAGE_DTYPES[req.dtype])
+        _compute_shard(report, plan.features[t], taps, "unet", shard, status, run, dtype, lambda ok, t=t, taps=taps:
+                       compute.unet_features(sd, lat, text, [ids[i] for i in ok], t=t, taps=taps, noise=req.noise,
+                                             seed=req.seed, draws=req.noise_draws,
+                                             inversion_steps=req.inversion_steps, batch=batch),
+                       passes=req.noise_draws)
+
+
+def _compute_shard(report: ExtractReport, entry: Entry, names: list[str], step_name: str, shard: int,
+                   status: list[str], run: dict, dtype: str, fn, passes: int = 1) -> None:
+    """fn(ok indices) -> {array name: rows of those samples}; then each array's shard is written
+    whole, failed samples NaN, with a record (even when every sample failed)."""
+    n = len(status)
+    ok = [i for i in range(n) if status[i] == OK]
+    with _Stage(report, step_name, len(ok) * passes) as step:
+        arrays = fn(ok) if ok else {}
+    with _Stage(report, "write"):
+        for name in names:
+            _write(entry, name, shard, ok, n, list(status), arrays.get(name), step.run(run), dtype)
