@@ -85,7 +85,7 @@ class FileHashMemo:
                     db.execute("REPLACE INTO h VALUES (?, ?, ?)", (str(path), stat, sha))
                     db.commit()
                 except sqlite3.Error:
-                    pass
+                    pass  # an unwritable memo only costs re-hashing next time
         return sha
 
 

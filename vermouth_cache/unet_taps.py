@@ -132,7 +132,7 @@ def run_taps(
             with torch.inference_mode():
                 unet(latents.to(p.device, p.dtype), timesteps, encoder_hidden_states=cond.to(p.device, p.dtype))
         except _Stop:
-            pass
+            pass  # the last needed block ran; the rest of the U-net is skipped on purpose
     finally:
         for h in handles:
             h.remove()
