@@ -128,6 +128,27 @@ def gb(nbytes: float) -> str:
     return f"{nbytes / 1e9:.2f} GB"
 
 
+def rss_bytes() -> int | None:
+    """Resident memory of this process now (Linux), to see whether extract() frees its models."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return None
+
+
+def store_bytes(store: Path) -> dict:
+    """Array bytes on disk vs the bytes of the samples they hold (write amplification)."""
+    disk = logical = 0
+    for manifest in store.glob("*/*/manifest.json"):
+        m = json.loads(manifest.read_text())
+        for spec in m.get("arrays", {}).values():
+            itemsize = 2 if spec["dtype"] == "bfloat16" else np.dtype(spec["dtype"]).itemsize
+            logical += m["n_samples"] * int(np.prod(spec["shape"])) * itemsize
+        disk += sum(p.stat().st_size for p in (manifest.parent / "arrays").rglob("*") if p.is_file())
+    return {"disk_bytes": disk, "sample_bytes": logical}
+
+
 class ForeignCpu:
     """Share of the machine's CPU time used by OTHER processes over an interval (Linux /proc/stat):
     (all cores' busy time - this process's CPU time) / (wall x cores). None where /proc is absent."""
@@ -207,6 +228,7 @@ def timed_extract(req: ExtractRequest, device: str) -> dict:
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
+    rss_after = rss_bytes()
     wall = rep.wall_seconds
     sec = {k: float(rep.seconds.get(k, 0.0)) for k in ROWS if k != "other"}
     sec["other"] = wall - sum(sec.values())
@@ -231,6 +253,7 @@ def timed_extract(req: ExtractRequest, device: str) -> dict:
         "overhead_s": sec["decode"] + sec["write"] + sec["read"] + sec["other"],
         "failed": len(rep.failed),
         "foreign_cpu_share": foreign.share,
+        "rss_after_bytes": rss_after,
         "entries": rep.entries,
     }
 
@@ -498,8 +521,8 @@ def print_naive(naive: dict, ours_wall: float, loaded: float) -> None:
     parts = " ".join(f"{k}={v:.2f}" for k, v in naive["parts_s"].items())
     print(f"  naive loop: {naive['wall_s']:.2f} s for {naive['n_images']} images x {len(naive['timesteps'])} "
           f"timesteps ({naive['image_timesteps_per_s']:.2f} image-timesteps/s); parts s: {parts}; "
-          f"models loaded once in {loaded:.1f} s (not timed); mean BLIP output length "
-          f"{naive['mean_caption_tokens']:.1f} tokens; other processes used "
+          f"models loaded once in {loaded:.1f} s (not timed); mean BLIP output "
+          f"{naive['mean_caption_tokens']:.1f} tokens incl. the start token; other processes used "
           f"{pct(naive['foreign_cpu_share'])} of the machine")
     print(f"  ours (t={T_FIRST} + t={T_SECOND}): {ours_wall:.2f} s "
           f"({2 * naive['n_images'] / ours_wall:.2f} image-timesteps/s); naive / ours = "
@@ -520,8 +543,10 @@ def run_resolution(cfg: Config, res: int, models: dict[str, Path], out: Path, na
     base = ExtractRequest(dataset=str(dataset), store=str(store), sd_model=str(models["sd"]),
                           captioner=str(models["blip"]), prompt="blip", stages=STAGES, resolution=res,
                           device=cfg.device, precision=cfg.precision, batch_size=cfg.batch_size, progress=False)
+    rss_before = rss_bytes()
     first = timed_extract(base.with_(t=(T_FIRST,)), cfg.device)
     second = timed_extract(base.with_(t=(T_SECOND,)), cfg.device)
+    sizes = store_bytes(store)
     ours_tap_shapes = {}
     s = Store(store)
     for name, spec in s.find("features", first["entries"][f"features t={T_FIRST}"]).manifest["arrays"].items():
@@ -541,6 +566,9 @@ def run_resolution(cfg: Config, res: int, models: dict[str, Path], out: Path, na
         "ours_wall_s": ours_wall, "ours_seconds": tot,
         "ours_overhead_fraction": overhead / ours_wall,
         "ours_overhead_incl_load_fraction": (overhead + load) / ours_wall,
+        "ours_overhead_excl_weight_hashing_fraction":
+            (overhead - first["hash_weights_s"] - second["hash_weights_s"]) / ours_wall,
+        "store": sizes, "rss_before_bytes": rss_before,
         "naive": naive, "naive_over_ours": naive["wall_s"] / ours_wall,
         "tap_shapes_match": ours_tap_shapes == naive["tap_shapes"],
         "tap_shapes": ours_tap_shapes,
@@ -551,7 +579,16 @@ def run_resolution(cfg: Config, res: int, models: dict[str, Path], out: Path, na
     print(f"  second / first wall = {result['second_over_first']:.3f}  (second run ran only the U-net: "
           f"{result['only_unet_in_second']})")
     print(f"  overhead (decode+write+read+other) = {100 * result['ours_overhead_fraction']:.1f}% of ours; "
-          f"counting model loading too = {100 * result['ours_overhead_incl_load_fraction']:.1f}%")
+          f"counting model loading too = {100 * result['ours_overhead_incl_load_fraction']:.1f}%; without the "
+          f"one-time weight hashing (cold file-hash memo) = "
+          f"{100 * result['ours_overhead_excl_weight_hashing_fraction']:.1f}%")
+    if sizes["sample_bytes"]:
+        print(f"  store arrays: {sizes['disk_bytes'] / 1e6:.1f} MB on disk for {sizes['sample_bytes'] / 1e6:.1f} MB of "
+              f"samples (x{sizes['disk_bytes'] / sizes['sample_bytes']:.1f}; a chunk is shard_size="
+              f"{base.shard_size} rows even when the dataset has {result['n_images']})")
+    if rss_before is not None:
+        print(f"  process RSS: {gb(rss_before)} before, {gb(first['rss_after_bytes'])} after the first extract, "
+              f"{gb(second['rss_after_bytes'])} after the second (models should be freed when extract returns)")
     print_naive(naive, ours_wall, naive_models.load_s)
     print(f"  tap shapes ours == naive: {result['tap_shapes_match']}  {ours_tap_shapes}")
     return result
@@ -604,7 +641,9 @@ def verdicts(results: dict) -> list[dict]:
                 out.append({"target": "(a) full size, CPU: decode+write+read+other < 10% of wall", "config": name,
                             "resolution": int(res), "value": v, "met": v < TARGET_A, "foreign_cpu_max": busy,
                             "also": f"{100 * r['ours_overhead_incl_load_fraction']:.1f}% if model loading "
-                                    "(timed inside the model stages) counts as overhead"})
+                                    "(timed inside the model stages) counts as overhead; "
+                                    f"{100 * r['ours_overhead_excl_weight_hashing_fraction']:.1f}% without the "
+                                    "one-time weight hashing"})
             if int(res) == 256:
                 v = r["second_over_first"]
                 out.append({"target": "(b) second timestep < 45% of the first at 256", "config": name,

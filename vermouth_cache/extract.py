@@ -69,7 +69,8 @@ class _Plan:
 def _plan(req: ExtractRequest, ds: Dataset, store: Store, sd: StableDiffusion, captioner, expert,
           ds_key: str) -> _Plan:
     ident = ds.identity()
-    n, size = len(ds), req.shard_size
+    n = len(ds)
+    size = min(req.shard_size, n)  # a small dataset gets one chunk of its own size, not a padded one
     about = {"dataset": ds.name, "dataset_record": ds_key, "n_samples": n}
     labels_key = recipe_key({"labels": [s.label for s in ds.samples], "classnames": list(ds.classnames)})
     cap_r = captions_recipe(req, ident, captioner_id=captioner.identity if captioner else None, labels_key=labels_key)

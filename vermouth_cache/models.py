@@ -153,6 +153,7 @@ class StableDiffusion:
     def __init__(self, spec: str, placement: Placement):
         self.spec = spec
         self.placement = placement
+        self._identities: dict[str, str] = {}
         self.dir = resolve_model_dir(
             spec,
             role="SD model",
@@ -164,9 +165,12 @@ class StableDiffusion:
             if not (self.dir / comp).is_dir():
                 raise VermouthError(f"SD model {spec!r} has no {comp}/ folder")
 
-    @functools.cache
     def identity(self, component: str) -> str:
-        return directory_identity(self.dir / component)
+        # a per-instance memo: functools.cache on a method would keep every instance (and its
+        # loaded models) alive for the life of the process
+        if component not in self._identities:
+            self._identities[component] = directory_identity(self.dir / component)
+        return self._identities[component]
 
     @functools.cached_property
     def unet(self):
