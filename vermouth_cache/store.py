@@ -197,10 +197,16 @@ class Entry:
 
     def statuses(self, name: str) -> list[str | None]:
         """Per sample: "ok", "error: ...", or None where the shard was never completed."""
-        out: list[str | None] = [None] * self.n_samples
-        for shard in self.done_shards(name):
+        known = self._statuses_of(name, self.done_shards(name))
+        return [known.get(i) for i in range(self.n_samples)]
+
+    def _statuses_of(self, name: str, shards: set[int]) -> dict[int, str]:
+        """{sample index: status} for the samples of `shards` that have a record."""
+        out: dict[int, str] = {}
+        for shard in shards:
             rec = self.record(name, shard)
-            out[rec.start:rec.stop] = rec.status
+            if rec is not None:
+                out.update(zip(range(rec.start, rec.stop), rec.status))
         return out
 
     def values(self, name: str) -> list:
@@ -215,11 +221,11 @@ class Entry:
     def read(self, name: str, indices: np.ndarray | list[int] | slice | None = None) -> np.ndarray:
         """Rows of array `name`; refuses any requested sample whose shard is not complete or failed."""
         idx = np.arange(self.n_samples)[indices if indices is not None else slice(None)]
-        statuses = self.statuses(name)
-        bad = [int(i) for i in idx if statuses[i] != OK]
+        statuses = self._statuses_of(name, {int(i) // self.shard_size for i in idx})  # only the shards read
+        bad = [int(i) for i in idx if statuses.get(int(i)) != OK]
         if bad:
             i = bad[0]
-            why = "was never computed" if statuses[i] is None else statuses[i]
+            why = "was never computed" if statuses.get(i) is None else statuses[i]
             raise VermouthError(
                 f"store entry {self.kind}/{self.key} array {name}: {len(bad)} requested sample(s) not available "
                 f"(sample #{i} {why})"
