@@ -1,4 +1,4 @@
-"""The `vermouth-cache` command: a thin layer over the Python API (extract, listing, export, demo).
+"""The `vermouth-cache` command: a thin layer over the Python API (extract, ls, export, train, demo).
 
 Errors the user can fix print as one line on stderr with exit status 1; no tracebacks.
 """
@@ -11,6 +11,7 @@ import click
 
 from .errors import VermouthError
 from .models import DEFAULT_CAPTIONER, DEFAULT_SD_MODEL, EXPERT_MODELS
+from .store import KINDS
 
 
 def _ints(value: str, name: str) -> tuple[int, ...]:
@@ -30,7 +31,9 @@ def main():
 @click.argument("dataset")
 @click.option("--store", required=True, help="Store directory (created if new).")
 @click.option("--image-root", help="Image root for a CoOp split file or a manifest (default: beside the file).")
-@click.option("--split", help="Split of a CoOp split file or a manifest: train, val or test.")
+@click.option("--split", help="Split of a CoOp split file or a manifest (train, val, test), or of a segmentation dataset.")
+@click.option("--layout", help="Segmentation dataset layout: ade20k, ade847, coco-stuff, voc, pascal-context, pc459, "
+                               "generic (default: detected when --split is given).")
 @click.option("--shots", type=int, help="Extract only a K-shot-per-class subset (CoOp-style).")
 @click.option("--shot-seed", type=int, default=0, show_default=True, help="Seed of the K-shot subset.")
 @click.option("--t", "t", default="200", show_default=True, help="Timestep(s) 0-999, comma-separated; one U-net pass each.")
@@ -68,20 +71,21 @@ def main():
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
               help="On an unreadable image: stop, or record it per sample and go on.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def extract(dataset, store, image_root, split, shots, shot_seed, t, stages, taps, attn_maps, expert, expert_model,
+def extract(dataset, store, image_root, split, layout, shots, shot_seed, t, stages, taps, attn_maps, expert, expert_model,
             sd_model, captioner, prompt, caption_prefix, caption_min_tokens, caption_max_tokens, text_layer,
             resolution, noise, seed, noise_draws, inversion_steps, dtype, batch_size, shard_size, device, precision,
             on_error, quiet):
     """Extract SD features of DATASET into the store, computing only what it lacks.
 
     DATASET is an image-folder tree (root/<class>/<image>), a CoOp split file
-    (split_zhou_<Name>.json, with --split) or a CSV/JSONL manifest (path, label, split, ...).
+    (split_zhou_<Name>.json, with --split), a CSV/JSONL manifest (path, label, split, ...) or a
+    segmentation dataset root (images + PNG label maps, with --split and --layout).
     """
     from .extract import extract as run_extract
     from .request import ExtractRequest
 
     req = ExtractRequest(
-        dataset=dataset, store=store, image_root=image_root, split=split, shots=shots, shot_seed=shot_seed,
+        dataset=dataset, store=store, image_root=image_root, split=split, layout=layout, shots=shots, shot_seed=shot_seed,
         t=_ints(t, "--t"), stages=stages, taps=taps, attn_maps=attn_maps, expert=expert,
         expert_model=expert_model, sd_model=sd_model, captioner=captioner, prompt=prompt,
         caption_prefix=caption_prefix, caption_min_tokens=caption_min_tokens,
@@ -106,7 +110,7 @@ def extract(dataset, store, image_root, split, shots, shot_seed, t, stages, taps
 
 @main.command("ls")
 @click.argument("store")
-@click.option("--kind", type=click.Choice(["captions", "text", "latents", "features", "expert"]),
+@click.option("--kind", type=click.Choice(list(KINDS)),
               help="Only entries of this kind.")
 def ls_cmd(store, kind):
     """List the entries of STORE: dataset, model, t, taps, resolution, prompt, noise, progress, size."""
@@ -151,15 +155,22 @@ def models_tiny(directory, seed):
 @click.option("--out", default="demo-out", show_default=True, help="Directory for tiny models, store and results.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo(out, quiet):
-    """Run the whole flow on tiny models and the bundled demo data: extract, ls, a few-shot probe."""
+    """Run the whole flow on tiny models and the bundled demo data: extract, ls, train fewshot."""
     from .demo import run_demo
 
     res = run_demo(out, progress=not quiet)
+    m = res.metrics
     click.echo(res.listing)
-    click.echo(f"\nlinear probe on cached features (t=10, mid+up, pooled): top-1 {res.accuracy:.3f} on {res.n_test} "
-               f"held-out images ({res.n_classes} classes, {res.n_train} training images; chance "
-               f"{1 / res.n_classes:.3f}).\nThe tiny models are random: this checks the flow, not the method. "
-               f"The README shows the real-model command.")
+    click.echo(f"\nfew-shot U-head trained from the cache (t=10, mid+up, up attention maps, ResNet-18 expert): "
+               f"top-1 {m['top1']:.3f} on {m['n']['test']} test images (val {m['val_top1']:.3f}; "
+               f"{len(m['per_class_top1'])} classes, {m['n']['train']} training images, chance {m['chance']:.3f}); "
+               f"run in {res.run}.\nThe tiny models are random: this checks the flow, not the method. "
+               f"The README shows the real-model commands.")
+
+
+from .cli_train import train  # noqa: E402  (the train group lives in its own module)
+
+main.add_command(train)
 
 
 def run() -> None:

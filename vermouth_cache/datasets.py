@@ -3,6 +3,8 @@
 `load_dataset` accepts an image-folder tree ``root/<class>/<image>``, a CoOp split file
 ``split_zhou_<Name>.json`` (``{"train": [[rel_path, label, classname], ...], ...}``), or a CSV /
 JSONL manifest (``path`` plus optional ``label``, ``classname``, ``split``, ``domain``, ``mask``).
+Segmentation roots (ADE20K, COCO-Stuff, VOC, Pascal Context, generic images/ + masks/) are
+loaded by `vermouth_cache.seg_data` when a layout is named or recognised.
 
 A sample's id is its relative POSIX path under the image root, and samples are always sorted by
 id, so the dataset identity (a hash of the sorted ``(id, sha256 of bytes)`` pairs) and any
@@ -89,13 +91,34 @@ def _hash(sample: Sample) -> str:
 
 def load_dataset(spec: str | Path, *, image_root: str | Path | None = None,
                  split: str | None = None, shots: int | None = None,
-                 shot_seed: int = 0) -> Dataset:
-    """Load a folder tree, CoOp split file or CSV/JSONL manifest; see the module docstring."""
+                 shot_seed: int = 0, layout: str | None = None) -> Dataset:
+    """Load a folder tree, CoOp split file or CSV/JSONL manifest; see the module docstring.
+
+    With `layout`, or a directory that `seg_data.detect_layout` recognises, the spec is a
+    segmentation dataset root: see `seg_data.load_seg_dataset`. A recognised root whose layout
+    has fixed splits (all but "generic") needs `split`; without one it is refused rather than
+    read as an image folder whose "classes" would be its image and mask directories.
+    """
     spec = _abspath(spec)
     if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 1):
         raise VermouthError(f"shots must be an integer >= 1, got {shots!r}")
     if not spec.exists():
         raise VermouthError(f"dataset not found: {spec}")
+    if layout is None and spec.is_dir():
+        from .seg_data import LAYOUTS, detect_layout  # lazy: seg_data imports this module
+
+        layout = detect_layout(spec)
+        if layout is not None and split is None and LAYOUTS[layout].splits:
+            raise VermouthError(f"{spec} is a {layout} segmentation root: give a split "
+                                f"({', '.join(LAYOUTS[layout].splits)})")
+    if layout is not None:
+        if image_root is not None:
+            raise VermouthError(f"{spec}: image_root given, but a {layout} layout fixes it")
+        if shots is not None:
+            raise VermouthError(f"{spec}: shots needs class labels; segmentation samples have none")
+        from .seg_data import load_seg_dataset
+
+        return load_seg_dataset(spec, layout, split)
     if spec.is_dir():
         if split is not None:
             raise VermouthError(f"{spec}: split {split!r} given, but image folders have no splits")

@@ -177,7 +177,7 @@ def extract(req: ExtractRequest) -> ExtractReport:
     """Compute every missing artifact of `req` into its store; the Python API of `extract`."""
     wall0 = time.perf_counter()
     ds = load_dataset(req.dataset, image_root=req.image_root, split=req.split, shots=req.shots,
-                      shot_seed=req.shot_seed)
+                      shot_seed=req.shot_seed, layout=req.layout)
     store = Store(req.store, create=True)
     device = resolve_device(req.device)
     placement = Placement(device, resolve_precision(req.precision, device))

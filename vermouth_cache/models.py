@@ -24,6 +24,7 @@ from .hashing import file_sha256, recipe_key
 
 DEFAULT_SD_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-base"
+DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"  # CLIP with projection, for class-prompt features
 EXPERT_MODELS = {
     "resnet18": "microsoft/resnet-18",
     "dino": "facebook/dino-vitb16",

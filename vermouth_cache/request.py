@@ -23,6 +23,7 @@ class ExtractRequest:
     store: str
     image_root: str | None = None
     split: str | None = None
+    layout: str | None = None  # segmentation dataset layout (seg_data); None: detected or not one
     shots: int | None = None
     shot_seed: int = 0
     t: tuple[int, ...] = (200,)

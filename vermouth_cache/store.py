@@ -34,7 +34,7 @@ from . import SCHEMA_VERSION, __version__
 from .errors import VermouthError
 from .hashing import canonical_json, recipe_key
 
-KINDS = ("captions", "text", "latents", "features", "expert")
+KINDS = ("captions", "text", "latents", "features", "expert", "masks", "classtext")
 STORE_MARKER = "vermouth-store.json"
 STORAGE_DTYPES = {"fp16": "float16", "fp32": "float32", "bf16": "bfloat16"}
 OK = "ok"

@@ -96,8 +96,11 @@ def run_taps(
     t: int,
     cond: torch.Tensor,
     taps: Iterable[str],
+    grad: bool = False,
 ) -> dict[str, torch.Tensor]:
     """One conditional U-net pass returning float32 tap outputs; stops after the last needed block.
+
+    grad=True keeps the autograd graph (training the U-net's norm layers, `train seg --tune-norms`).
 
     latents (B, 4, h, w), cond (B, 77, D); block taps give (B, C, H, W), attention taps (B, 77, H, W).
     """
@@ -129,7 +132,7 @@ def run_taps(
         p = next(unet.parameters())
         timesteps = torch.full((latents.shape[0],), t, dtype=torch.long, device=p.device)
         try:
-            with torch.inference_mode():
+            with torch.enable_grad() if grad else torch.inference_mode():
                 unet(latents.to(p.device, p.dtype), timesteps, encoder_hidden_states=cond.to(p.device, p.dtype))
         except _Stop:
             pass  # the last needed block ran; the rest of the U-net is skipped on purpose

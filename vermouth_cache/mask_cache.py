@@ -1,0 +1,65 @@
+"""Segmentation label maps in the store, aligned with the cached features: decoded once.
+
+    entry = ensure_masks(store, ds, resolution=512, like=features_entry)   # array "mask" (N, R, R)
+
+Each mask goes through the same resize-and-centre-crop as its image (`seg_data.mask_for_training`,
+nearest neighbour). Class indices are stored as FLOATS (float16 for 8-bit rules, exact up to 2048;
+float32 for 16-bit ones, exact up to 2^24) so the feature loader serves them like any other
+array, NaN-filled where not computed; `ignore_value` gives the rule's ignore label. The entry is keyed by the
+image set, the bytes of every mask file, the label rule and the resolution; it is computed shard
+by shard with the features entry's shard size (so one loader can serve both), each shard written
+whole before its record, like every other entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+from tqdm import tqdm
+
+from . import SCHEMA_VERSION
+from .datasets import Dataset
+from .errors import VermouthError
+from .hashing import canonical_json, file_sha256
+from .seg_data import LABEL_RULES, mask_for_training, read_mask
+from .store import OK, Entry, Store
+
+ARRAY = "mask"
+
+
+def masks_identity(ds: Dataset) -> str:
+    missing = [s.id for s in ds.samples if s.mask is None]
+    if missing:
+        raise VermouthError(f"dataset {ds.name} has no label map for {len(missing)} samples (e.g. {missing[0]})")
+    pairs = sorted([s.id, file_sha256(s.mask)] for s in ds.samples)
+    return hashlib.sha256(canonical_json(pairs).encode()).hexdigest()
+
+
+def label_rule(ds: Dataset) -> str:
+    rule = ds.source.get("label_rule", "identity")
+    if rule not in LABEL_RULES:
+        raise VermouthError(f"dataset {ds.name}: unknown label rule {rule!r}")
+    return rule
+
+
+def ignore_value(ds: Dataset) -> int:
+    return LABEL_RULES[label_rule(ds)].ignore
+
+
+def ensure_masks(store: Store, ds: Dataset, resolution: int, like: Entry, progress: bool = True) -> Entry:
+    rule = label_rule(ds)
+    recipe = {"kind": "masks", "schema": SCHEMA_VERSION, "dataset": ds.identity(), "masks": masks_identity(ds),
+              "label_rule": rule, "resolution": resolution, "geometry": "resize shorter side, centre crop, nearest"}
+    about = {"dataset": ds.name, "dataset_record": like.manifest["about"].get("dataset_record"),
+             "resolution": resolution, "label_rule": rule}
+    entry = store.entry("masks", recipe, n_samples=len(ds), shard_size=like.shard_size, about=about)
+    dtype = "float16" if LABEL_RULES[rule].dtype == np.uint8 else "float32"
+    todo = [s for s in range(entry.n_shards) if s not in entry.done_shards(ARRAY)]
+    for shard in tqdm(todo, desc=f"masks {ds.name}", unit="shard", disable=not progress or not todo, leave=False):
+        start, stop = entry.shard_bounds(shard)
+        block = np.stack([mask_for_training(read_mask(s.mask, rule, n_classes=len(ds.classnames)), resolution)
+                          for s in ds.samples[start:stop]])
+        entry.ensure_array(ARRAY, (resolution, resolution), dtype)
+        entry.write_shard(ARRAY, shard, [OK] * (stop - start), data=block, run={"step": "masks"})
+    return entry

@@ -1,0 +1,114 @@
+"""What a run reads from the cache for one dataset: the features entry, the expert entry, the
+samples that are usable, and their labels. Nothing here runs a model.
+
+A K-shot training set may come from its own extraction or from an extraction of the whole split
+(`superset`): the same image files, so the subset's rows are picked out by sample id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..datasets import Dataset
+from ..errors import VermouthError
+from ..loader import Field
+from ..pyramid import taps_needed
+from ..selection import FeatureQuery, find_by_dataset, find_features, subset_indices
+from ..store import OK, Entry, Store
+from ..unet_taps import ATTN_PREFIX, STAGES
+from .settings import TaskSettings
+
+EXPERT_LEVELS = [f"expert.level{i}" for i in range(4)]
+
+
+@dataclass
+class CachedSplit:
+    dataset: Dataset
+    features: Entry
+    expert: Entry | None
+    indices: list[int]  # rows of the entries, one per usable sample, in dataset order
+    labels: np.ndarray  # dataset label per usable sample (-1 when unlabelled)
+    sample_ids: list[str]
+    tap_names: list[str]  # cached arrays of the features entry the head reads
+    skipped: dict[str, str] = field(default_factory=dict)  # sample id -> why (failed at extract)
+
+    @property
+    def fields(self) -> dict[str, Field]:
+        out = {name: Field(self.features, name) for name in self.tap_names}
+        if self.expert is not None:
+            out.update({name: Field(self.expert, name) for name in EXPERT_LEVELS})
+        return out
+
+    def shapes(self) -> tuple[dict, dict]:
+        arrays = self.features.manifest["arrays"]
+        taps = {n: tuple(arrays[n]["shape"]) for n in self.tap_names}
+        exp = {}
+        if self.expert is not None:
+            exp = {n: tuple(self.expert.manifest["arrays"][n]["shape"]) for n in EXPERT_LEVELS}
+        return taps, exp
+
+    def keys(self) -> dict:
+        out = {"features": self.features.key}
+        if self.expert is not None:
+            out["expert"] = self.expert.key
+        return out
+
+
+def feature_query(s: TaskSettings, unet_identity: str | None = None) -> FeatureQuery:
+    return FeatureQuery(t=s.t, resolution=s.resolution, prompt=s.prompt, noise=s.noise, text_layer=s.text_layer,
+                        unet=unet_identity)
+
+
+def open_split(store: Store, ds: Dataset, s: TaskSettings, *, unet_identity: str | None = None,
+               superset: Dataset | None = None) -> CachedSplit:
+    """The cached rows of `ds` for settings `s`; refuses a mismatched or incomplete cache."""
+    base_taps = taps_needed(s.stages)
+    query = feature_query(s, unet_identity)
+    source = ds
+    try:
+        feats = find_features(store, ds, query, base_taps)
+    except VermouthError:
+        if superset is None:
+            raise
+        source = superset
+        feats = find_features(store, superset, query, base_taps)
+    taps = list(base_taps)
+    if s.attn_maps:
+        wanted = [ATTN_PREFIX + b for st in s.attn_maps.split(",") for b in STAGES[st.strip()]]
+        have = [n for n in wanted if n in feats.array_names()]
+        if not have:
+            raise VermouthError(f"features/{feats.key[:12]} of {source.name} hold no cross-attention maps of "
+                                f"stage {s.attn_maps}: extract with --attn-maps {s.attn_maps}, or train with "
+                                "--attn-maps none")
+        taps += have
+    expert = None
+    if s.expert:
+        expert = find_by_dataset(store, "expert", source, {"expert": s.expert, "resolution": s.resolution},
+                                 f"{s.expert} expert features")
+    record = store.dataset(feats.manifest["about"]["dataset_record"])
+    rows = subset_indices(record["ids"], ds) if source is not ds else list(range(len(ds)))
+    return _usable(ds, feats, expert, taps, rows)
+
+
+def _usable(ds: Dataset, feats: Entry, expert: Entry | None, taps: list[str], rows: list[int]) -> CachedSplit:
+    per_array = [(feats, n) for n in taps] + ([(expert, n) for n in EXPERT_LEVELS] if expert else [])
+    statuses = [e.statuses(n) for e, n in per_array]
+    keep, skipped = [], {}
+    for sample, row in zip(ds.samples, rows):
+        st = [s[row] for s in statuses]
+        if any(x is None for x in st):
+            e, n = per_array[st.index(None)]
+            raise VermouthError(f"sample {sample.id} of {ds.name} has no cached {n} ({e.kind}/{e.key[:12]}): "
+                                "the extraction did not finish; run the same `vermouth-cache extract` again")
+        bad = [x for x in st if x != OK]
+        if bad:
+            skipped[sample.id] = bad[0]
+        else:
+            keep.append((sample, row))
+    if not keep:
+        raise VermouthError(f"no usable cached sample in {ds.name} ({len(skipped)} failed at extraction)")
+    return CachedSplit(ds, feats, expert, [r for _, r in keep],
+                        np.array([s.label if s.label is not None else -1 for s, _ in keep]),
+                        [s.id for s, _ in keep], taps, skipped)

@@ -1,0 +1,67 @@
+"""Features computed during training, for `train seg --tune-norms` (the paper tunes the U-net's
+norm layers for segmentation, so those features change at every step and cannot be cached).
+
+What CAN still come from the cache does: the VAE latents and the text conditions of the features
+entry (they do not depend on the norm layers), and the noise follows the same rule as extraction.
+So each step costs one U-net forward and backward up to the last tapped block, instead of one
+read; before the first update the online taps equal the cached ones (tested).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import VermouthError
+from ..models import Placement, StableDiffusion
+from ..noise import batch_noise, ddpm_noised
+from ..store import Store
+from ..unet_taps import run_taps
+from .inputs import CachedSplit
+
+NORM_TYPES = (nn.GroupNorm, nn.LayerNorm)
+
+
+class OnlineTaps(nn.Module):
+    """batch {"latent", "cond", "index"} -> {tap: (B, ...)} through a U-net with trainable norms."""
+
+    def __init__(self, sd_model: str, split: CachedSplit, device: torch.device):
+        super().__init__()
+        recipe = split.features.manifest["recipe"]
+        noise = recipe["noise"]
+        if noise["mode"] not in ("ddpm", "none") or noise.get("draws", 1) != 1:
+            raise VermouthError("--tune-norms recomputes features online, for --noise ddpm (one draw) or none; "
+                                f"the cached features used {noise}")
+        sd = StableDiffusion(sd_model, Placement(device, torch.float32))
+        if sd.identity("unet") != recipe["unet"]:
+            raise VermouthError(f"--sd-model {sd_model} is not the U-net the cached features were made with")
+        self.unet, self.scheduler = sd.unet, sd.scheduler
+        self.t, self.mode, self.seed = recipe["t"], noise["mode"], noise.get("seed", 0)
+        self.taps = list(split.tap_names)
+        for p in self.norm_parameters():
+            p.requires_grad_(True)
+        self.ids: list[str] = []
+
+    def norm_parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.unet.modules() if isinstance(m, NORM_TYPES) for p in m.parameters()]
+
+    def norm_state(self) -> dict[str, torch.Tensor]:
+        names = {id(p): n for n, p in self.unet.named_parameters()}
+        return {f"unet.{names[id(p)]}": p.detach() for p in self.norm_parameters()}
+
+    def bind(self, store: Store, split: CachedSplit) -> dict:
+        """Point the module at `split` (its sample ids) and return the loader fields it reads."""
+        from ..loader import Field
+
+        recipe = split.features.manifest["recipe"]
+        self.ids = store.dataset(split.features.manifest["about"]["dataset_record"])["ids"]
+        return {"latent": Field(store.find("latents", recipe["latents"]), "latent"),
+                "cond": Field(store.find("text", recipe["text"]), "cond")}
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        z0 = batch["latent"]
+        if self.mode == "ddpm":
+            ids = [self.ids[int(i)] for i in batch["index"]]
+            eps = batch_noise(self.seed, ids, self.t, 0, z0.shape[1:]).to(z0.device)
+            z0 = ddpm_noised(self.scheduler, z0, eps, self.t)
+        return run_taps(self.unet, z0, self.t, batch["cond"], self.taps, grad=torch.is_grad_enabled())

@@ -1,0 +1,95 @@
+"""A run directory is the record of one training run:
+
+    RUN/config.json        resolved settings, datasets, head architecture, class names
+    RUN/metrics.json       the task's metrics, per-class figures, the recipe key of every cache entry read
+    RUN/head.safetensors   the head's weights (+ the U-net norm layers with --tune-norms)
+    RUN/curve.png          training loss and validation metric against the step
+
+Every file is written through a temporary name and renamed into place; an existing run is never
+overwritten unless asked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import VermouthError
+from ..heads import HeadSpec, VermouthHead
+from ..store import read_json, write_json_atomic
+from .loop import History
+
+FILES = ("config.json", "metrics.json", "head.safetensors", "curve.png")
+
+
+def prepare_run_dir(out: str | os.PathLike, overwrite: bool) -> Path:
+    out = Path(out)
+    if (out / "config.json").exists() and not overwrite:
+        raise VermouthError(f"run directory {out} already holds a run (give --overwrite to replace it)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_run(out: Path, *, config: dict, metrics: dict, model: VermouthHead, history: History,
+              select: str | None, extra_weights: dict[str, torch.Tensor] | None = None) -> None:
+    tensors = {f"head.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"extra.{k}": v.detach().cpu().contiguous() for k, v in (extra_weights or {}).items()})
+    meta = {"head_spec": json.dumps(model.spec.to_json()), "out_dim": str(config["out_dim"])}
+    _atomic(out / "head.safetensors", lambda p: save_file(tensors, p, metadata=meta))
+    write_json_atomic(out / "config.json", config)
+    write_json_atomic(out / "metrics.json", {**metrics, "history": history.to_json()})
+    _atomic(out / "curve.png", lambda p: plot_curve(history, select, p, title=config.get("title", "")))
+
+
+def load_head(run: str | os.PathLike) -> tuple[VermouthHead, dict, dict[str, torch.Tensor]]:
+    """The trained head of a run directory, its config, and any extra weights (tuned norms)."""
+    run = Path(run)
+    path = run / "head.safetensors"
+    if not path.is_file():
+        raise VermouthError(f"{run} is not a run directory (no head.safetensors)")
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    model = VermouthHead(HeadSpec.from_json(json.loads(meta["head_spec"])), int(meta["out_dim"]))
+    model.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+    model.eval()
+    extra = {k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}
+    return model, read_json(run / "config.json"), extra
+
+
+def plot_curve(history: History, select: str | None, path: str, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    ax.plot(history.loss_steps, history.loss, lw=0.8, color="tab:blue", label="training loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss", color="tab:blue")
+    if select and history.evals:
+        ax2 = ax.twinx()
+        ax2.plot(history.eval_steps, [e[select] for e in history.evals], "o-", color="tab:red", label=select)
+        ax2.set_ylabel(f"validation {select}", color="tab:red")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
