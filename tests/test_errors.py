@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import make_images
+from conftest import DEMO_SPLIT, make_images
 from vermouth_cache.cli import run
 from vermouth_cache.errors import VermouthError
 from vermouth_cache.extract import extract
@@ -138,3 +138,19 @@ def test_real_process_prints_no_traceback(tmp_path):
                            str(tmp_path / "s"), "--t", "1200"], capture_output=True, text=True)
     assert proc.returncode == 1
     assert proc.stderr.strip() == "error: timestep 1200 is outside 0-999"
+
+
+def test_train_bad_input_is_one_line(monkeypatch, capsys, tmp_path):
+    code, _, err = cli(monkeypatch, capsys, "train", "fewshot", "--store", tmp_path / "nostore", "--dataset",
+                       DEMO_SPLIT, "--out", tmp_path / "run")
+    assert code == 1 and "is not a vermouth-cache store" in err and "Traceback" not in err
+    code, _, err = cli(monkeypatch, capsys, "train", "sbir", "--store", tmp_path, "--dataset", tmp_path,
+                       "--out", tmp_path / "run", "--t", "1200")
+    assert code == 1 and "outside 0-999" in err
+    code, _, err = cli(monkeypatch, capsys, "train", "seg", "--store", tmp_path, "--dataset", tmp_path,
+                       "--out", tmp_path / "run", "--iters", "0")
+    assert code == 1 and "at least 1" in err
+    code, out, _ = cli(monkeypatch, capsys, "train", "fewshot", "--help")
+    for option in ("--shots", "--stages", "--expert", "--head", "--text-proj", "--temperature", "--schedule",
+                   "--memory-gb", "--lr"):
+        assert option in out

@@ -33,7 +33,7 @@ def entry_row(entry: Entry) -> dict[str, str]:
         "kind": entry.kind,
         "key": entry.key,
         "dataset": str(about.get("dataset", "")),
-        "model": str(about.get("sd_model") or about.get("model") or about.get("captioner") or ""),
+        "model": str(about.get("sd_model") or about.get("model") or about.get("captioner") or about.get("clip_model") or ""),
         "t": str(about.get("t", "")),
         "taps": summarize_taps(taps),
         "res": str(about.get("resolution", "")),
