@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import DEMO_SPLIT, make_images
+from conftest import DEMO_SPLIT
 from vermouth_cache.cli import run
 from vermouth_cache.errors import VermouthError
 from vermouth_cache.extract import extract

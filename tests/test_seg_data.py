@@ -24,9 +24,12 @@ N_CLASSES = {"ade150": 150, "ade847": 847, "coco_stuff171": 171, "voc20": 20, "p
 
 @pytest.fixture(autouse=True)
 def fake_vocab(monkeypatch):
-    """Class-name lists without depending on vermouth_cache.vocab or its data files."""
+    """Small stand-in class-name lists for the named layouts (the real lists are tested in test_vocab)."""
+    from vermouth_cache.vocab import read_name_list
+
     mod = types.ModuleType("vermouth_cache.vocab")
     mod.classnames = lambda name: tuple(f"{name}-{i}" for i in range(N_CLASSES[name]))
+    mod.read_name_list = read_name_list
     monkeypatch.setitem(sys.modules, "vermouth_cache.vocab", mod)
     monkeypatch.setattr(vermouth_cache, "vocab", mod, raising=False)
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import SCHEMA_VERSION
-from .models import DEFAULT_CLIP_MODEL, Placement, _load, directory_identity, resolve_model_dir
+from .models import Placement, _load, directory_identity, resolve_model_dir
 from .store import OK, Store
 from .vocab import prompt_text
 

@@ -244,17 +244,9 @@ def _read_split_list(path: Path) -> list[str]:
 
 def read_classnames_file(path: Path) -> tuple[str, ...]:
     """One class name a line (index = line among non-blank lines); '#' starts a comment line."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise VermouthError(f"cannot read class names {path}: {e}") from None
-    names = tuple(s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#"))
-    if not names:
-        raise VermouthError(f"{path}: no class names")
-    if len(set(names)) != len(names):
-        dup = sorted({n for n in names if names.count(n) > 1})
-        raise VermouthError(f"{path}: duplicate class names: {', '.join(dup[:5])}")
-    return names
+    from .vocab import read_name_list  # the one reader of name files; lazy: vocab needs no seg code
+
+    return read_name_list(path)
 
 
 def _vocab_classnames(name: str) -> tuple[str, ...]:

@@ -325,6 +325,9 @@ class Store:
         return out
 
     def find(self, kind: str, key_prefix: str) -> Entry:
+        exact = self.root / kind / key_prefix
+        if key_prefix and (exact / "manifest.json").is_file():  # a whole key: no scan of the kind's entries
+            return Entry(exact, kind, key_prefix)
         matches = [e for e in self.entries(kind) if e.key.startswith(key_prefix)]
         if not matches:
             raise VermouthError(f"store {self.root} has no {kind} entry with key {key_prefix!r}")

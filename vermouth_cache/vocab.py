@@ -39,9 +39,9 @@ _UNSEEN = "_unseen"
 def _lines(path: Path) -> list[str]:
     # Shared by bundled and user files: a stray blank line or a comment must never become a label.
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise VermouthError(f"cannot read name list {path}: {e.strerror or e}") from None
+        text = path.read_text(encoding="utf-8-sig")  # a BOM from a Windows editor is not part of a name
+    except (OSError, UnicodeDecodeError) as e:
+        raise VermouthError(f"cannot read name list {path}: {getattr(e, 'strerror', None) or e}") from None
     stripped = (line.strip() for line in text.splitlines())
     return [line for line in stripped if line and not line.startswith("#")]
 

@@ -52,6 +52,7 @@ class PairedLoader:
 
     def __init__(self, a, b):
         self.a, self.b = a, b
+        self._epoch = 0
 
     def __len__(self):
         return max(len(self.a), len(self.b))
@@ -73,7 +74,7 @@ class PairedLoader:
                 y = next(it)
             except StopIteration:  # cycle the shorter domain with a fresh order
                 rounds += 1
-                short.set_epoch(getattr(self, "_epoch", 0) * 1000 + rounds)
+                short.set_epoch(self._epoch * 1000 + rounds)
                 it = iter(short)
                 y = next(it)
             yield {k: torch.cat([x[k], y[k]]) for k in x}

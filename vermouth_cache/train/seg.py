@@ -118,7 +118,8 @@ def train_seg(data: SegData, s: TaskSettings, opts: RunOptions) -> dict:
         ev_fields = dict(split.fields)
         if online is not None:
             ev_fields = {**{k: v for k, v in ev_fields.items() if k.startswith("expert.")}, **online.bind(store, split)}
-        scores = evaluate(lambda b: TextClassifier(ev_text, s.temperature)(model({**b, **online(b)} if online else b)),
+        ev_classifier = TextClassifier(ev_text, s.temperature)
+        scores = evaluate(lambda b, c=ev_classifier: c(model({**b, **online(b)} if online else b)),
                           split, loader_for(split, s, opts, shuffle=False, fields=ev_fields), len(ds.classnames))
         scores["per_class_IoU"] = dict(zip(ds.classnames, scores["per_class_IoU"]))
         metrics["eval"][ds.name] = scores
