@@ -168,3 +168,88 @@ def test_tune_norms_starts_from_the_cached_features_and_trains_the_norms(cache):
     assert any(not torch.equal(extra[k], before[k]) for k in before)
     with pytest.raises(VermouthError, match="--sd-model"):
         train_seg(SegData(SegSource(str(cache["seg"]), "generic", "train")), s2, _opts(cache, "seg-norms2"))
+
+
+def _same_run(a, b) -> None:
+    """Two run directories hold the same weights and the same metrics (config aside)."""
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "head.safetensors"), load_file(b / "head.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    assert ma == mb
+
+
+def test_heads_sharing_a_pass_equal_heads_trained_alone(cache):
+    """`sweep` trains heads that differ only in head settings on one pass over the features; each
+    must come out as it would trained alone (sbir: photos+sketches; seg: one evaluation pass)."""
+    from vermouth_cache.train.common import HeadJob
+    from vermouth_cache.train.sbir import SbirData, train_sbir, train_sbir_heads
+    from vermouth_cache.train.seg import SegData, SegSource, train_seg, train_seg_heads
+
+    root = cache["root"]
+    sb = SbirData(str(cache["sbir"]), unseen=str(cache["sbir"] / "unseen.txt"))
+    base = dict(t=T, resolution=RES, noise="ddpm", epochs=2, batch_size=8, temperature=0.1)
+    heads = [task_settings("sbir", lr=1e-3, **base), task_settings("sbir", head="linear", lr=3e-3, expert="none", **base)]
+    train_sbir_heads(sb, [HeadJob(s, str(root / f"sb-pass{i}")) for i, s in enumerate(heads)], _opts(cache, "unused"))
+    for i, s in enumerate(heads):
+        train_sbir(sb, s, _opts(cache, f"sb-alone{i}"))
+        _same_run(root / f"sb-pass{i}", root / f"sb-alone{i}")
+
+    src = lambda split: SegSource(str(cache["seg"]), "generic", split)  # noqa: E731
+    data = SegData(src("train"), (src("val"),))
+    base = dict(t=T, resolution=RES, iters=6, batch_size=4)
+    heads = [task_settings("seg", lr=5e-3, **base), task_settings("seg", stages="mid", attn_maps="none", lr=1e-3,
+                                                                  temperature=0.1, **base)]
+    train_seg_heads(data, [HeadJob(s, str(root / f"seg-pass{i}")) for i, s in enumerate(heads)], _opts(cache, "unused"))
+    for i, s in enumerate(heads):
+        train_seg(data, s, _opts(cache, f"seg-alone{i}"))
+        _same_run(root / f"seg-pass{i}", root / f"seg-alone{i}")
+
+    with pytest.raises(VermouthError, match="cannot share a pass: they differ in batch_size"):
+        train_seg_heads(data, [HeadJob(heads[0], str(root / "x0")),
+                               HeadJob(heads[1].with_(batch_size=2), str(root / "x1"))], _opts(cache, "unused"))
+
+
+def test_a_diverging_head_fails_alone_and_its_pass_goes_on():
+    from vermouth_cache.train.loop import Member, fit, fit_many
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 3)
+    y = x @ torch.tensor([1.0, -2.0, 0.5])
+
+    class Batches:
+        bar = None
+
+        def __len__(self):
+            return 4
+
+        def set_epoch(self, epoch):
+            pass
+
+        def __iter__(self):
+            for i in range(4):
+                yield {"x": x[4 * i:4 * i + 4], "y": y[4 * i:4 * i + 4]}
+
+    def member(poison: bool):
+        torch.manual_seed(1)
+        model = torch.nn.Linear(3, 1)
+        calls = []
+
+        def loss(b):
+            calls.append(1)
+            value = ((model(b["x"])[:, 0] - b["y"]) ** 2).mean()
+            return value * float("nan") if poison and len(calls) == 3 else value
+        return Member(model, list(model.parameters()), loss, s)
+
+    s = task_settings("fewshot", lr=1e-2, epochs=3, batch_size=4)
+    good, bad = member(False), member(True)
+    res = fit_many([bad, good], Batches(), s)
+    assert res[0].error == "loss became nan at step 2" and res[0].steps == 2
+    assert res[1].error is None and res[1].steps == 12
+    alone = member(False)
+    fit(alone.model, alone.params, alone.loss_fn, Batches(), s)
+    assert torch.equal(alone.model.weight, good.model.weight)
+    with pytest.raises(VermouthError, match="training diverged: loss became nan"):
+        b = member(True)
+        fit(b.model, b.params, b.loss_fn, Batches(), s)

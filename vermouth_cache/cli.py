@@ -168,9 +168,13 @@ def demo(out, quiet):
                f"The README shows the real-model commands.")
 
 
-from .cli_train import train  # noqa: E402  (the train group lives in its own module)
+from .cli_train import train  # noqa: E402  (train and sweep live in their own modules)
 
 main.add_command(train)
+
+from .cli_sweep import sweep  # noqa: E402
+
+main.add_command(sweep)
 
 
 def run() -> None:

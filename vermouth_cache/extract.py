@@ -66,8 +66,10 @@ class _Plan:
     expert: Entry | None
 
 
-def _plan(req: ExtractRequest, ds: Dataset, store: Store, sd: StableDiffusion, captioner, expert,
+def _plan(req: ExtractRequest, ds: Dataset, make_entry, sd: StableDiffusion, captioner, expert,
           ds_key: str) -> _Plan:
+    """Every entry `req` needs, through `make_entry(kind, recipe, n_samples=, shard_size=, about=)`:
+    `Store.entry` (creates them) for `extract`, a read-only lookup for `survey`."""
     ident = ds.identity()
     n = len(ds)
     size = min(req.shard_size, n)  # a small dataset gets one chunk of its own size, not a padded one
@@ -76,30 +78,30 @@ def _plan(req: ExtractRequest, ds: Dataset, store: Store, sd: StableDiffusion, c
     cap_r = captions_recipe(req, ident, captioner_id=captioner.identity if captioner else None, labels_key=labels_key)
     cap_about = {**about, "prompt": req.prompt, "captioner": req.captioner if captioner else None,
                  "uses_label": req.prompt == "classname"}
-    cap = store.entry("captions", cap_r, n_samples=n, shard_size=size, about=cap_about)
+    cap = make_entry("captions", cap_r, n_samples=n, shard_size=size, about=cap_about)
     txt_r = text_recipe(cap.key, tokenizer_id=sd.identity("tokenizer"), text_encoder_id=sd.identity("text_encoder"),
                         layer=req.text_layer)
-    txt = store.entry("text", txt_r, n_samples=n, shard_size=size,
+    txt = make_entry("text", txt_r, n_samples=n, shard_size=size,
                       about={**cap_about, "sd_model": req.sd_model, "text_layer": req.text_layer})
     lat_r = latents_recipe(ident, vae_id=sd.identity("vae"), resolution=req.resolution)
-    lat = store.entry("latents", lat_r, n_samples=n, shard_size=size,
+    lat = make_entry("latents", lat_r, n_samples=n, shard_size=size,
                       about={**about, "sd_model": req.sd_model, "resolution": req.resolution})
     attn_taps = ()
     if req.attn_maps:
-        attn_taps = attn_taps_for(blocks_with_cross_attention(sd.unet), req.attn_maps)
+        attn_taps = attn_taps_for(blocks_with_cross_attention(sd.unet_skeleton), req.attn_maps)
     taps = req.block_taps + attn_taps
     feats = {}
     for t in req.t:
         r = features_recipe(req, t, latents_key=lat.key, text_key=txt.key, unet_id=sd.identity("unet"),
                             schedule=sd.schedule_recipe())
-        feats[t] = store.entry("features", r, n_samples=n, shard_size=size, about={
+        feats[t] = make_entry("features", r, n_samples=n, shard_size=size, about={
             **cap_about, "sd_model": req.sd_model, "t": t, "resolution": req.resolution, "noise": req.noise,
             "text_layer": req.text_layer, "dtype": req.dtype, "captions": cap.key, "text": txt.key,
             "latents": lat.key})
     exp = None
     if expert is not None:
         r = expert_recipe(req, ident, expert_id=expert.identity, image_stats=expert.image_stats)
-        exp = store.entry("expert", r, n_samples=n, shard_size=size, about={
+        exp = make_entry("expert", r, n_samples=n, shard_size=size, about={
             **about, "expert": req.expert, "model": expert.spec, "resolution": req.resolution, "dtype": req.dtype})
     return _Plan(cap, txt, lat, feats, taps, exp)
 
@@ -185,7 +187,7 @@ def extract(req: ExtractRequest) -> ExtractReport:
     captioner = Captioner(req.captioner, placement) if req.prompt == "blip" else None
     expert = Expert(req.expert, req.expert_model, placement) if req.expert else None
     ds_key = store.put_dataset(dataset_record(ds))
-    plan = _plan(req, ds, store, sd, captioner, expert, ds_key)
+    plan = _plan(req, ds, store.entry, sd, captioner, expert, ds_key)
     report = ExtractReport(
         store=str(store.root),
         dataset={"name": ds.name, "n_samples": len(ds), "identity": ds.identity(), "record": ds_key},

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import functools
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -180,6 +181,15 @@ class StableDiffusion:
         return _load(UNet2DConditionModel, self.dir, self.placement, subfolder="unet")
 
     @functools.cached_property
+    def unet_skeleton(self):
+        """The U-net built from its config on the meta device: its structure and output shapes,
+        without reading (or allocating) a weight."""
+        return _skeleton(self.dir / "unet", "diffusers:UNet2DConditionModel")
+
+    def config(self, component: str) -> dict:
+        return json.loads((self.dir / component / "config.json").read_text())
+
+    @functools.cached_property
     def vae(self):
         from diffusers import AutoencoderKL
 
@@ -270,3 +280,19 @@ class Expert:
         from transformers import AutoModel
 
         return _load(AutoModel, self.dir, self.placement)
+
+    @functools.cached_property
+    def skeleton(self):
+        """The expert built from its config on the meta device (shapes only)."""
+        return _skeleton(self.dir, "transformers")
+
+
+def _skeleton(directory: Path, family: str):
+    with _quiet(), torch.device("meta"):
+        if family == "transformers":
+            from transformers import AutoConfig, AutoModel
+
+            return AutoModel.from_config(AutoConfig.from_pretrained(directory)).eval()
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(directory)).eval()

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .. import __version__
 from ..classtext import class_text_features
@@ -21,10 +22,48 @@ from .settings import TaskSettings
 
 
 @dataclass(frozen=True)
+class HeadJob:
+    """One head of a shared training pass: its settings and its run directory."""
+    settings: TaskSettings
+    out: str
+
+
+# settings a head may change while sharing its pass over the features with other heads; every
+# other field (which features, batch size, length, seed) must be the same for all of them
+HEAD_SIDE = ("head", "text_proj", "temperature", "templates", "lr", "lr_schedule", "gamma", "power", "weight_decay",
+             "grad_clip", "stages", "attn_maps", "expert")
+
+
+def pass_key(s: TaskSettings) -> dict:
+    """What heads sharing one pass must agree on."""
+    return {k: v for k, v in s.to_json().items() if k not in HEAD_SIDE}
+
+
+def shared_settings(jobs: list[HeadJob]) -> TaskSettings:
+    """The settings of the pass (the first head's); refuses heads that cannot share it."""
+    from ..errors import VermouthError
+
+    if not jobs:
+        raise VermouthError("no head to train")
+    first = pass_key(jobs[0].settings)
+    for j in jobs[1:]:
+        other = pass_key(j.settings)
+        diff = sorted(k for k in first if first[k] != other[k])
+        if diff:
+            raise VermouthError(f"heads {jobs[0].out} and {j.out} cannot share a pass: they differ in {', '.join(diff)}")
+    if len(jobs) > 1 and jobs[0].settings.tune_norms:
+        raise VermouthError("--tune-norms changes the features: such a head trains alone")
+    outs = [str(j.out) for j in jobs]
+    if len(set(outs)) != len(outs):
+        raise VermouthError("two heads of one pass write the same run directory")
+    return jobs[0].settings
+
+
+@dataclass(frozen=True)
 class RunOptions:
     """Where a run reads and writes, and how it runs: the options every `train` command shares."""
     store: str
-    out: str
+    out: str | None = None  # the run directory (train_*); a shared pass gives one per HeadJob
     sd_model: str | None = None  # pins the features to this SD model's U-net; None: the one cached
     clip_model: str = DEFAULT_CLIP_MODEL
     device: str | None = None
@@ -55,6 +94,13 @@ def build_head(split: CachedSplit, s: TaskSettings, flow: str, out_dim: int, dev
     return VermouthHead(HeadSpec(s.head, flow, s.stages, taps, experts), out_dim).to(device)
 
 
+def ce_loss(model: torch.nn.Module, classifier: TextClassifier):
+    """Cross-entropy of the head's cosine logits against the batch's labels."""
+    def loss_fn(batch):
+        return F.cross_entropy(classifier(model(batch)), batch["label"])
+    return loss_fn
+
+
 def loader_for(split: CachedSplit, s: TaskSettings, opts: RunOptions, *, shuffle: bool, desc: str | None = None,
                extra: dict[str, np.ndarray] | None = None, fields: dict | None = None) -> CacheLoader:
     n = split.features.n_samples
@@ -65,16 +111,24 @@ def loader_for(split: CachedSplit, s: TaskSettings, opts: RunOptions, *, shuffle
                        progress=desc if opts.progress else None, extra={"label": labels, **(extra or {})})
 
 
-@torch.no_grad()
 def infer(model: torch.nn.Module, loader: CacheLoader) -> tuple[torch.Tensor, np.ndarray]:
     """Model outputs for every sample of a non-shuffled loader, and their entry rows."""
-    model.eval()
-    outs, rows = [], []
+    outs, rows = infer_many([model], loader)
+    return outs[0], rows
+
+
+@torch.no_grad()
+def infer_many(models: list[torch.nn.Module], loader: CacheLoader) -> tuple[list[torch.Tensor], np.ndarray]:
+    """Every model's outputs over ONE pass of a non-shuffled loader, and the entry rows."""
+    for m in models:
+        m.eval()
+    outs, rows = [[] for _ in models], []
     loader.set_epoch(0)
     for batch in loader:
-        outs.append(model(batch).float())
+        for acc, m in zip(outs, models):
+            acc.append(m(batch).float())
         rows.append(batch["index"].cpu().numpy())
-    return torch.cat(outs), np.concatenate(rows)
+    return [torch.cat(o) for o in outs], np.concatenate(rows)
 
 
 def head_facts(model: VermouthHead, s: TaskSettings, flow: str) -> dict:

@@ -12,16 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..datasets import load_dataset
 from ..heads import TextClassifier
 from ..metrics import per_class_accuracy, top1
 from ..store import Store
-from .common import RunOptions, base_config, build_head, class_text, head_facts, infer, loader_for, unet_identity
-from .inputs import CachedSplit, open_split
-from .loop import fit
-from .runs import prepare_run_dir, write_run
+from .common import (HeadJob, RunOptions, base_config, build_head, ce_loss, class_text, head_facts, infer_many, loader_for,
+                     shared_settings, unet_identity)
+from .inputs import CachedSplit, open_split, union_split
+from .loop import Member, fit_many
+from .runs import finish_run, prepare_run_dir, raise_failed
 from .settings import TaskSettings
 
 SHOTS = (1, 2, 4, 8, 16)
@@ -37,58 +37,85 @@ class FewshotData:
 
 def train_fewshot(data: FewshotData, s: TaskSettings, opts: RunOptions) -> dict:
     """Train a head on K-shot cached features; returns the metrics written to RUN/metrics.json."""
-    out = prepare_run_dir(opts.out, opts.overwrite)
-    store = Store(opts.store)
+    return raise_failed(train_fewshot_heads(data, [HeadJob(s, opts.out)], opts)[0])
+
+
+def _splits(data: FewshotData) -> dict:
     kw = {"image_root": data.image_root}
-    train_ds = load_dataset(data.dataset, split="train", shots=data.shots, shot_seed=data.shot_seed, **kw)
-    full_train = load_dataset(data.dataset, split="train", **kw)
+    return {"train": load_dataset(data.dataset, split="train", shots=data.shots, shot_seed=data.shot_seed, **kw),
+            "full_train": load_dataset(data.dataset, split="train", **kw),
+            "val": load_dataset(data.dataset, split="val", **kw),
+            "test": load_dataset(data.dataset, split="test", **kw)}
+
+
+def prepare_fewshot(data: FewshotData, s: TaskSettings, opts: RunOptions) -> None:
+    """Write what a run adds to the store (the class-prompt features), so that runs in parallel only read it."""
+    train_ds = _splits(data)["train"]
+    class_text(Store(opts.store), train_ds.classnames, train_ds.name.split("/")[0], s, opts)
+
+
+def train_fewshot_heads(data: FewshotData, jobs: list[HeadJob], opts: RunOptions) -> list[dict]:
+    """Train several heads in one pass over the same cached K-shot features (`sweep`); one metrics
+    dict per head, each equal to what the head gets trained alone."""
+    s0 = shared_settings(jobs)
+    outs = [prepare_run_dir(j.out, opts.overwrite) for j in jobs]
+    store = Store(opts.store)
+    ds = _splits(data)
     uid = unet_identity(opts)
-    train = open_split(store, train_ds, s, unet_identity=uid, superset=full_train)
-    val = open_split(store, load_dataset(data.dataset, split="val", **kw), s, unet_identity=uid)
-    test = open_split(store, load_dataset(data.dataset, split="test", **kw), s, unet_identity=uid)
-    _same_features(train, val, test)
+    per_job = []
+    for j in jobs:
+        sp = {"train": open_split(store, ds["train"], j.settings, unet_identity=uid, superset=ds["full_train"]),
+              "val": open_split(store, ds["val"], j.settings, unet_identity=uid),
+              "test": open_split(store, ds["test"], j.settings, unet_identity=uid)}
+        _same_features(sp["train"], sp["val"], sp["test"])
+        per_job.append(sp)
+    train, val, test = (union_split([sp[k] for sp in per_job]) for k in ("train", "val", "test"))
 
-    name = train_ds.name.split("/")[0]
-    text, templates = class_text(store, train_ds.classnames, name, s, opts)
-    classifier = TextClassifier(text, s.temperature)
-    model = build_head(train, s, "global", text.shape[1], opts.torch_device)
-    n_classes = len(train_ds.classnames)
+    name = ds["train"].name.split("/")[0]
+    classnames = ds["train"].classnames
+    n_classes = len(classnames)
+    members, scorers, classifiers, texts = [], [], [], []
+    for j, sp in zip(jobs, per_job):
+        text, templates = class_text(store, classnames, name, j.settings, opts)
+        classifier = TextClassifier(text, j.settings.temperature)
+        model = build_head(sp["train"], j.settings, "global", text.shape[1], opts.torch_device)
+        members.append(Member(model, list(model.parameters()), ce_loss(model, classifier), j.settings))
+        scorers.append(torch.nn.Sequential(model, classifier))
+        classifiers.append(classifier)
+        texts.append(templates)
 
-    def loss_fn(batch):
-        return F.cross_entropy(classifier(model(batch)), batch["label"])
+    def accuracy(split: CachedSplit, loader) -> list[tuple[float, list]]:
+        logits, _ = infer_many(scorers, loader)
+        preds = [lg.argmax(1).cpu().numpy() for lg in logits]
+        return [(top1(p, split.labels), per_class_accuracy(p, split.labels, n_classes)) for p in preds]
 
-    scorer = torch.nn.Sequential(model, classifier)
-
-    def accuracy(split: CachedSplit, loader) -> tuple[float, list]:
-        logits, _ = infer(scorer, loader)
-        pred = logits.argmax(1).cpu().numpy()
-        return top1(pred, split.labels), per_class_accuracy(pred, split.labels, n_classes)
-
-    val_loader = loader_for(val, s, opts, shuffle=False)
-    result = fit(model, list(model.parameters()), loss_fn,
-                 loader_for(train, s, opts, shuffle=True, desc=f"train fewshot {name}"), s,
-                 evaluate=lambda: {"top1": accuracy(val, val_loader)[0]}, select="top1")
-    test_top1, per_class = accuracy(test, loader_for(test, s, opts, shuffle=False))
-    metrics = {
-        "task": "fewshot",
-        "top1": test_top1,
-        "val_top1": result.best["top1"] if result.best else None,
-        "best_step": result.best_step,
-        "steps": result.steps,
-        "chance": 1 / n_classes,
-        "per_class_top1": dict(zip(train_ds.classnames, per_class)),
-        "n": {"train": len(train.indices), "val": len(val.indices), "test": len(test.indices)},
-        "skipped": {**train.skipped, **val.skipped, **test.skipped},
-        "entries": {"train": train.keys(), "val": val.keys(), "test": test.keys()},
-    }
-    config = {**base_config("fewshot", s, opts, classifier, templates),
-              "data": data.__dict__, "classnames": list(train_ds.classnames),
-              "datasets": {k: {"name": sp.dataset.name, "identity": sp.dataset.identity()}
-                           for k, sp in (("train", train), ("val", val), ("test", test))},
-              "head": head_facts(model, s, "global"),
-              "title": f"fewshot {name} {data.shots}-shot, t={s.t}, {s.stages}, {s.head}"}
-    write_run(out, config=config, metrics=metrics, model=model, history=result.history, select="top1")
-    return metrics
+    val_loader = loader_for(val, s0, opts, shuffle=False)
+    results = fit_many(members, loader_for(train, s0, opts, shuffle=True, desc=f"train fewshot {name}"), s0,
+                       evaluate=lambda: [{"top1": a} for a, _ in accuracy(val, val_loader)], select="top1")
+    tests = accuracy(test, loader_for(test, s0, opts, shuffle=False))
+    out_metrics = []
+    for j, sp, m, result, (test_top1, per_class), classifier, templates, out in zip(
+            jobs, per_job, members, results, tests, classifiers, texts, outs):
+        s = j.settings
+        config = {**base_config("fewshot", s, opts, classifier, templates),
+                  "data": data.__dict__, "classnames": list(classnames),
+                  "datasets": {k: {"name": ds[k].name, "identity": ds[k].identity()} for k in ("train", "val", "test")},
+                  "head": head_facts(m.model, s, "global"), "heads_in_pass": len(jobs),
+                  "title": f"fewshot {name} {data.shots}-shot, t={s.t}, {s.stages}, {s.head}"}
+        metrics = {
+            "task": "fewshot",
+            "top1": test_top1,
+            "val_top1": result.best["top1"] if result.best else None,
+            "best_step": result.best_step,
+            "steps": result.steps,
+            "chance": 1 / n_classes,
+            "per_class_top1": dict(zip(classnames, per_class)),
+            "n": {"train": len(train.indices), "val": len(val.indices), "test": len(test.indices)},
+            "skipped": {**sp["train"].skipped, **sp["val"].skipped, **sp["test"].skipped},
+            "entries": {"train": sp["train"].keys(), "val": sp["val"].keys(), "test": sp["test"].keys()},
+        }
+        out_metrics.append(finish_run(out, config, metrics, m.model, result, select="top1"))
+    return out_metrics
 
 
 def _same_features(*splits: CachedSplit) -> None:

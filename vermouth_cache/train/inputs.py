@@ -112,3 +112,24 @@ def _usable(ds: Dataset, feats: Entry, expert: Entry | None, taps: list[str], ro
     return CachedSplit(ds, feats, expert, [r for _, r in keep],
                         np.array([s.label if s.label is not None else -1 for s, _ in keep]),
                         [s.id for s, _ in keep], taps, skipped)
+
+
+def union_split(splits: list[CachedSplit]) -> CachedSplit:
+    """One split that reads every array the heads of a shared pass need (their taps, any expert).
+
+    The heads' own splits must be the same rows of the same features entry: a head then sees
+    exactly the batches it would see trained alone.
+    """
+    first = splits[0]
+    expert = next((sp.expert for sp in splits if sp.expert is not None), None)
+    for sp in splits[1:]:
+        if sp.features.key != first.features.key or sp.indices != first.indices:
+            raise VermouthError(f"heads of one pass read different cached samples of {first.dataset.name} "
+                                f"(features/{first.features.key[:12]} and features/{sp.features.key[:12]}); "
+                                "train them separately")
+        if sp.expert is not None and sp.expert.key != expert.key:
+            raise VermouthError(f"heads of one pass read different expert entries of {first.dataset.name}")
+    taps = list(dict.fromkeys(n for sp in splits for n in sp.tap_names))
+    skipped = {k: v for sp in splits for k, v in sp.skipped.items()}
+    return CachedSplit(first.dataset, first.features, expert, list(first.indices), first.labels,
+                       list(first.sample_ids), taps, skipped)

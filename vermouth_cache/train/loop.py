@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import VermouthError
 from ..loader import CacheLoader
 from .settings import TaskSettings
 
@@ -35,6 +36,7 @@ class FitResult:
     steps: int
     best_step: int | None
     best: dict | None  # the validation metrics of the kept weights
+    error: str | None = None  # why the member stopped early (a non-finite loss)
 
 
 def lr_factor(s: TaskSettings, step: int, total: int, steps_per_epoch: int) -> float:
@@ -45,50 +47,114 @@ def lr_factor(s: TaskSettings, step: int, total: int, steps_per_epoch: int) -> f
     return 1.0
 
 
+@dataclass
+class Member:
+    """One head in a shared pass: its parameters, loss and settings (lr, schedule, clipping)."""
+    model: torch.nn.Module
+    params: list
+    loss_fn: Callable[[dict], torch.Tensor]
+    settings: TaskSettings
+
+
 def fit(model: torch.nn.Module, params: list, loss_fn: Callable[[dict], torch.Tensor], loader: CacheLoader,
         s: TaskSettings, *, evaluate: Callable[[], dict] | None = None, select: str | None = None) -> FitResult:
     """Train `params` of `model` on `loader`; with `evaluate`, keep the weights with the best `select`."""
+    results = fit_many([Member(model, params, loss_fn, s)], loader, s,
+                       evaluate=(lambda: [evaluate()]) if evaluate else None, select=select)
+    if results[0].error:
+        raise VermouthError(f"training diverged: {results[0].error} (try a lower --lr)")
+    return results[0]
+
+
+def fit_many(members: list[Member], loader: CacheLoader, s: TaskSettings, *,
+             evaluate: Callable[[], list[dict]] | None = None, select: str | None = None) -> list[FitResult]:
+    """Train several heads side by side on ONE pass over the features (dinov2's linear-eval grid).
+
+    Every batch goes through every member in turn; each member has its own optimizer and lr
+    schedule, so a member's result is the one it gets trained alone (same seed, same batches).
+    `s` gives what they share: length, evaluation period. `evaluate` returns one dict per member.
+    A member whose loss stops being finite is dropped with its error; the others go on.
+    """
     steps_per_epoch = len(loader)
     total = s.iters if s.iters is not None else s.epochs * steps_per_epoch
     eval_every = s.eval_every * (steps_per_epoch if s.iters is None else 1)
-    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(s, k, total, steps_per_epoch))
-    hist = History()
-    best, best_step, best_state = None, None, None
+    states = []
+    for m in members:
+        opt = torch.optim.AdamW(m.params, lr=m.settings.lr, weight_decay=m.settings.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda k, ms=m.settings: lr_factor(ms, k, total, steps_per_epoch))
+        states.append(_State(opt, sched))
     step, epoch = 0, 0
-    model.train()
+    for m in members:
+        m.model.train()
     while step < total:
         loader.set_epoch(epoch)
         for batch in loader:
-            loss = loss_fn(batch)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"loss became {loss.item()} at step {step}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
-            opt.step()
-            sched.step()
             step += 1
-            hist.loss_steps.append(step)
-            hist.loss.append(round(loss.item(), 6))
+            for m, st in zip(members, states):
+                if st.error is None:
+                    _step(m, st, batch, step)
+            live = [st for st in states if st.error is None]
+            if not live:
+                break
             if getattr(loader, "bar", None) is not None:
-                post = {"loss": f"{loss.item():.4f}"}
-                if best is not None and select:
-                    post[select] = f"{best[select]:.4f}"
+                post = {"loss": f"{live[0].history.loss[-1]:.4f}"}
+                if len(members) > 1:
+                    post["heads"] = len(live)
+                elif live[0].best is not None and select:
+                    post[select] = f"{live[0].best[select]:.4f}"
                 loader.bar.set_postfix(post)
             if evaluate is not None and (step % eval_every == 0 or step == total):
-                model.eval()
+                for m in members:
+                    m.model.eval()
                 metrics = evaluate()
-                model.train()
-                hist.eval_steps.append(step)
-                hist.evals.append(metrics)
-                if best is None or metrics[select] > best[select]:
-                    best, best_step = metrics, step
-                    best_state = copy.deepcopy(model.state_dict())
+                for m, st, mt in zip(members, states, metrics):
+                    m.model.train()
+                    if st.error is None:
+                        st.record(mt, step, select, m.model)
             if step >= total:
                 break
+        if not any(st.error is None for st in states):
+            break
         epoch += 1
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    return FitResult(hist, step, best_step, best)
+    out = []
+    for m, st in zip(members, states):
+        if st.best_state is not None:
+            m.model.load_state_dict(st.best_state)
+        m.model.eval()
+        out.append(FitResult(st.history, st.steps, st.best_step, st.best, st.error))
+    return out
+
+
+@dataclass
+class _State:
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    history: History = field(default_factory=History)
+    steps: int = 0
+    best: dict | None = None
+    best_step: int | None = None
+    best_state: dict | None = None
+    error: str | None = None
+
+    def record(self, metrics: dict, step: int, select: str | None, model: torch.nn.Module) -> None:
+        self.history.eval_steps.append(step)
+        self.history.evals.append(metrics)
+        if self.best is None or metrics[select] > self.best[select]:
+            self.best, self.best_step = metrics, step
+            self.best_state = copy.deepcopy(model.state_dict())
+
+
+def _step(m: Member, st: _State, batch: dict, step: int) -> None:
+    loss = m.loss_fn(batch)
+    if not math.isfinite(loss.item()):
+        st.error = f"loss became {loss.item()} at step {step - 1}"
+        return
+    st.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(m.params, m.settings.grad_clip)
+    st.opt.step()
+    st.sched.step()
+    st.steps = step
+    st.history.loss_steps.append(step)
+    st.history.loss.append(round(loss.item(), 6))

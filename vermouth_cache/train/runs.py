@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from ..errors import VermouthError
 from ..heads import HeadSpec, VermouthHead
 from ..store import read_json, write_json_atomic
-from .loop import History
+from .loop import FitResult, History
 
 FILES = ("config.json", "metrics.json", "head.safetensors", "curve.png")
 
@@ -55,6 +55,30 @@ def write_run(out: Path, *, config: dict, metrics: dict, model: VermouthHead, hi
     write_json_atomic(out / "config.json", config)
     write_json_atomic(out / "metrics.json", {**metrics, "history": history.to_json()})
     _atomic(out / "curve.png", lambda p: plot_curve(history, select, p, title=config.get("title", "")))
+
+
+def finish_run(out: Path, config: dict, metrics: dict, model: VermouthHead, result: FitResult, *,
+               select: str | None, extra_weights: dict[str, torch.Tensor] | None = None) -> dict:
+    """Write a finished head's run; a head whose loss diverged gets its error written instead
+    (config.json and metrics.json with "error", no weights) and returned."""
+    if result.error:
+        for name in ("head.safetensors", "curve.png"):
+            (out / name).unlink(missing_ok=True)
+        failed = {"task": metrics["task"], "error": result.error, "steps": result.steps,
+                  "history": result.history.to_json()}
+        write_json_atomic(out / "config.json", config)
+        write_json_atomic(out / "metrics.json", failed)
+        return failed
+    write_run(out, config=config, metrics=metrics, model=model, history=result.history, select=select,
+              extra_weights=extra_weights)
+    return metrics
+
+
+def raise_failed(metrics: dict) -> dict:
+    """A single run's metrics, or its divergence as an error."""
+    if "error" in metrics:
+        raise VermouthError(f"training diverged: {metrics['error']} (try a lower --lr)")
+    return metrics
 
 
 def load_head(run: str | os.PathLike) -> tuple[VermouthHead, dict, dict[str, torch.Tensor]]:

@@ -25,10 +25,11 @@ from ..metrics import retrieval_metrics
 from ..sbir_data import find_sbir_trees, sbir_split
 from ..store import Store
 from ..vocab import read_name_list, unseen_classes
-from .common import RunOptions, base_config, build_head, class_text, head_facts, infer, loader_for, unet_identity
-from .inputs import CachedSplit, open_split
-from .loop import fit
-from .runs import prepare_run_dir, write_run
+from .common import (HeadJob, RunOptions, base_config, build_head, ce_loss, class_text, head_facts, infer_many, loader_for,
+                     shared_settings, unet_identity)
+from .inputs import CachedSplit, open_split, union_split
+from .loop import Member, fit_many
+from .runs import finish_run, prepare_run_dir, raise_failed
 from .settings import TaskSettings
 
 
@@ -81,8 +82,19 @@ class PairedLoader:
 
 
 def train_sbir(data: SbirData, s: TaskSettings, opts: RunOptions) -> dict:
-    out = prepare_run_dir(opts.out, opts.overwrite)
-    store = Store(opts.store)
+    return raise_failed(train_sbir_heads(data, [HeadJob(s, opts.out)], opts)[0])
+
+
+@dataclass(frozen=True)
+class _Trees:
+    photos: object  # Dataset
+    sketches: object
+    name: str | None
+    seen: tuple[str, ...]
+    unseen: tuple[str, ...]
+
+
+def _trees(data: SbirData) -> _Trees:
     photo_dir, sketch_dir, guess = find_sbir_trees(data.root)
     name = data.name or guess
     if data.unseen:
@@ -91,52 +103,78 @@ def train_sbir(data: SbirData, s: TaskSettings, opts: RunOptions) -> dict:
         unseen = unseen_classes(name)
     else:
         raise VermouthError(f"{data.root}: cannot tell which dataset this is; give --unseen FILE (or --name)")
-    photos_ds, sketches_ds = load_dataset(photo_dir), load_dataset(sketch_dir)
-    split = sbir_split(photos_ds.classnames, sketches_ds.classnames, list(unseen))
+    photos, sketches = load_dataset(photo_dir), load_dataset(sketch_dir)
+    split = sbir_split(photos.classnames, sketches.classnames, list(unseen))
+    return _Trees(photos, sketches, name, tuple(split.seen), tuple(split.unseen))
+
+
+def prepare_sbir(data: SbirData, s: TaskSettings, opts: RunOptions) -> None:
+    """Write what a run adds to the store (the seen classes' prompt features)."""
+    tr = _trees(data)
+    class_text(Store(opts.store), tr.seen, tr.name or "sbir", s, opts)
+
+
+def by_name(sp: CachedSplit, names: tuple[str, ...]) -> CachedSplit:
+    """The samples of `sp` whose class is in `names`, labelled by position in `names`."""
+    index = {n: i for i, n in enumerate(names)}
+    cls = [sp.dataset.classnames[y] for y in sp.labels]
+    keep = np.array([c in index for c in cls])
+    return restrict(sp, keep, np.array([index.get(c, -1) for c in cls]))
+
+
+def train_sbir_heads(data: SbirData, jobs: list[HeadJob], opts: RunOptions) -> list[dict]:
+    """Several heads in one pass over the same cached photos and sketches; one metrics dict per head."""
+    s0 = shared_settings(jobs)
+    outs = [prepare_run_dir(j.out, opts.overwrite) for j in jobs]
+    store = Store(opts.store)
+    tr = _trees(data)
     uid = unet_identity(opts)
-    photos = open_split(store, photos_ds, s, unet_identity=uid)
-    sketches = open_split(store, sketches_ds, s, unet_identity=uid)
+    per_job = [(open_split(store, tr.photos, j.settings, unet_identity=uid),
+                open_split(store, tr.sketches, j.settings, unet_identity=uid)) for j in jobs]
+    photos = union_split([p for p, _ in per_job])
+    sketches = union_split([k for _, k in per_job])
+    seen_p, seen_s = by_name(photos, tr.seen), by_name(sketches, tr.seen)
+    gallery, queries = by_name(photos, tr.unseen), by_name(sketches, tr.unseen)
 
-    def by_name(sp: CachedSplit, names: tuple[str, ...]) -> CachedSplit:
-        index = {n: i for i, n in enumerate(names)}
-        cls = [sp.dataset.classnames[y] for y in sp.labels]
-        keep = np.array([c in index for c in cls])
-        return restrict(sp, keep, np.array([index.get(c, -1) for c in cls]))
-
-    seen_p, seen_s = by_name(photos, split.seen), by_name(sketches, split.seen)
-    gallery, queries = by_name(photos, split.unseen), by_name(sketches, split.unseen)
-    text, templates = class_text(store, split.seen, name or "sbir", s, opts)
-    classifier = TextClassifier(text, s.temperature)
-    model = build_head(photos, s, "global", text.shape[1], opts.torch_device)
-    half = replace(s, batch_size=max(1, s.batch_size // 2))
-    train_loader = PairedLoader(loader_for(seen_p, half, opts, shuffle=True, desc=f"train sbir {name or ''}"),
-                                loader_for(seen_s, replace(half, seed=s.seed + 1), opts, shuffle=True))
-
-    def loss_fn(batch):
-        return F.cross_entropy(classifier(model(batch)), batch["label"])
-
-    result = fit(model, list(model.parameters()), loss_fn, train_loader, s)
-    q, _ = infer(model, loader_for(queries, s, opts, shuffle=False))
-    g, _ = infer(model, loader_for(gallery, s, opts, shuffle=False))
-    sim = (F.normalize(q, dim=1) @ F.normalize(g, dim=1).T).cpu().numpy()
-    metrics = {
-        "task": "sbir",
-        **retrieval_metrics(sim, queries.labels, gallery.labels, ks=(100, 200)),
-        "random_ranking_mAP": _random_map(queries.labels, gallery.labels),
-        "steps": result.steps,
-        "n": {"seen_photos": len(seen_p.indices), "seen_sketches": len(seen_s.indices),
-              "unseen_photos": len(gallery.indices), "unseen_sketches": len(queries.indices)},
-        "skipped": {**photos.skipped, **sketches.skipped},
-        "entries": {"photos": photos.keys(), "sketches": sketches.keys()},
-    }
-    config = {**base_config("sbir", s, opts, classifier, templates), "data": data.__dict__, "name": name,
-              "seen": list(split.seen), "unseen": list(split.unseen),
-              "datasets": {"photos": {"name": photos_ds.name, "identity": photos_ds.identity()},
-                           "sketches": {"name": sketches_ds.name, "identity": sketches_ds.identity()}},
-              "head": head_facts(model, s, "global"),
-              "title": f"sbir {name or data.root}, t={s.t}, {s.stages}, {s.head}"}
-    write_run(out, config=config, metrics=metrics, model=model, history=result.history, select=None)
-    return metrics
+    members, classifiers, templates_of = [], [], []
+    for j, (p_split, _) in zip(jobs, per_job):
+        text, templates = class_text(store, tr.seen, tr.name or "sbir", j.settings, opts)
+        classifier = TextClassifier(text, j.settings.temperature)
+        model = build_head(p_split, j.settings, "global", text.shape[1], opts.torch_device)
+        members.append(Member(model, list(model.parameters()), ce_loss(model, classifier), j.settings))
+        classifiers.append(classifier)
+        templates_of.append(templates)
+    half = replace(s0, batch_size=max(1, s0.batch_size // 2))
+    train_loader = PairedLoader(loader_for(seen_p, half, opts, shuffle=True, desc=f"train sbir {tr.name or ''}"),
+                                loader_for(seen_s, replace(half, seed=s0.seed + 1), opts, shuffle=True))
+    results = fit_many(members, train_loader, s0)
+    models = [m.model for m in members]
+    qs, _ = infer_many(models, loader_for(queries, s0, opts, shuffle=False))
+    gs, _ = infer_many(models, loader_for(gallery, s0, opts, shuffle=False))
+    random_map = _random_map(queries.labels, gallery.labels)
+    out_metrics = []
+    for j, (p_split, k_split), m, result, q, g, classifier, templates, out in zip(
+            jobs, per_job, members, results, qs, gs, classifiers, templates_of, outs):
+        s = j.settings
+        sim = (F.normalize(q, dim=1) @ F.normalize(g, dim=1).T).cpu().numpy()
+        metrics = {
+            "task": "sbir",
+            **retrieval_metrics(sim, queries.labels, gallery.labels, ks=(100, 200)),
+            "random_ranking_mAP": random_map,
+            "steps": result.steps,
+            "n": {"seen_photos": len(seen_p.indices), "seen_sketches": len(seen_s.indices),
+                  "unseen_photos": len(gallery.indices), "unseen_sketches": len(queries.indices)},
+            "skipped": {**p_split.skipped, **k_split.skipped},
+            "entries": {"photos": p_split.keys(), "sketches": k_split.keys()},
+        }
+        config = {**base_config("sbir", s, opts, classifier, templates), "data": data.__dict__, "name": tr.name,
+                  "seen": list(tr.seen), "unseen": list(tr.unseen),
+                  "datasets": {"photos": {"name": tr.photos.name, "identity": tr.photos.identity()},
+                               "sketches": {"name": tr.sketches.name, "identity": tr.sketches.identity()}},
+                  "head": head_facts(m.model, s, "global"), "heads_in_pass": len(jobs),
+                  "title": f"sbir {tr.name or data.root}, t={s.t}, {s.stages}, {s.head}"}
+        out_metrics.append(finish_run(out, config, metrics, m.model, result, select=None))
+    return out_metrics
 
 
 def _random_map(q_labels: np.ndarray, g_labels: np.ndarray, repeats: int = 5) -> float:

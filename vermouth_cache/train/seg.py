@@ -32,11 +32,12 @@ from ..mask_cache import ensure_masks, ignore_value, label_rule
 from ..metrics import confusion_matrix, miou
 from ..seg_data import crop_box, read_mask
 from ..store import Store
-from .common import RunOptions, base_config, build_head, class_text, head_facts, loader_for, unet_identity
-from .inputs import CachedSplit, open_split
-from .loop import fit
+from .common import (HeadJob, RunOptions, base_config, build_head, class_text, head_facts, loader_for, shared_settings,
+                     unet_identity)
+from .inputs import CachedSplit, open_split, union_split
+from .loop import Member, fit_many
 from .online import OnlineTaps
-from .runs import prepare_run_dir, write_run
+from .runs import finish_run, prepare_run_dir, raise_failed
 from .settings import TaskSettings
 
 
@@ -70,87 +71,120 @@ class SegData:
 
 
 def train_seg(data: SegData, s: TaskSettings, opts: RunOptions) -> dict:
-    out = prepare_run_dir(opts.out, opts.overwrite)
+    return raise_failed(train_seg_heads(data, [HeadJob(s, opts.out)], opts)[0])
+
+
+def prepare_seg(data: SegData, s: TaskSettings, opts: RunOptions) -> None:
+    """Write what a run adds to the store (training masks, every class list's prompt features),
+    so that runs in parallel only read it."""
+    store = Store(opts.store)
+    train_ds = data.train.load()
+    train = open_split(store, train_ds, s, unet_identity=unet_identity(opts))
+    ensure_masks(store, train_ds, s.resolution, like=train.features, progress=opts.progress)
+    for ds in [train_ds] + [src.load() for src in data.evals]:
+        class_text(store, ds.classnames, "segmentation", s, opts)
+
+
+def train_seg_heads(data: SegData, jobs: list[HeadJob], opts: RunOptions) -> list[dict]:
+    """Several dense heads in one pass over the same cached features; one metrics dict per head.
+    A `tune_norms` head changes its features while it trains, so it always trains alone."""
+    s0 = shared_settings(jobs)
+    outs = [prepare_run_dir(j.out, opts.overwrite) for j in jobs]
     store = Store(opts.store)
     device = opts.torch_device
     train_ds = data.train.load()
     uid = unet_identity(opts)
-    train = open_split(store, train_ds, s, unet_identity=uid)
-    eval_sets = [(src, src.load()) for src in data.evals]
-    evals = [(ds, open_split(store, ds, s, unet_identity=uid)) for _, ds in eval_sets]
-    masks = ensure_masks(store, train_ds, s.resolution, like=train.features, progress=opts.progress)
-
+    per_job = [open_split(store, train_ds, j.settings, unet_identity=uid) for j in jobs]
+    train = union_split(per_job)
+    eval_sets = [src.load() for src in data.evals]
+    evals = [union_split([open_split(store, ds, j.settings, unet_identity=uid) for j in jobs]) for ds in eval_sets]
+    masks = ensure_masks(store, train_ds, s0.resolution, like=train.features, progress=opts.progress)
     name = train_ds.name.split("/")[0]
-    text, templates = class_text(store, train_ds.classnames, "segmentation", s, opts)
-    classifier = TextClassifier(text, s.temperature)
-    model = build_head(train, s, "dense", text.shape[1], device)
+
     online = None
-    params = list(model.parameters())
     fields = dict(train.fields)
-    if s.tune_norms:
-        if opts.sd_model is None:
-            raise VermouthError("--tune-norms recomputes U-net features: give --sd-model")
-        online = OnlineTaps(opts.sd_model, train, device)
-        params += online.norm_parameters()
-        fields = {**{k: v for k, v in fields.items() if k.startswith("expert.")}, **online.bind(store, train)}
+    members, classifiers, templates_of = [], [], []
+    for j, sp in zip(jobs, per_job):
+        text, templates = class_text(store, train_ds.classnames, "segmentation", j.settings, opts)
+        classifier = TextClassifier(text, j.settings.temperature)
+        model = build_head(sp, j.settings, "dense", text.shape[1], device)
+        params = list(model.parameters())
+        if j.settings.tune_norms:
+            if opts.sd_model is None:
+                raise VermouthError("--tune-norms recomputes U-net features: give --sd-model")
+            online = OnlineTaps(opts.sd_model, train, device)
+            params += online.norm_parameters()
+            fields = {**{k: v for k, v in fields.items() if k.startswith("expert.")}, **online.bind(store, train)}
+        members.append(Member(model, params, _seg_loss(model, classifier, online, ignore_value(train_ds)), j.settings))
+        classifiers.append(classifier)
+        templates_of.append(templates)
     from ..loader import Field
 
     fields["mask"] = Field(masks, "mask")
-    ignore = ignore_value(train_ds)
+    results = fit_many(members, loader_for(train, s0, opts, shuffle=True, desc=f"train seg {name}", fields=fields), s0)
 
-    def forward(batch):
-        if online is not None:
-            batch = {**batch, **online(batch)}
-        return classifier(model(batch))  # (B, C, h, w)
-
-    def loss_fn(batch):
-        logits = forward(batch)
-        target = batch["mask"].long()
-        logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
-        return F.cross_entropy(logits, target, ignore_index=ignore)
-
-    result = fit(model, params, loss_fn, loader_for(train, s, opts, shuffle=True, desc=f"train seg {name}",
-                                                     fields=fields), s)
-    metrics = {"task": "seg", "steps": result.steps, "eval": {}, "n": {"train": len(train.indices)},
-               "skipped": dict(train.skipped), "entries": {"train": {**train.keys(), "masks": masks.key}}}
-    for (src, ds), (_, split) in zip(eval_sets, evals):
-        ev_text, _ = class_text(store, ds.classnames, "segmentation", s, opts)
+    scores_of: list[dict] = [{} for _ in jobs]
+    for ds, split in zip(eval_sets, evals):
         ev_fields = dict(split.fields)
         if online is not None:
             ev_fields = {**{k: v for k, v in ev_fields.items() if k.startswith("expert.")}, **online.bind(store, split)}
-        ev_classifier = TextClassifier(ev_text, s.temperature)
-        scores = evaluate(lambda b, c=ev_classifier: c(model({**b, **online(b)} if online else b)),
-                          split, loader_for(split, s, opts, shuffle=False, fields=ev_fields), len(ds.classnames))
-        scores["per_class_IoU"] = dict(zip(ds.classnames, scores["per_class_IoU"]))
-        metrics["eval"][ds.name] = scores
-        metrics["entries"][ds.name] = split.keys()
-    config = {**base_config("seg", s, opts, classifier, templates),
-              "data": {"train": data.train.__dict__, "evals": [e.__dict__ for e in data.evals]},
-              "classnames": list(train_ds.classnames),
-              "datasets": {"train": {"name": train_ds.name, "identity": train_ds.identity()},
-                           **{ds.name: {"name": ds.name, "identity": ds.identity()} for _, ds in eval_sets}},
-              "head": head_facts(model, s, "dense"),
-              "title": f"seg {name}, t={s.t}, {s.stages}, {s.head}" + (" +norms" if s.tune_norms else "")}
-    write_run(out, config=config, metrics=metrics, model=model, history=result.history, select=None,
-              extra_weights=online.norm_state() if online else None)
-    return metrics
+        predicts = []
+        for j, m in zip(jobs, members):
+            ev_text, _ = class_text(store, ds.classnames, "segmentation", j.settings, opts)
+            c = TextClassifier(ev_text, j.settings.temperature)
+            predicts.append(lambda b, c=c, model=m.model: c(model({**b, **online(b)} if online else b)))
+        for acc, scores in zip(scores_of, evaluate(predicts, split, loader_for(split, s0, opts, shuffle=False,
+                                                                                fields=ev_fields), len(ds.classnames))):
+            scores["per_class_IoU"] = dict(zip(ds.classnames, scores["per_class_IoU"]))
+            acc[ds.name] = (scores, split.keys())
+
+    out_metrics = []
+    for j, sp, m, result, classifier, templates, scores, out in zip(
+            jobs, per_job, members, results, classifiers, templates_of, scores_of, outs):
+        s = j.settings
+        metrics = {"task": "seg", "steps": result.steps, "eval": {k: v[0] for k, v in scores.items()},
+                   "n": {"train": len(train.indices)}, "skipped": dict(sp.skipped),
+                   "entries": {"train": {**sp.keys(), "masks": masks.key}, **{k: v[1] for k, v in scores.items()}}}
+        config = {**base_config("seg", s, opts, classifier, templates),
+                  "data": {"train": data.train.__dict__, "evals": [e.__dict__ for e in data.evals]},
+                  "classnames": list(train_ds.classnames),
+                  "datasets": {"train": {"name": train_ds.name, "identity": train_ds.identity()},
+                               **{ds.name: {"name": ds.name, "identity": ds.identity()} for ds in eval_sets}},
+                  "head": head_facts(m.model, s, "dense"), "heads_in_pass": len(jobs),
+                  "title": f"seg {name}, t={s.t}, {s.stages}, {s.head}" + (" +norms" if s.tune_norms else "")}
+        out_metrics.append(finish_run(out, config, metrics, m.model, result, select=None,
+                                      extra_weights=online.norm_state() if online else None))
+    return out_metrics
+
+
+def _seg_loss(model, classifier, online, ignore: int):
+    def loss_fn(batch):
+        if online is not None:
+            batch = {**batch, **online(batch)}
+        logits = classifier(model(batch))  # (B, C, h, w)
+        target = batch["mask"].long()
+        logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
+        return F.cross_entropy(logits, target, ignore_index=ignore)
+    return loss_fn
 
 
 @torch.no_grad()
-def evaluate(predict, split: CachedSplit, loader, n_classes: int) -> dict:
-    """mIoU of `predict` (batch -> (B, C, h, w) logits) against each label map at its resolution."""
+def evaluate(predicts: list, split: CachedSplit, loader, n_classes: int) -> list[dict]:
+    """mIoU of each `predict` (batch -> (B, C, h, w) logits) against each label map at its
+    resolution, over one pass of `loader` (every label map is read once for all of them)."""
     rule = label_rule(split.dataset)
-    conf = np.zeros((n_classes, n_classes), dtype=np.int64)
+    confs = [np.zeros((n_classes, n_classes), dtype=np.int64) for _ in predicts]
     resolution = int(split.features.manifest["about"]["resolution"])
     for batch in loader:
-        logits = predict(batch).float()
-        for row, lg in zip(batch["index"].tolist(), logits):
+        logits = [p(batch).float() for p in predicts]
+        for k, row in enumerate(batch["index"].tolist()):
             mask = read_mask(split.dataset.samples[row].mask, rule, n_classes=n_classes)
             h, w = mask.shape
             left, top, right, bottom = crop_box(w, h, resolution)
             region = mask[top:bottom, left:right]
-            pred = F.interpolate(lg[None], size=region.shape, mode="bilinear", align_corners=False)[0].argmax(0)
             ignore = int(np.iinfo(region.dtype).max)
-            conf += confusion_matrix(pred.cpu().numpy(), region.astype(np.int64), n_classes, ignore_index=ignore)
-    return miou(conf)
-
+            target = region.astype(np.int64)
+            for conf, lg in zip(confs, logits):
+                pred = F.interpolate(lg[k][None], size=region.shape, mode="bilinear", align_corners=False)[0].argmax(0)
+                conf += confusion_matrix(pred.cpu().numpy(), target, n_classes, ignore_index=ignore)
+    return [miou(conf) for conf in confs]

@@ -91,6 +91,27 @@ def task_settings(task: str, schedule: str = "paper", **overrides) -> TaskSettin
 
 
 def _validate(s: TaskSettings) -> None:
+    """Every field checked up front: a sweep must fail at its recipe, not hours into it."""
+    from ..heads import HEAD_KINDS
+    from ..models import EXPERT_MODELS
+    from ..noise import NOISE_MODES
+    from ..pyramid import merge_plan
+    from ..request import PROMPT_MODES, TEXT_LAYERS
+    from ..unet_taps import parse_stages
+
+    choices = {"head": (s.head, HEAD_KINDS), "noise": (s.noise, NOISE_MODES), "text_layer": (s.text_layer, TEXT_LAYERS)}
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise VermouthError(f"unknown {name} {value!r} (choose from {', '.join(allowed)})")
+    if s.expert is not None and s.expert not in EXPERT_MODELS:
+        raise VermouthError(f"unknown expert {s.expert!r} (choose from {', '.join(EXPERT_MODELS)}, none)")
+    if s.prompt not in PROMPT_MODES and not str(s.prompt).startswith("text:"):
+        raise VermouthError(f"unknown prompt mode {s.prompt!r} (choose from {', '.join(PROMPT_MODES)}, text:...)")
+    merge_plan(s.stages)
+    if s.attn_maps:
+        parse_stages(s.attn_maps)
+    if s.resolution < 64 or s.resolution % 64:
+        raise VermouthError(f"resolution {s.resolution} must be a multiple of 64")
     if not 0 <= s.t <= 999:
         raise VermouthError(f"timestep {s.t} is outside 0-999")
     if s.lr_schedule not in LR_SCHEDULES:

@@ -1,0 +1,135 @@
+"""From recipe points to work: the extractions the unfinished points need, merged so that one
+`extract` call per dataset part covers every timestep and stage of the grid, and the training
+groups, whose heads share one pass over the features.
+
+Nothing here computes; `survey` (for --dry-run) and `run.run_sweep` act on the plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..hashing import canonical_json
+from ..request import ExtractRequest
+from ..sbir_data import find_sbir_trees
+from ..store import read_json
+from ..train.common import pass_key
+from ..unet_taps import STAGES, parse_stages
+from .recipe import DatasetSpec, Models, Point, Recipe
+
+RUNS = "runs"
+POINT_FILE = "point.json"  # written last into a point's run directory: the point is finished
+
+
+@dataclass(frozen=True)
+class ResolvedModels:
+    sd_model: str
+    captioner: str
+    clip_model: str
+    experts: dict  # expert name -> hub id or directory (absent: the default hub id)
+
+    @classmethod
+    def of(cls, models: Models, tiny_dir: Path | None = None) -> "ResolvedModels":
+        if models.tiny:
+            d = Path(tiny_dir)
+            return cls(str(d / "sd"), str(d / "blip"), str(d / "clip"),
+                       {"resnet18": str(d / "resnet18"), "dino": str(d / "dino"), "dinov2": str(d / "dinov2")})
+        return cls(models.sd_model, models.captioner, models.clip_model, dict(models.experts))
+
+
+def dataset_parts(ds: DatasetSpec) -> list[dict]:
+    """The datasets `extract` must see for one recipe dataset, as ExtractRequest fields."""
+    o = ds.options
+    if ds.task == "fewshot":
+        base = {"dataset": ds.path, "image_root": o.get("image_root")}
+        return [{**base, "split": "train", "shots": o.get("shots", 16), "shot_seed": o.get("shot_seed", 0)},
+                {**base, "split": "val"}, {**base, "split": "test"}]
+    if ds.task == "sbir":
+        photo, sketch, _ = find_sbir_trees(ds.path)
+        return [{"dataset": str(photo)}, {"dataset": str(sketch)}]
+    parts = [{"dataset": ds.path, "layout": o.get("layout"), "split": o.get("split")}]
+    for _, ev in ds.evals():
+        parts.append({"dataset": ev["path"], "layout": ev.get("layout"), "split": ev.get("split")})
+    return parts
+
+
+def extraction_requests(points: list[Point], models: ResolvedModels, extract_options: dict, store: str,
+                        device: str | None, progress: bool) -> list[ExtractRequest]:
+    """One request per (dataset part, features recipe without t and taps): the union of the
+    points' timesteps, stages and attention maps, so shared artifacts are computed once."""
+    merged: dict[str, dict] = {}
+    for p in points:
+        s = p.settings
+        for part in dataset_parts(p.dataset):
+            fixed = {**part, "resolution": s.resolution, "prompt": s.prompt, "text_layer": s.text_layer,
+                     "noise": s.noise, "expert": s.expert}
+            key = canonical_json(fixed)
+            m = merged.setdefault(key, {"fixed": fixed, "t": set(), "stages": set(), "attn": set()})
+            m["t"].add(s.t)
+            m["stages"].update(parse_stages(s.stages))
+            if s.attn_maps:
+                m["attn"].update(parse_stages(s.attn_maps))
+    out = []
+    for m in merged.values():
+        f = m["fixed"]
+        expert = f["expert"]
+        out.append(ExtractRequest(
+            **{k: v for k, v in f.items() if v is not None or k in ("expert",)},
+            store=store, t=tuple(sorted(m["t"])), stages=_stages(m["stages"]),
+            attn_maps=_stages(m["attn"]) or None,
+            expert_model=models.experts.get(expert) if expert else None,
+            sd_model=models.sd_model, captioner=models.captioner, device=device, progress=progress,
+            **extract_options))
+    return out
+
+
+def _stages(names: set[str]) -> str:
+    return ",".join(s for s in STAGES if s in names)
+
+
+@dataclass
+class TrainGroup:
+    """Points of one dataset whose heads share a pass over the same features."""
+    dataset: DatasetSpec
+    points: list[Point] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.points[0].name + (f" (+{len(self.points) - 1} heads)" if len(self.points) > 1 else "")
+
+
+def train_groups(points: list[Point]) -> list[TrainGroup]:
+    groups: dict[str, TrainGroup] = {}
+    for p in points:
+        key = canonical_json({"dataset": p.dataset.label, **pass_key(p.settings)})
+        if p.settings.tune_norms:
+            key += p.name  # its features change while it trains: it never shares a pass
+        groups.setdefault(key, TrainGroup(p.dataset)).points.append(p)
+    return list(groups.values())
+
+
+def fingerprint(recipe: Recipe, point: Point, models: ResolvedModels) -> str:
+    """Everything that decides a point's result; a finished point whose fingerprint differs is redone."""
+    facts = {"dataset": point.dataset.__dict__, "settings": point.settings.to_json(), "models": models.__dict__,
+             "extract": recipe.extract}
+    return hashlib.sha256(canonical_json(facts).encode()).hexdigest()[:16]
+
+
+def run_dir(out: Path, point: Point) -> Path:
+    return out / RUNS / point.name
+
+
+def finished(out: Path, recipe: Recipe, point: Point, models: ResolvedModels) -> dict | None:
+    """The point's record when it finished with the same fingerprint, else None."""
+    path = run_dir(out, point) / POINT_FILE
+    if not path.is_file():
+        return None
+    try:
+        rec = read_json(path)
+    except Exception:
+        return None
+    if rec.get("status") != "done" or rec.get("fingerprint") != fingerprint(recipe, point, models):
+        return None
+    return rec

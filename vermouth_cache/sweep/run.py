@@ -1,0 +1,349 @@
+"""`sweep`: plan, extract what the store lacks, train every unfinished point, write the report.
+
+    result = run_sweep(load_recipe("pipelines/table5_sensitivity.yaml"), "results/table5")
+
+Order of work, and why:
+1. Finished points (their run holds a `point.json` with the same fingerprint) are kept as they
+   are: an interrupted sweep redoes only the rest, a finished one only rebuilds its report.
+2. Extraction runs here, one merged request per dataset part (`plan.extraction_requests`), so
+   captions, text conditions and latents are computed once for the whole grid.
+3. What training adds to the store (class-prompt features, segmentation masks) is written here
+   too, so that the training tasks, which may run in parallel, only read the store.
+4. Training groups (heads that share a pass) are tasks on dask.distributed: a local cluster by
+   default, or the one at `scheduler`. A task may run twice (a lost worker): it rewrites the same
+   run directory, and its `point.json` is written last.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..errors import VermouthError
+from ..extract import extract
+from ..listing import human_bytes
+from ..store import write_json_atomic
+from ..train.common import HeadJob, RunOptions
+from ..train.settings import TaskSettings
+from .plan import (POINT_FILE, ResolvedModels, TrainGroup, extraction_requests, fingerprint, finished, run_dir,
+                   train_groups)
+from .recipe import MAIN_METRIC, DatasetSpec, Point, Recipe
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    out: str
+    store: str | None = None  # default: OUT/store
+    workers: int | None = None  # local dask workers; default: one per GPU, else 1
+    scheduler: str | None = None  # address of a running dask scheduler instead of a local cluster
+    device: str | None = None
+    memory_gb: float = 8.0
+    progress: bool = True
+
+    @property
+    def store_path(self) -> str:
+        return self.store or str(Path(self.out) / "store")
+
+
+@dataclass
+class SweepResult:
+    records: list[dict]
+    report: dict
+    extracted: list[dict] = field(default_factory=list)  # per request: dataset, seconds, samples computed
+    trained: int = 0  # points trained by this call
+    seconds: dict = field(default_factory=dict)
+
+
+def resolve_models(recipe: Recipe, out: Path) -> ResolvedModels:
+    if recipe.models.tiny:
+        d = out / "models"
+        if not (d / "sd" / "model_index.json").is_file():
+            from ..tiny_models import write_tiny_models
+
+            write_tiny_models(d)
+        return ResolvedModels.of(recipe.models, d)
+    return ResolvedModels.of(recipe.models)
+
+
+def run_sweep(recipe: Recipe, opts: SweepOptions) -> SweepResult:
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    models = resolve_models(recipe, out)
+    t0 = time.perf_counter()
+    done = {p.name: finished(out, recipe, p, models) for p in recipe.points}
+    todo = [p for p in recipe.points if done[p.name] is None]
+    result = SweepResult(records=[], report={})
+    if todo:
+        from ..store import Store
+
+        Store(opts.store_path, create=True)
+        for req in extraction_requests(todo, models, recipe.extract, opts.store_path, opts.device, opts.progress):
+            rep = extract(req)
+            result.extracted.append({"dataset": rep.dataset["name"], "t": list(req.t), "seconds": rep.wall_seconds,
+                                     "computed": dict(rep.computed)})
+        result.seconds["extract"] = time.perf_counter() - t0
+        groups = train_groups(todo)
+        t1 = time.perf_counter()
+        _prepare(groups, models, opts)
+        for rec in _train(recipe, groups, models, opts, out):
+            done[rec["point"]] = rec
+            result.trained += rec["status"] == "done"
+        result.seconds["train"] = time.perf_counter() - t1
+    # the recipe's order of varied keys (point.json stores them sorted)
+    result.records = [{**done[p.name], "varied": _jsonable(p.varied)} if done[p.name] else _failed_record(p, "not run")
+                      for p in recipe.points]
+    from .report import write_report
+
+    result.report = write_report(result.records, out, title=recipe.name)
+    write_json_atomic(out / "sweep.json", {"recipe": recipe.source, "name": recipe.name, "store": opts.store_path,
+                                           "models": models.__dict__, "points": [p.name for p in recipe.points],
+                                           "this_call": {"extracted": result.extracted, "trained": result.trained,
+                                                         "seconds": result.seconds}})
+    return result
+
+
+def run_options(models: ResolvedModels, opts: SweepOptions, progress: bool) -> RunOptions:
+    return RunOptions(store=opts.store_path, sd_model=models.sd_model, clip_model=models.clip_model,
+                      device=opts.device, memory_gb=opts.memory_gb, progress=progress, overwrite=True)
+
+
+def task_data(ds: DatasetSpec):
+    """The train_* data object of a recipe dataset."""
+    o = ds.options
+    if ds.task == "fewshot":
+        from ..train.fewshot import FewshotData
+
+        return FewshotData(ds.path, o.get("image_root"), int(o.get("shots", 16)), int(o.get("shot_seed", 0)))
+    if ds.task == "sbir":
+        from ..train.sbir import SbirData
+
+        return SbirData(ds.path, o.get("unseen"), o.get("name"))
+    from ..train.seg import SegData, SegSource
+
+    return SegData(SegSource(ds.path, o.get("layout"), o.get("split"), o.get("classnames")),
+                   tuple(SegSource(ev["path"], ev.get("layout"), ev.get("split"), ev.get("classnames"))
+                         for _, ev in ds.evals()))
+
+
+def _prepare(groups: list[TrainGroup], models: ResolvedModels, opts: SweepOptions) -> None:
+    from ..train.fewshot import prepare_fewshot
+    from ..train.sbir import prepare_sbir
+    from ..train.seg import prepare_seg
+
+    prepare = {"fewshot": prepare_fewshot, "sbir": prepare_sbir, "seg": prepare_seg}
+    ro = run_options(models, opts, opts.progress)
+    for g in groups:
+        seen = set()
+        for p in g.points:
+            s = p.settings
+            key = (s.text_proj, s.templates)  # what the class-prompt features depend on
+            if key not in seen:
+                seen.add(key)
+                prepare[g.dataset.task](task_data(g.dataset), s, ro)
+
+
+@dataclass(frozen=True)
+class GroupJob:
+    """What a dask task needs to train one group: plain data, no open files."""
+    task: str
+    data: object
+    heads: tuple[tuple[str, TaskSettings, str], ...]  # (point name, settings, run directory)
+    options: RunOptions
+    records: tuple[dict, ...]  # the point records to complete, one per head
+    threads: int
+
+
+def _train(recipe: Recipe, groups: list[TrainGroup], models: ResolvedModels, opts: SweepOptions, out: Path):
+    """Yield each point's record as its group finishes."""
+    jobs = []
+    client, cluster = _client(opts)
+    n_workers = max(1, len(client.scheduler_info().get("workers", {})) or 1)
+    threads = max(1, (os.cpu_count() or 1) // n_workers) if opts.scheduler is None else 0
+    for g in groups:
+        heads = tuple((p.name, p.settings, str(run_dir(out, p))) for p in g.points)
+        recs = tuple(_base_record(recipe, p, models, out) for p in g.points)
+        jobs.append(GroupJob(g.dataset.task, task_data(g.dataset), heads, run_options(models, opts, False), recs,
+                             threads))
+    bar = tqdm(total=sum(len(g.points) for g in groups), unit="run", desc="sweep: train", disable=not opts.progress)
+    try:
+        from distributed import as_completed
+
+        futures = client.map(train_group, jobs, pure=False)
+        for fut in as_completed(futures):
+            for rec in fut.result():
+                bar.update(1)
+                yield rec
+    finally:
+        bar.close()
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _client(opts: SweepOptions):
+    from distributed import Client, LocalCluster
+
+    if opts.scheduler:
+        try:
+            return Client(opts.scheduler, timeout="20s"), None
+        except OSError as exc:
+            raise VermouthError(f"cannot reach the dask scheduler at {opts.scheduler}: {exc}") from None
+    n = opts.workers or _default_workers()
+    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
+    return Client(cluster), cluster
+
+
+def _default_workers() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 1
+
+
+def train_group(job: GroupJob) -> list[dict]:
+    """A dask task: train one group's heads in one pass; write and return their point records.
+    Errors become "failed" records, never exceptions: one bad point must not stop the sweep."""
+    import torch
+
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    opts = job.options
+    if opts.device is None and torch.cuda.is_available():
+        opts = _worker_device(opts)
+    from ..train.fewshot import train_fewshot_heads
+    from ..train.sbir import train_sbir_heads
+    from ..train.seg import train_seg_heads
+
+    train = {"fewshot": train_fewshot_heads, "sbir": train_sbir_heads, "seg": train_seg_heads}[job.task]
+    t0 = time.perf_counter()
+    try:
+        all_metrics = train(job.data, [HeadJob(s, d) for _, s, d in job.heads], opts)
+    except Exception as exc:  # noqa: BLE001 - recorded per point, the sweep goes on
+        why = str(exc) if isinstance(exc, VermouthError) else "".join(
+            traceback.format_exception_only(type(exc), exc)).strip()
+        all_metrics = [{"error": why}] * len(job.heads)
+    seconds = (time.perf_counter() - t0) / len(job.heads)
+    records = []
+    for (name, _, directory), base, metrics in zip(job.heads, job.records, all_metrics):
+        rec = {**base, "seconds": round(seconds, 3), "heads_in_pass": len(job.heads)}
+        if "error" in metrics:
+            rec.update(status=f"failed: {metrics['error']}", scores=[])
+        else:
+            rec.update(status="done", scores=scores(job.task, base["dataset"], metrics, base["eval_labels"]),
+                       entries=_entries(metrics))
+        rec["paper"] = [p for p in rec.pop("paper_candidates") if any(
+            p["dataset"] == s["dataset"] and p["metric"] == s["metric"] for s in rec["scores"])]
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(directory) / POINT_FILE, rec)
+        records.append(rec)
+    return records
+
+
+def _worker_device(opts: RunOptions) -> RunOptions:
+    """One GPU per local worker: worker i takes cuda:(i mod #GPUs)."""
+    import dataclasses
+
+    import torch
+
+    try:
+        from distributed import get_worker
+
+        index = int(get_worker().name)
+    except (ValueError, ImportError):
+        index = 0
+    return dataclasses.replace(opts, device=f"cuda:{index % torch.cuda.device_count()}")
+
+
+def scores(task: str, label: str, metrics: dict, eval_labels: list[str]) -> list[dict]:
+    """A run's headline numbers: top-1, mAP@all, or mIoU per evaluation set (named as in the recipe)."""
+    if task == "seg":
+        return [{"dataset": lab, "metric": "mIoU", "value": v["mIoU"]}
+                for lab, v in zip(eval_labels, metrics["eval"].values())]
+    return [{"dataset": label, "metric": MAIN_METRIC[task], "value": metrics[MAIN_METRIC[task]]}]
+
+
+def _entries(metrics: dict) -> dict:
+    """The features and expert keys read (of the first split: all splits share a recipe)."""
+    first = next(iter(metrics.get("entries", {}).values()), {})
+    return {k: v for k, v in first.items() if k in ("features", "expert")}
+
+
+def _base_record(recipe: Recipe, p: Point, models: ResolvedModels, out: Path) -> dict:
+    labels = [lab for lab, _ in p.dataset.evals()]
+    return {"point": p.name, "dataset": p.dataset.label, "task": p.dataset.task, "varied": _jsonable(p.varied),
+            "settings": p.settings.to_json(), "fingerprint": fingerprint(recipe, p, models),
+            "entries": {}, "run": os.path.relpath(run_dir(out, p), out), "eval_labels": labels,
+            "paper_candidates": paper_for(recipe, p)}
+
+
+def paper_for(recipe: Recipe, p: Point) -> list[dict]:
+    """The paper's numbers this point reproduces: same dataset (or eval set), same settings where
+    the paper entry names them; the first entry per (dataset, metric) wins."""
+    labels = {p.dataset.label} | {lab for lab, _ in p.dataset.evals()}
+    out, taken = [], set()
+    s = p.settings.to_json()
+    for item in recipe.paper:
+        metric = item.get("metric", MAIN_METRIC[p.dataset.task])
+        conds = {k: v for k, v in item.items() if k not in ("dataset", "metric", "value")}
+        if item["dataset"] not in labels or (item["dataset"], metric) in taken:
+            continue
+        if all(_same(s.get(k), v) for k, v in conds.items()):
+            taken.add((item["dataset"], metric))
+            out.append({"dataset": item["dataset"], "metric": metric, "value": item["value"]})
+    return out
+
+
+def _same(ours, theirs) -> bool:
+    norm = lambda v: "none" if v is None else (",".join(sorted(v.split(","))) if isinstance(v, str) else v)  # noqa: E731
+    return norm(ours) == norm(theirs)
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in d.items()}
+
+
+def _failed_record(p: Point, why: str) -> dict:
+    return {"point": p.name, "dataset": p.dataset.label, "task": p.dataset.task, "varied": _jsonable(p.varied),
+            "settings": p.settings.to_json(), "status": f"failed: {why}", "scores": [], "paper": [], "entries": {},
+            "seconds": None, "heads_in_pass": None, "run": None}
+
+
+def dry_run(recipe: Recipe, opts: SweepOptions) -> str:
+    """The plan as text: points done, entries present, entries to extract with their estimated
+    size, and the training passes; nothing is extracted or trained."""
+    from ..survey import survey
+
+    out = Path(opts.out)
+    models = resolve_models(recipe, out)
+    todo = [p for p in recipe.points if finished(out, recipe, p, models) is None]
+    lines = [f"sweep {recipe.name}: {len(recipe.points)} points, {len(recipe.points) - len(todo)} finished, "
+             f"{len(todo)} to train", f"store: {opts.store_path}"]
+    total = 0
+    seen = set()
+    reqs = extraction_requests(todo, models, recipe.extract, opts.store_path, opts.device, False)
+    if reqs:
+        lines.append("cache entries:")
+    for req in reqs:
+        part = req.dataset + (f" [{req.split}]" if req.split else "") + (f" {req.shots}-shot" if req.shots else "")
+        lines.append(f"  {part}: t={','.join(map(str, req.t))} stages={req.stages}"
+                     + (f" attn={req.attn_maps}" if req.attn_maps else "") + (f" expert={req.expert}" if req.expert else ""))
+        for e in survey(req):
+            if (e.kind, e.key) in seen:
+                continue
+            seen.add((e.kind, e.key))
+            size = f", {human_bytes(e.bytes_to_write)} to write" if e.bytes_to_write else ""
+            what = f" t={e.about['t']}" if e.kind == "features" else ""
+            lines.append(f"    {e.kind:<9}{e.key}{what}: {e.state}{size}")
+            total += e.bytes_to_write
+    lines.append(f"to extract: about {human_bytes(total)} (uncompressed)")
+    groups = train_groups(todo)
+    if groups:
+        lines.append(f"training passes: {len(groups)}")
+        for g in groups:
+            lines.append(f"  {g.dataset.label} ({g.dataset.task}): " + ", ".join(p.name for p in g.points))
+    return "\n".join(lines)
+
