@@ -139,13 +139,14 @@ def rss_bytes() -> int | None:
 
 def store_bytes(store: Path) -> dict:
     """Array bytes on disk vs the bytes of the samples they hold (write amplification)."""
+    from vermouth_cache.store import Store
+
     disk = logical = 0
-    for manifest in store.glob("*/*/manifest.json"):
-        m = json.loads(manifest.read_text())
-        for spec in m.get("arrays", {}).values():
+    for entry in Store(store).entries():
+        for spec in entry.arrays.values():
             itemsize = 2 if spec["dtype"] == "bfloat16" else np.dtype(spec["dtype"]).itemsize
-            logical += m["n_samples"] * int(np.prod(spec["shape"])) * itemsize
-        disk += sum(p.stat().st_size for p in (manifest.parent / "arrays").rglob("*") if p.is_file())
+            logical += entry.n_samples * int(np.prod(spec["shape"])) * itemsize
+        disk += entry.size_bytes()
     return {"disk_bytes": disk, "sample_bytes": logical}
 
 
@@ -549,7 +550,7 @@ def run_resolution(cfg: Config, res: int, models: dict[str, Path], out: Path, na
     sizes = store_bytes(store)
     ours_tap_shapes = {}
     s = Store(store)
-    for name, spec in s.find("features", first["entries"][f"features t={T_FIRST}"]).manifest["arrays"].items():
+    for name, spec in s.find("features", first["entries"][f"features t={T_FIRST}"]).arrays.items():
         ours_tap_shapes[name] = spec["shape"]
     imgs = folder_images(Path(dataset))
     with tempfile.TemporaryDirectory(dir=work) as tmp:

@@ -26,7 +26,7 @@ def test_survey_before_and_after_extract(request_for, folder, tiny, tmp_path):
     for e in before:
         entry = store.find(e.kind, e.key)
         # uncompressed bytes of every array, from the shapes actually written (fp32: 4 bytes)
-        written = sum(entry.n_samples * 4 * int(np.prod(spec["shape"])) for spec in entry.manifest["arrays"].values())
+        written = sum(entry.n_samples * 4 * int(np.prod(spec["shape"])) for spec in entry.arrays.values())
         assert e.bytes_to_write == written, e.kind
     after = survey(req)
     assert [e.key for e in after] == [e.key for e in before]

@@ -59,6 +59,20 @@ def class_text_features(store: Store, classnames: Sequence[str], templates: Sequ
     return entry.read(ARRAY)
 
 
+def refill_classtext(store: Store, entry) -> None:
+    """Recompute a classtext entry with the CLIP model it names (`repair`), if that model is unchanged."""
+    from .errors import VermouthError
+
+    about, recipe = entry.manifest["about"], entry.manifest["recipe"]
+    model_dir = resolve_model_dir(about["clip_model"], role="CLIP text model",
+                                  hub_patterns=["*.json", "*.txt", "*.safetensors"])
+    if classtext_recipe(directory_identity(model_dir), recipe["classnames"], recipe["templates"],
+                        about["proj"]) != recipe:
+        raise VermouthError(f"the CLIP model {about['clip_model']} changed since it was made")
+    entry.invalidate(ARRAY, 0)
+    class_text_features(store, recipe["classnames"], recipe["templates"], about["clip_model"], proj=about["proj"])
+
+
 def encode_prompts(model_dir, classnames: Sequence[str], templates: Sequence[str], *, proj: bool,
                    placement: Placement | None = None) -> np.ndarray:
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer

@@ -29,7 +29,9 @@ def main():
 
 @main.command()
 @click.argument("dataset")
-@click.option("--store", required=True, help="Store directory (created if new).")
+@click.option("--store", required=True,
+              help="Store: a directory (local or shared), or an object-store URL such as s3://bucket/prefix "
+                   "(created if new).")
 @click.option("--image-root", help="Image root for a CoOp split file or a manifest (default: beside the file).")
 @click.option("--split", help="Split of a CoOp split file or a manifest (train, val, test), or of a segmentation dataset.")
 @click.option("--layout", help="Segmentation dataset layout: ade20k, ade847, coco-stuff, voc, pascal-context, pc459, "
@@ -70,11 +72,18 @@ def main():
               help="Compute dtype (auto: fp32 on CPU, fp16 on CUDA); recorded per shard.")
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
               help="On an unreadable image: stop, or record it per sample and go on.")
+@click.option("--max-error-rate", type=float,
+              help="Skip unreadable images (recorded per sample) but fail the run, after finishing the rest, when "
+                   "more than this share of the dataset failed, e.g. 0.01.")
+@click.option("--workers", type=int, help="Spread the shards over N local dask worker processes (one GPU each).")
+@click.option("--scheduler", metavar="ADDRESS",
+              help="Spread the shards over the dask cluster at tcp://HOST:PORT (dataset and store must be at the same "
+                   "path or URL on every worker).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def extract(dataset, store, image_root, split, layout, shots, shot_seed, t, stages, taps, attn_maps, expert, expert_model,
             sd_model, captioner, prompt, caption_prefix, caption_min_tokens, caption_max_tokens, text_layer,
             resolution, noise, seed, noise_draws, inversion_steps, dtype, batch_size, shard_size, device, precision,
-            on_error, quiet):
+            on_error, max_error_rate, workers, scheduler, quiet):
     """Extract SD features of DATASET into the store, computing only what it lacks.
 
     DATASET is an image-folder tree (root/<class>/<image>), a CoOp split file
@@ -91,7 +100,8 @@ def extract(dataset, store, image_root, split, layout, shots, shot_seed, t, stag
         caption_prefix=caption_prefix, caption_min_tokens=caption_min_tokens,
         caption_max_tokens=caption_max_tokens, text_layer=text_layer, resolution=resolution, noise=noise,
         seed=seed, noise_draws=noise_draws, inversion_steps=inversion_steps, dtype=dtype, batch_size=batch_size,
-        shard_size=shard_size, device=device, precision=precision, on_error=on_error, progress=not quiet,
+        shard_size=shard_size, device=device, precision=precision, on_error=on_error, max_error_rate=max_error_rate,
+        workers=workers, scheduler=scheduler, progress=not quiet,
     )
     report = run_extract(req)
     ds = report.dataset
@@ -102,6 +112,8 @@ def extract(dataset, store, image_root, split, layout, shots, shot_seed, t, stag
     click.echo(f"computed: {done}")
     secs = ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())
     click.echo(f"time: {report.wall_seconds:.1f}s ({secs})" if secs else f"time: {report.wall_seconds:.1f}s")
+    if report.waited_seconds:
+        click.echo(f"waited {report.waited_seconds:.0f}s for shards other writers were computing")
     if report.failed:
         click.echo(f"{len(report.failed)} sample(s) failed and were recorded:", err=True)
         for sid, why in list(report.failed.items())[:10]:
@@ -113,11 +125,12 @@ def extract(dataset, store, image_root, split, layout, shots, shot_seed, t, stag
 @click.option("--kind", type=click.Choice(list(KINDS)),
               help="Only entries of this kind.")
 def ls_cmd(store, kind):
-    """List the entries of STORE: dataset, model, t, taps, resolution, prompt, noise, progress, size."""
+    """List the entries of STORE (a directory or URL, opened read-only): dataset, model, t, taps,
+    resolution, prompt, noise, progress, size."""
     from .listing import table
     from .store import Store
 
-    click.echo(table(Store(store), kind))
+    click.echo(table(Store(store, read_only=True), kind))
 
 
 @main.command()
@@ -175,6 +188,11 @@ main.add_command(train)
 from .cli_sweep import sweep  # noqa: E402
 
 main.add_command(sweep)
+
+from .cli_store import gc, repair, verify  # noqa: E402
+
+for _command in (verify, repair, gc):
+    main.add_command(_command)
 
 
 def run() -> None:

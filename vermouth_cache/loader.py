@@ -95,7 +95,7 @@ class CacheLoader:
                     f"CacheLoader: field {key!r} ({e}) has {e.n_samples} samples in shards of {e.shard_size}, "
                     f"field {k0!r} ({f0.entry}) {self.n_samples} in shards of {self.shard_size}: "
                     f"the fields of one loader must cover the same dataset")
-            spec = e.manifest.get("arrays", {}).get(f.array)
+            spec = e.arrays.get(f.array)
             if spec is None:
                 raise VermouthError(f"CacheLoader: field {key!r}: {e} has no array {f.array!r}")
             if spec["dtype"] not in TORCH_DTYPES:
@@ -151,7 +151,7 @@ class CacheLoader:
     @property
     def nbytes(self) -> int:
         """Bytes of the selected rows of every field in their stored dtype (what memory mode holds)."""
-        specs = [f.entry.manifest["arrays"][f.array] for f in self.fields.values()]
+        specs = [f.entry.array_spec(f.array) for f in self.fields.values()]
         return sum(len(self.indices) * int(np.prod(s["shape"])) * TORCH_DTYPES[s["dtype"]].itemsize for s in specs)
 
     def __len__(self) -> int:
@@ -196,7 +196,7 @@ class CacheLoader:
     def _load(self) -> dict[str, torch.Tensor]:
         data = {}
         for key, f in self.fields.items():
-            spec = f.entry.manifest["arrays"][f.array]
+            spec = f.entry.array_spec(f.array)
             buf = torch.empty((len(self.indices), *spec["shape"]), dtype=TORCH_DTYPES[spec["dtype"]], device=self.device)
             for s, (lo, hi) in self._span.items():
                 # one whole chunk per read; copied into place so no second full-size host copy exists

@@ -47,13 +47,24 @@ def ignore_value(ds: Dataset) -> int:
     return LABEL_RULES[label_rule(ds)].ignore
 
 
+def masks_recipe(ds: Dataset, resolution: int) -> dict:
+    return {"kind": "masks", "schema": SCHEMA_VERSION, "dataset": ds.identity(), "masks": masks_identity(ds),
+            "label_rule": label_rule(ds), "resolution": resolution,
+            "geometry": "resize shorter side, centre crop, nearest"}
+
+
 def ensure_masks(store: Store, ds: Dataset, resolution: int, like: Entry, progress: bool = True) -> Entry:
     rule = label_rule(ds)
-    recipe = {"kind": "masks", "schema": SCHEMA_VERSION, "dataset": ds.identity(), "masks": masks_identity(ds),
-              "label_rule": rule, "resolution": resolution, "geometry": "resize shorter side, centre crop, nearest"}
     about = {"dataset": ds.name, "dataset_record": like.manifest["about"].get("dataset_record"),
-             "resolution": resolution, "label_rule": rule}
-    entry = store.entry("masks", recipe, n_samples=len(ds), shard_size=like.shard_size, about=about)
+             "resolution": resolution, "label_rule": rule, "source": dict(ds.source)}
+    entry = store.entry("masks", masks_recipe(ds, resolution), n_samples=len(ds), shard_size=like.shard_size,
+                        about=about)
+    _fill(entry, ds, resolution, progress)
+    return entry
+
+
+def _fill(entry: Entry, ds: Dataset, resolution: int, progress: bool) -> None:
+    rule = label_rule(ds)
     dtype = "float16" if LABEL_RULES[rule].dtype == np.uint8 else "float32"
     todo = [s for s in range(entry.n_shards) if s not in entry.done_shards(ARRAY)]
     for shard in tqdm(todo, desc=f"masks {ds.name}", unit="shard", disable=not progress or not todo, leave=False):
@@ -62,4 +73,20 @@ def ensure_masks(store: Store, ds: Dataset, resolution: int, like: Entry, progre
                           for s in ds.samples[start:stop]])
         entry.ensure_array(ARRAY, (resolution, resolution), dtype)
         entry.write_shard(ARRAY, shard, [OK] * (stop - start), data=block, run={"step": "masks"})
-    return entry
+
+
+def refill_masks(store: Store, entry: Entry, bad: dict[str, set[int]], progress: bool = True) -> None:
+    """Recompute the `bad` shards of a masks entry from the label maps it was made from (`repair`)."""
+    from .datasets import load_dataset
+
+    about = entry.manifest["about"]
+    src = about.get("source")
+    if not src:
+        raise VermouthError("its manifest does not say where its label maps are; remove it and train again")
+    ds = load_dataset(src["spec"], split=src.get("split"), layout=src.get("layout"))
+    if masks_recipe(ds, about["resolution"]) != entry.manifest["recipe"]:
+        raise VermouthError(f"the label maps or images under {src['spec']} changed since it was made")
+    for name, shards in bad.items():
+        for shard in shards:
+            entry.invalidate(name, shard)
+    _fill(entry, ds, about["resolution"], progress)

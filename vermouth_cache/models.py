@@ -100,8 +100,27 @@ def _quiet():
             transformers.utils.logging.enable_progress_bar()
 
 
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
+
+
+def refuse_pickled_weights(directory: Path) -> None:
+    """Weights load from safetensors only: a pickle can run code when it is loaded."""
+    names = [p.name for p in directory.iterdir() if p.is_file()] if directory.is_dir() else []
+    if any(n.endswith(".safetensors") for n in names):
+        return
+    pickled = [n for n in names if any(fnmatch.fnmatch(n, pat) for pat in PICKLED_WEIGHTS)]
+    if pickled:
+        raise VermouthError(f"{directory} holds only pickled weights ({', '.join(sorted(pickled))}); vermouth-cache "
+                            "loads safetensors only. Convert them once where you trust the file, e.g. "
+                            "`Model.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)`")
+
+
 def _load(cls, path: Path, placement: "Placement | None" = None, **kwargs):
-    """cls.from_pretrained, quietly, placed on the device; failures become one-line errors."""
+    """cls.from_pretrained, quietly, placed on the device; failures become one-line errors.
+    Models (those given a placement) load from safetensors only, never from a pickle."""
+    if placement is not None:
+        refuse_pickled_weights(Path(path) / kwargs.get("subfolder", ""))
+        kwargs = {**kwargs, "use_safetensors": True}
     with _quiet():
         try:
             model = cls.from_pretrained(str(path), **kwargs)

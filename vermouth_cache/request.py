@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from .errors import VermouthError
 from .models import DEFAULT_CAPTIONER, DEFAULT_SD_MODEL, EXPERT_MODELS
@@ -50,6 +50,9 @@ class ExtractRequest:
     device: str | None = None
     precision: str = "auto"
     on_error: str = "fail"
+    max_error_rate: float | None = None  # with it, bad images are skipped; more than this share fails the run
+    workers: int | None = None  # local dask workers (one device each); None: this process
+    scheduler: str | None = None  # a running dask scheduler's address instead
     progress: bool = True
     block_taps: tuple[str, ...] = field(default=(), init=False)
 
@@ -96,9 +99,33 @@ class ExtractRequest:
             raise VermouthError("caption token limits need 0 <= min <= max")
         if self.on_error not in ON_ERROR:
             raise VermouthError(f"unknown --on-error {self.on_error!r} (choose from fail, skip)")
+        if self.max_error_rate is not None and not 0 <= self.max_error_rate <= 1:
+            raise VermouthError(f"--max-error-rate {self.max_error_rate} must lie in 0-1 (a share of the images)")
+        if self.workers is not None and self.workers < 1:
+            raise VermouthError("--workers must be at least 1")
+        if self.workers and self.scheduler:
+            raise VermouthError("give --workers (a local cluster) or --scheduler (a running one), not both")
 
     def with_(self, **changes) -> "ExtractRequest":
         return replace(self, **changes)
+
+    # how the work is run, not what it computes: left out of the request a manifest keeps
+    RUN_ONLY = ("store", "progress", "workers", "scheduler")
+
+    def to_json(self) -> dict:
+        """The fields that say what to compute, as JSON (kept in manifests for `repair`)."""
+        d = asdict(self)
+        for k in (*self.RUN_ONLY, "block_taps"):
+            d.pop(k, None)
+        d["t"] = list(self.t)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict, **overrides) -> "ExtractRequest":
+        known = {f.name for f in fields(cls) if f.init}
+        kw = {k: v for k, v in d.items() if k in known}
+        kw["t"] = tuple(kw.get("t", (200,)))
+        return cls(**{**kw, **overrides})
 
 
 def stage_names() -> tuple[str, ...]:

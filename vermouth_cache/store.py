@@ -1,31 +1,39 @@
 """The feature store: Zarr v3 arrays keyed by recipe, with completeness tracked per shard.
 
-Layout of a store directory:
+Layout (on a local or shared directory, or under an object-store URL, see `storage`):
 
     vermouth-store.json                     schema version (a newer one is refused)
     datasets/<dataset-key>.json             sample ids, labels, class names, image sha256s
     <kind>/<key>/manifest.json              recipe (what the key hashes), readable facts, versions
     <kind>/<key>/arrays/<name>/...          Zarr v3 array (N, ...) chunked one shard per chunk
     <kind>/<key>/shards/<name>/<i>.json     shard i of array <name> is complete: per-sample status,
-                                            device, seconds (written after the chunk, atomically)
+                                            the chunk's size and CRC32C, device, seconds
+    <kind>/<key>/claims/<i>.<gen>.json      a writer is computing shard i (see `claims`)
+    <kind>/<key>/used.json                  when the entry was last extracted into or read (gc)
 
-kinds: captions, text, latents, features, expert. A shard is `shard_size` consecutive samples of
-the dataset (sorted by id); each shard of each array is written whole by one writer, then its
-record. A chunk without a record is not data: reads refuse it, and extraction recomputes it.
-Float arrays are filled with NaN, so even a bypassing reader never sees zeros for a missing chunk.
-Chunks carry a CRC32C checksum.
+kinds: captions, text, latents, features, expert, masks, classtext. A shard is `shard_size`
+consecutive samples of the dataset (sorted by id); each shard of each array is written whole by
+one writer, as one chunk object written atomically, then its record. A chunk without a record is
+not data: reads refuse it, and extraction recomputes it. Float arrays are filled with NaN, so
+even a bypassing reader never sees zeros for a missing chunk. Chunks end in a CRC32C checksum,
+checked on every read; the record holds the same checksum, so `verify` also catches a chunk
+swapped for another well-formed one. Nothing in a store is a pickle: JSON, and Zarr arrays of
+plain numbers whose codecs are checked before any byte is decoded.
+
+Every file is created or replaced atomically, and manifests, array metadata and dataset records
+are created only if absent, so several writers may share a store (see `claims`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
@@ -33,15 +41,21 @@ from zarr.codecs import BytesCodec, Crc32cCodec
 from . import SCHEMA_VERSION, __version__
 from .errors import VermouthError
 from .hashing import canonical_json, recipe_key
+from .storage import Location, LocalLocation, open_location
 
 KINDS = ("captions", "text", "latents", "features", "expert", "masks", "classtext")
 STORE_MARKER = "vermouth-store.json"
 STORAGE_DTYPES = {"fp16": "float16", "fp32": "float32", "bf16": "bfloat16"}
 OK = "ok"
+# what a store's arrays may hold and how they may be encoded: numbers only, never objects
+SAFE_DATA_TYPES = {"float16", "float32", "float64", "uint8", "uint16", "uint32", "int8", "int16", "int32", "int64",
+                   "bool"}
+SAFE_CODECS = {"bytes", "crc32c"}
+TOUCH_EVERY = 3600.0  # seconds between two `used.json` updates of one entry by one process
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over the target."""
+    """Write a local file to a temporary name in the same directory, fsync, then rename it over the target."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -57,7 +71,7 @@ def write_json_atomic(path: Path, obj) -> None:
 
 def read_json(path: Path):
     try:
-        return json.loads(path.read_text())
+        return json.loads(Path(path).read_text())
     except json.JSONDecodeError as exc:
         raise VermouthError(f"corrupt store file {path}: {exc}") from None
 
@@ -82,6 +96,17 @@ def _nan_fill(dtype: str):
     return 0x7FC0 if dtype == "bfloat16" else (np.nan if np.dtype(dtype).kind == "f" else 0)
 
 
+def _zarr_dtype(dtype: str) -> str:
+    return "uint16" if dtype == "bfloat16" else dtype
+
+
+def chunk_checksum(block: np.ndarray) -> dict:
+    """Size and CRC32C of a chunk object as Zarr stores it: the C-order little-endian bytes of
+    the whole chunk (an edge chunk padded with the fill value), then their CRC32C in 4 bytes."""
+    raw = np.ascontiguousarray(block, dtype=block.dtype.newbyteorder("<")).tobytes()
+    return {"nbytes": len(raw) + 4, "crc32c": google_crc32c.value(raw)}
+
+
 @dataclass(frozen=True)
 class ShardRecord:
     shard: int
@@ -90,6 +115,7 @@ class ShardRecord:
     status: list[str]  # "ok" or "error: <reason>" per sample
     values: list | None = None  # captions are stored here, not in an array
     run: dict | None = None  # device, precision, seconds: what may differ between runs
+    chunk: dict | None = None  # {"nbytes", "crc32c"} of the chunk object this record commits
 
     def to_json(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -98,23 +124,32 @@ class ShardRecord:
 class Entry:
     """One keyed artifact: a manifest, its arrays and their per-shard completion records."""
 
-    def __init__(self, root: Path, kind: str, key: str):
-        self.root = root
+    def __init__(self, loc: Location, kind: str, key: str):
+        self.loc = loc
         self.kind = kind
         self.key = key
+        self.prefix = f"{kind}/{key}"
         self._manifest: dict | None = None
         self._arrays: dict[str, zarr.Array] = {}
+        self._specs: dict[str, dict] | None = None
+        self._zstore = None
+        self._touched = 0.0
 
     def __repr__(self) -> str:
-        return f"Entry({self.kind}/{self.key})"
+        return f"Entry({self.prefix})"
+
+    @property
+    def root(self):
+        """The entry's directory (a Path) on a filesystem, its URL on an object store."""
+        return self.loc.root / self.prefix if isinstance(self.loc, LocalLocation) else self.loc.join(self.prefix)
 
     @property
     def manifest(self) -> dict:
         if self._manifest is None:
-            path = self.root / "manifest.json"
-            if not path.is_file():
-                raise VermouthError(f"store entry {self.kind}/{self.key} has no manifest")
-            self._manifest = read_json(path)
+            try:
+                self._manifest = self.loc.read_json(f"{self.prefix}/manifest.json")
+            except FileNotFoundError:
+                raise VermouthError(f"store entry {self.prefix} has no manifest") from None
         return self._manifest
 
     @property
@@ -132,68 +167,138 @@ class Entry:
     def shard_bounds(self, shard: int) -> tuple[int, int]:
         return shard * self.shard_size, min(self.n_samples, (shard + 1) * self.shard_size)
 
-    def array_names(self) -> list[str]:
-        return sorted(self.manifest.get("arrays", {}))
-
     # -- arrays ---------------------------------------------------------------------------------
+    @property
+    def arrays(self) -> dict[str, dict]:
+        """{name: {"shape": per-sample shape, "dtype"}} of every array the entry holds."""
+        if self._specs is None:
+            self._specs = self._read_specs()
+        return self._specs
+
+    def array_names(self) -> list[str]:
+        return sorted(self.arrays)
+
+    def array_spec(self, name: str) -> dict:
+        if name not in self.arrays:
+            self._specs = None  # another writer may have added it since we looked
+        if name not in self.arrays:
+            raise VermouthError(f"store entry {self.prefix} has no array {name!r}")
+        return self.arrays[name]
+
+    def _read_specs(self) -> dict[str, dict]:
+        specs = {}
+        for name in self.loc.list(f"{self.prefix}/arrays"):
+            try:
+                meta = self.loc.read_json(f"{self.prefix}/arrays/{name}/zarr.json")
+            except FileNotFoundError:
+                continue
+            if meta.get("node_type") != "array":
+                continue
+            _refuse_unsafe(meta, f"{self.prefix}/arrays/{name}")
+            specs[name] = {"shape": list(meta["shape"][1:]),
+                           "dtype": meta.get("attributes", {}).get("vermouth_dtype", meta["data_type"])}
+        return specs
+
+    def _zarr_store(self):
+        if self._zstore is None:
+            self._zstore = self.loc.zarr_store(f"{self.prefix}/arrays")
+        return self._zstore
+
     def ensure_array(self, name: str, sample_shape: tuple[int, ...], dtype: str) -> None:
-        """Create array `name` (N, *sample_shape) once; later calls must agree on shape and dtype."""
-        arrays = self.manifest.setdefault("arrays", {})
+        """Create array `name` (N, *sample_shape) once; later calls, by any writer, must agree."""
         spec = {"shape": list(sample_shape), "dtype": dtype}
-        if name in arrays:
-            if arrays[name] != spec:
-                raise VermouthError(f"store entry {self.kind}/{self.key} array {name}: has {arrays[name]}, asked {spec}")
+        if name not in self.arrays:
+            self._specs = None
+        if name in self.arrays:
+            if self.arrays[name] != spec:
+                raise VermouthError(f"store entry {self.prefix} array {name}: has {self.arrays[name]}, asked {spec}")
             return
-        zarr.create_array(
-            store=str(self.root / "arrays"),
-            name=name,
-            shape=(self.n_samples, *sample_shape),
-            chunks=(self.shard_size, *sample_shape),
-            dtype="uint16" if dtype == "bfloat16" else dtype,
-            fill_value=_nan_fill(dtype),
-            serializer=BytesCodec(),
-            compressors=[Crc32cCodec()],
-            attributes={"vermouth_dtype": dtype},
-            overwrite=True,  # an array dir without a manifest line is debris of a killed run
-        )
-        arrays[name] = spec
-        write_json_atomic(self.root / "manifest.json", self.manifest)
+        try:
+            zarr.create_array(
+                store=self._zarr_store(), name=name, shape=(self.n_samples, *sample_shape),
+                chunks=(self.shard_size, *sample_shape), dtype=_zarr_dtype(dtype), fill_value=_nan_fill(dtype),
+                serializer=BytesCodec(), compressors=[Crc32cCodec()], attributes={"vermouth_dtype": dtype},
+                overwrite=False,  # never: it would delete chunks another writer has committed
+            )
+        except zarr.errors.ContainsArrayError:
+            pass  # another writer created it first; its metadata is checked below
+        self._specs = None
+        if self.arrays.get(name) != spec:
+            raise VermouthError(f"store entry {self.prefix} array {name}: has {self.arrays.get(name)}, asked {spec}")
 
     def _array(self, name: str) -> zarr.Array:
         if name not in self._arrays:
-            if name not in self.manifest.get("arrays", {}):
-                raise VermouthError(f"store entry {self.kind}/{self.key} has no array {name!r}")
-            self._arrays[name] = zarr.open_array(store=str(self.root / "arrays"), path=name, mode="r+")
+            self.array_spec(name)
+            self._arrays[name] = zarr.open_array(store=self._zarr_store(), path=name,
+                                                 mode="r" if self.loc.read_only else "r+")
         return self._arrays[name]
 
+    def chunk_key(self, name: str, shard: int) -> str:
+        """The store key of shard `shard`'s chunk of array `name`."""
+        ndim = 1 + len(self.array_spec(name)["shape"])
+        return f"{self.prefix}/arrays/{name}/c/" + "/".join([str(shard)] + ["0"] * (ndim - 1))
+
+    def chunk_nbytes(self, name: str) -> int:
+        """The size every chunk object of `name` has (an edge chunk is padded to the full shape)."""
+        spec = self.array_spec(name)
+        item = np.dtype(_zarr_dtype(spec["dtype"])).itemsize
+        return self.shard_size * int(np.prod(spec["shape"], dtype=np.int64)) * item + 4
+
     # -- completion records ---------------------------------------------------------------------
-    def _record_path(self, name: str, shard: int) -> Path:
-        return self.root / "shards" / name / f"{shard:06d}.json"
+    def record_key(self, name: str, shard: int) -> str:
+        return f"{self.prefix}/shards/{name}/{shard:06d}.json"
+
+    def record_names(self) -> list[str]:
+        """Arrays (and caption lists) that have at least one record."""
+        return self.loc.list(f"{self.prefix}/shards")
 
     def done_shards(self, name: str) -> set[int]:
-        folder = self.root / "shards" / name
-        if not folder.is_dir():
-            return set()
-        return {int(p.stem) for p in folder.glob("*.json")}
+        out = set()
+        for n in self.loc.list(f"{self.prefix}/shards/{name}"):
+            if n.endswith(".json"):
+                try:
+                    out.add(int(n[:-5]))
+                except ValueError:
+                    continue
+        return out
 
     def record(self, name: str, shard: int) -> ShardRecord | None:
-        path = self._record_path(name, shard)
-        if not path.is_file():
+        try:
+            body = self.loc.read_json(self.record_key(name, shard))
+        except FileNotFoundError:
             return None
-        return ShardRecord(**read_json(path))
+        try:
+            return ShardRecord(**body)
+        except TypeError as exc:
+            raise VermouthError(f"corrupt shard record {self.record_key(name, shard)}: {exc}") from None
 
     def write_shard(self, name: str, shard: int, status: list[str], data: np.ndarray | None = None,
-                    values: list | None = None, run: dict | None = None) -> None:
-        """Write shard `shard` of `name` whole (one chunk), then its record; the record is the commit."""
+                    values: list | None = None, run: dict | None = None, before_commit=None) -> None:
+        """Write shard `shard` of `name` whole (one chunk object), then its record; the record is
+        the commit. `before_commit()` runs before each of the two writes (a claim check)."""
         start, stop = self.shard_bounds(shard)
         if len(status) != stop - start:
             raise ValueError(f"shard {shard} of {name}: {len(status)} statuses for {stop - start} samples")
+        chunk = None
         if data is not None:
-            spec = self.manifest["arrays"][name]
-            arr = self._array(name)
-            arr[start:stop] = _to_storage(data, spec["dtype"])
-        rec = ShardRecord(shard, start, stop, list(status), values, run)
-        write_json_atomic(self._record_path(name, shard), rec.to_json())
+            spec = self.array_spec(name)
+            stored = _to_storage(data, spec["dtype"])
+            padded = np.full((self.shard_size, *stored.shape[1:]), _nan_fill(spec["dtype"]), dtype=stored.dtype)
+            padded[: stop - start] = stored
+            chunk = chunk_checksum(padded)
+            if before_commit:
+                before_commit()
+            self._array(name)[start:stop] = stored
+        rec = ShardRecord(shard, start, stop, list(status), values, run, chunk)
+        if before_commit:
+            before_commit()
+        self.loc.write_json(self.record_key(name, shard), rec.to_json())
+
+    def invalidate(self, name: str, shard: int) -> None:
+        """Forget shard `shard` of `name` (its record, then its chunk): the next extraction redoes it."""
+        self.loc.delete(self.record_key(name, shard))
+        if name in self.arrays:
+            self.loc.delete(self.chunk_key(name, shard))
 
     def statuses(self, name: str) -> list[str | None]:
         """Per sample: "ok", "error: ...", or None where the shard was never completed."""
@@ -214,67 +319,116 @@ class Entry:
         out: list = [None] * self.n_samples
         for shard in self.done_shards(name):
             rec = self.record(name, shard)
-            if rec.values is not None:
+            if rec is not None and rec.values is not None:
                 out[rec.start:rec.stop] = rec.values
         return out
 
     def read(self, name: str, indices: np.ndarray | list[int] | slice | None = None) -> np.ndarray:
-        """Rows of array `name`; refuses any requested sample whose shard is not complete or failed."""
+        """Rows of array `name`; refuses any requested sample whose shard is not complete or failed,
+        and any chunk whose checksum does not match."""
         idx = np.arange(self.n_samples)[indices if indices is not None else slice(None)]
-        statuses = self._statuses_of(name, {int(i) // self.shard_size for i in idx})  # only the shards read
+        shards = {int(i) // self.shard_size for i in idx}
+        statuses = self._statuses_of(name, shards)  # only the shards read
         bad = [int(i) for i in idx if statuses.get(int(i)) != OK]
         if bad:
             i = bad[0]
             why = "was never computed" if statuses.get(i) is None else statuses[i]
             raise VermouthError(
-                f"store entry {self.kind}/{self.key} array {name}: {len(bad)} requested sample(s) not available "
+                f"store entry {self.prefix} array {name}: {len(bad)} requested sample(s) not available "
                 f"(sample #{i} {why})"
             )
-        spec = self.manifest["arrays"][name]
+        spec = self.array_spec(name)
         arr = self._array(name)
-        if len(idx) and np.all(np.diff(idx) == 1):
-            data = arr[int(idx[0]): int(idx[-1]) + 1]
-        else:
-            data = arr.get_orthogonal_selection((idx,) + (slice(None),) * (arr.ndim - 1))
+        try:
+            if len(idx) and np.all(np.diff(idx) == 1):
+                data = arr[int(idx[0]): int(idx[-1]) + 1]
+            else:
+                data = arr.get_orthogonal_selection((idx,) + (slice(None),) * (arr.ndim - 1))
+        except Exception as exc:  # noqa: BLE001 - zarr raises ValueError/OSError/... on a bad chunk
+            raise VermouthError(
+                f"store entry {self.prefix} array {name}: a chunk of shard(s) {', '.join(map(str, sorted(shards)))} "
+                f"is corrupt ({type(exc).__name__}: {str(exc)[:120]}); `vermouth-cache verify --deep` names it, "
+                "`vermouth-cache repair` recomputes it") from None
         return _from_storage(np.asarray(data), spec["dtype"])
 
     def size_bytes(self) -> int:
-        return sum(p.stat().st_size for p in (self.root / "arrays").rglob("*") if p.is_file()) if (self.root / "arrays").exists() else 0
+        return self.loc.du(f"{self.prefix}/arrays")
+
+    # -- use, for gc ----------------------------------------------------------------------------
+    def touch(self) -> None:
+        """Note that the entry was used now (at most once an hour per process; not when read-only)."""
+        now = time.time()
+        if self.loc.read_only or now - self._touched < TOUCH_EVERY:
+            return
+        self._touched = now
+        try:
+            self.loc.write_json(f"{self.prefix}/used.json", {"last_used": now})
+        except VermouthError:
+            pass  # a full disk must not fail a read; gc then sees an older date
+
+    def last_used(self) -> float:
+        try:
+            return float(self.loc.read_json(f"{self.prefix}/used.json")["last_used"])
+        except (FileNotFoundError, KeyError, TypeError, ValueError, VermouthError):
+            created = self.manifest.get("created_unix")
+            return float(created) if created else 0.0
+
+
+def _refuse_unsafe(meta: dict, where: str) -> None:
+    """Refuse arrays that could hold or decode to Python objects (pickles) before reading a byte."""
+    dtype = meta.get("data_type")
+    codecs = [c.get("name") if isinstance(c, dict) else c for c in meta.get("codecs", [])]
+    if not isinstance(dtype, str) or dtype not in SAFE_DATA_TYPES:
+        raise VermouthError(f"{where}: data type {dtype!r} is not a plain number type; vermouth-cache refuses "
+                            "arrays that may hold Python objects")
+    unsafe = [c for c in codecs if c not in SAFE_CODECS]
+    if unsafe:
+        raise VermouthError(f"{where}: codec(s) {', '.join(map(str, unsafe))} are not allowed (only "
+                            f"{', '.join(sorted(SAFE_CODECS))}); vermouth-cache never decodes pickles")
 
 
 class Store:
-    """A directory of keyed entries. `open(create=True)` makes an empty store."""
+    """A directory or bucket prefix of keyed entries. `create=True` makes an empty store;
+    `read_only=True` opens one for reading only (no claims, no use dates, no writes)."""
 
-    def __init__(self, root: str | os.PathLike, *, create: bool = False):
-        self.root = Path(root)
-        marker = self.root / STORE_MARKER
-        if not marker.is_file():
-            if not create:
+    def __init__(self, root: str | os.PathLike, *, create: bool = False, read_only: bool = False,
+                 storage_options: dict | None = None):
+        self.loc = open_location(root, read_only=read_only, storage_options=storage_options)
+        self.root = self.loc.root if isinstance(self.loc, LocalLocation) else self.loc.url
+        self.read_only = read_only
+        try:
+            info = self.loc.read_json(STORE_MARKER)
+        except FileNotFoundError:
+            info = None
+        if info is None:
+            if not create or read_only:
                 raise VermouthError(f"{self.root} is not a vermouth-cache store (no {STORE_MARKER})")
-            if self.root.exists() and any(self.root.iterdir()):
+            if self.loc.list(""):
                 raise VermouthError(f"{self.root} exists, is not empty and is not a vermouth-cache store")
-            write_json_atomic(marker, {"schema_version": SCHEMA_VERSION, "created_by": f"vermouth-cache {__version__}"})
-        info = read_json(marker)
+            self.loc.create_json(STORE_MARKER, {"schema_version": SCHEMA_VERSION,
+                                                "created_by": f"vermouth-cache {__version__}"})
+            info = self.loc.read_json(STORE_MARKER)
         if info.get("schema_version", 0) > SCHEMA_VERSION:
             raise VermouthError(
                 f"store {self.root} was written by a newer vermouth-cache (schema {info['schema_version']} > "
                 f"{SCHEMA_VERSION}): upgrade vermouth-cache to read it"
             )
 
+    def __repr__(self) -> str:
+        return f"Store({self.root!s})"
+
     # -- datasets -------------------------------------------------------------------------------
     def put_dataset(self, record: dict) -> str:
         """Store a dataset record (ids, labels, ...); its key hashes the whole record."""
         key = recipe_key(record)
-        path = self.root / "datasets" / f"{key}.json"
-        if not path.is_file():
-            write_json_atomic(path, record)
+        self.loc.create_json(f"datasets/{key}.json", record)  # the same key is the same record
         return key
 
     def dataset(self, key: str) -> dict:
-        path = self.root / "datasets" / f"{key}.json"
-        if not path.is_file():
-            raise VermouthError(f"store {self.root} has no dataset record {key}")
-        return read_json(path)
+        try:
+            return self.loc.read_json(f"datasets/{key}.json")
+        except FileNotFoundError:
+            raise VermouthError(f"store {self.root} has no dataset record {key}") from None
 
     # -- entries --------------------------------------------------------------------------------
     def entry(self, kind: str, recipe: dict, *, n_samples: int, shard_size: int, about: dict) -> Entry:
@@ -282,55 +436,60 @@ class Store:
         if kind not in KINDS:
             raise ValueError(kind)
         key = recipe_key(recipe)
-        entry = Entry(self.root / kind / key, kind, key)
-        path = entry.root / "manifest.json"
-        if path.is_file():
-            if canonical_json(entry.manifest["recipe"]) != canonical_json(recipe):
-                raise VermouthError(f"store entry {kind}/{key}: stored recipe differs from the request (hash collision?)")
-            return entry
-        import diffusers
-        import torch
-        import transformers
-
-        manifest = {
-            "kind": kind,
-            "key": key,
-            "recipe": recipe,
-            "about": about,
-            "n_samples": n_samples,
-            "shard_size": shard_size,
-            "arrays": {},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "versions": {
-                "vermouth-cache": __version__,
-                "schema": SCHEMA_VERSION,
-                "torch": torch.__version__,
-                "diffusers": diffusers.__version__,
-                "transformers": transformers.__version__,
-                "zarr": zarr.__version__,
-                "numpy": np.__version__,
-            },
-        }
-        if (entry.root / "arrays").exists():  # debris of a run killed before its manifest landed
-            shutil.rmtree(entry.root / "arrays")
-        write_json_atomic(path, manifest)
+        entry = Entry(self.loc, kind, key)
+        path = f"{entry.prefix}/manifest.json"
+        if not self.loc.exists(path):
+            self.loc.create_json(path, _manifest(kind, key, recipe, about, n_samples, shard_size))
+        # ours, or the one another writer created first: either way it must be this recipe
+        if canonical_json(entry.manifest["recipe"]) != canonical_json(recipe):
+            raise VermouthError(f"store entry {kind}/{key}: stored recipe differs from the request (hash collision?)")
         return entry
 
     def entries(self, kind: str | None = None) -> list[Entry]:
         out = []
         for k in [kind] if kind else KINDS:
-            folder = self.root / k
-            if folder.is_dir():
-                out += [Entry(p, k, p.name) for p in sorted(folder.iterdir()) if (p / "manifest.json").is_file()]
+            for key in self.loc.list(k):
+                if self.loc.exists(f"{k}/{key}/manifest.json"):
+                    out.append(Entry(self.loc, k, key))
         return out
 
     def find(self, kind: str, key_prefix: str) -> Entry:
-        exact = self.root / kind / key_prefix
-        if key_prefix and (exact / "manifest.json").is_file():  # a whole key: no scan of the kind's entries
-            return Entry(exact, kind, key_prefix)
+        if key_prefix and self.loc.exists(f"{kind}/{key_prefix}/manifest.json"):  # a whole key: no scan
+            return Entry(self.loc, kind, key_prefix)
         matches = [e for e in self.entries(kind) if e.key.startswith(key_prefix)]
         if not matches:
             raise VermouthError(f"store {self.root} has no {kind} entry with key {key_prefix!r}")
         if len(matches) > 1:
             raise VermouthError(f"key {key_prefix!r} matches {len(matches)} {kind} entries; give more digits")
         return matches[0]
+
+    def remove(self, entry: Entry) -> None:
+        """Delete an entry: its manifest first, so that no reader finds a half-deleted entry."""
+        self.loc.delete(f"{entry.prefix}/manifest.json")
+        self.loc.delete_prefix(entry.prefix)
+
+
+def _manifest(kind: str, key: str, recipe: dict, about: dict, n_samples: int, shard_size: int) -> dict:
+    import diffusers
+    import torch
+    import transformers
+
+    return {
+        "kind": kind,
+        "key": key,
+        "recipe": recipe,
+        "about": about,
+        "n_samples": n_samples,
+        "shard_size": shard_size,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "created_unix": time.time(),
+        "versions": {
+            "vermouth-cache": __version__,
+            "schema": SCHEMA_VERSION,
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+            "zarr": zarr.__version__,
+            "numpy": np.__version__,
+        },
+    }

@@ -12,17 +12,17 @@ tap and expert shapes from one forward pass of the models built on the meta devi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from .datasets import load_dataset
+from .errors import VermouthError
 from .extract import CAPTIONS, EXPERT_LEVELS, LATENTS, TEXT, _missing, _plan, dataset_record
 from .hashing import recipe_key
 from .models import Captioner, Expert, Placement, StableDiffusion
 from .request import ExtractRequest
-from .store import STORAGE_DTYPES, STORE_MARKER, Entry
+from .store import STORAGE_DTYPES, Entry, Store
 from .unet_taps import run_taps
 
 
@@ -48,6 +48,7 @@ class _Absent:
 
     def __init__(self, kind: str, key: str, n_samples: int, shard_size: int):
         self.kind, self.key, self.n_samples, self.shard_size = kind, key, n_samples, shard_size
+        self.prefix = f"{kind}/{key}"
         self.n_shards = -(-n_samples // shard_size)
 
     def done_shards(self, name: str) -> set[int]:
@@ -62,15 +63,17 @@ def survey(req: ExtractRequest) -> list[EntryPlan]:
     sd = StableDiffusion(req.sd_model, cpu)
     captioner = Captioner(req.captioner, cpu) if req.prompt == "blip" else None
     expert = Expert(req.expert, req.expert_model, cpu) if req.expert else None
-    root = Path(req.store)
-    exists = (root / STORE_MARKER).is_file()
+    try:
+        store = Store(req.store, read_only=True)
+    except VermouthError:
+        store = None  # no store yet: every entry is missing
     abouts: dict[str, dict] = {}
 
     def lookup(kind, recipe, *, n_samples, shard_size, about):
         key = recipe_key(recipe)
         abouts[key] = about
-        if exists and (root / kind / key / "manifest.json").is_file():
-            return Entry(root / kind / key, kind, key)
+        if store is not None and store.loc.exists(f"{kind}/{key}/manifest.json"):
+            return Entry(store.loc, kind, key)
         return _Absent(kind, key, n_samples, shard_size)
 
     plan = _plan(req, ds, lookup, sd, captioner, expert, recipe_key(dataset_record(ds)))

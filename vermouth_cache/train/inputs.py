@@ -42,11 +42,11 @@ class CachedSplit:
         return out
 
     def shapes(self) -> tuple[dict, dict]:
-        arrays = self.features.manifest["arrays"]
+        arrays = self.features.arrays
         taps = {n: tuple(arrays[n]["shape"]) for n in self.tap_names}
         exp = {}
         if self.expert is not None:
-            exp = {n: tuple(self.expert.manifest["arrays"][n]["shape"]) for n in EXPERT_LEVELS}
+            exp = {n: tuple(self.expert.array_spec(n)["shape"]) for n in EXPERT_LEVELS}
         return taps, exp
 
     def keys(self) -> dict:

@@ -1,0 +1,263 @@
+"""`verify` and `repair`: find every damaged shard of a store, and recompute exactly those.
+
+    vermouth-cache verify STORE [--deep]      # names every bad shard and its samples; exit 1 if any
+    vermouth-cache repair STORE               # recomputes them, then verifies again
+
+`verify` checks, per entry: the manifest and array metadata parse (and hold no pickled types);
+every shard record parses and matches the entry's shard bounds; every committed chunk exists
+and has exactly the size its record and its array's shape say (a truncated chunk fails here).
+`--deep` also reads every chunk and checks its CRC32C against the chunk's own trailer and the
+record (a flipped byte, or a chunk swapped for another). Shards without a record are reported as
+incomplete (an extraction still running or interrupted), not as damage; samples whose image
+failed are listed as recorded failures.
+
+`repair` deletes each bad shard's record and chunk and recomputes them from the request kept in
+the entry's manifest (the same dataset path and models), after checking that those inputs still
+give the same entry key: images or weights that changed since are refused, never mixed in.
+Only the bad shards are computed (plus upstream shards they read, if those are missing too).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import google_crc32c
+from tqdm import tqdm
+
+from .errors import VermouthError
+from .store import KINDS, OK, Entry, Store
+
+EXTRACT_KINDS = ("captions", "text", "latents", "features", "expert")
+
+
+@dataclass
+class Problem:
+    entry: str  # "kind/key"
+    array: str | None
+    shard: int | None
+    what: str
+    samples: list[str] = field(default_factory=list)  # ids of the shard's samples
+
+    def line(self) -> str:
+        where = self.entry + (f" {self.array}" if self.array else "") + (f" shard {self.shard}" if self.shard is not None else "")
+        who = ""
+        if self.samples:
+            who = f" (samples {', '.join(self.samples[:4])}{', ...' if len(self.samples) > 4 else ''})"
+        return f"{where}: {self.what}{who}"
+
+
+@dataclass
+class Verification:
+    store: str
+    deep: bool
+    entries: int = 0
+    records: int = 0
+    bytes_read: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    incomplete: dict[str, dict[str, int]] = field(default_factory=dict)  # entry -> array -> shards missing
+    failed_samples: dict[str, list[str]] = field(default_factory=dict)  # entry -> ids recorded as failed
+    leftover_claims: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def bad_shards(self) -> dict[str, dict[str, set[int]]]:
+        out: dict[str, dict[str, set[int]]] = defaultdict(lambda: defaultdict(set))
+        for p in self.problems:
+            if p.array is not None and p.shard is not None:
+                out[p.entry][p.array].add(p.shard)
+        return {e: dict(a) for e, a in out.items()}
+
+    def summary(self) -> str:
+        lines = [f"store {self.store}: {self.entries} entries, {self.records} shard records"
+                 + (f", {self.bytes_read / 1e6:.1f} MB read and checksummed" if self.deep else "")]
+        if self.problems:
+            lines.append(f"{len(self.problems)} problem(s):")
+            lines += [f"  {p.line()}" for p in self.problems]
+        else:
+            lines.append("no damage found" + ("" if self.deep else " (sizes only; --deep also checks every byte)"))
+        for entry, arrays in self.incomplete.items():
+            lines.append(f"incomplete: {entry}: " + ", ".join(f"{a} {n} shard(s) not computed" for a, n in arrays.items()))
+        for entry, ids in self.failed_samples.items():
+            lines.append(f"recorded failures: {entry}: {len(ids)} sample(s), e.g. {', '.join(ids[:3])}")
+        if self.leftover_claims:
+            lines.append(f"{self.leftover_claims} leftover claim file(s) of finished or dead writers (harmless; "
+                         "`repair` removes them)")
+        return "\n".join(lines)
+
+
+def _ids(store: Store, entry: Entry) -> list[str]:
+    about = entry.manifest.get("about", {})
+    key = about.get("dataset_record")
+    if key:
+        try:
+            return list(store.dataset(key)["ids"])
+        except VermouthError:
+            pass
+    names = entry.manifest.get("recipe", {}).get("classnames")
+    return list(names) if names else [f"#{i}" for i in range(entry.n_samples)]
+
+
+def verify(store: Store, *, deep: bool = False, progress: bool = True) -> Verification:
+    """Check every entry of `store`; nothing is written."""
+    v = Verification(str(store.root), deep)
+    prefixes = [(k, key) for k in KINDS for key in store.loc.list(k)]
+    for kind, key in tqdm(prefixes, desc="verify", unit="entry", disable=not progress, leave=False):
+        entry = Entry(store.loc, kind, key)
+        if not store.loc.exists(f"{entry.prefix}/manifest.json"):
+            v.problems.append(Problem(entry.prefix, None, None, "no manifest (left over from a removal; "
+                                      "`vermouth-cache gc` does not list it, delete the folder)"))
+            continue
+        try:
+            entry.manifest
+        except VermouthError as exc:
+            v.problems.append(Problem(entry.prefix, None, None, f"unreadable manifest: {exc}"))
+            continue
+        v.entries += 1
+        _verify_entry(store, entry, v)
+    return v
+
+
+def _verify_entry(store: Store, entry: Entry, v: Verification) -> None:
+    try:
+        specs = entry.arrays
+    except VermouthError as exc:
+        v.problems.append(Problem(entry.prefix, None, None, str(exc)))
+        return
+    ids = _ids(store, entry)
+    names = sorted(set(entry.record_names()) | set(specs))
+    failed = set()
+    for name in names:
+        done = entry.done_shards(name)
+        missing = entry.n_shards - len(done & set(range(entry.n_shards)))
+        if missing:
+            v.incomplete.setdefault(entry.prefix, {})[name] = missing
+        for shard in sorted(done):
+            start, stop = entry.shard_bounds(shard)
+            bad = _check_shard(store, entry, name, shard, specs, v, failed, ids)
+            if bad:
+                v.problems.append(Problem(entry.prefix, name, shard, bad, ids[start:stop]))
+    for c in store.loc.list(f"{entry.prefix}/claims"):
+        shard = c.split(".")[0]
+        if shard.isdigit():
+            v.leftover_claims += 1
+    if failed:
+        v.failed_samples[entry.prefix] = [ids[i] for i in sorted(failed)]
+
+
+def _check_shard(store, entry: Entry, name: str, shard: int, specs: dict, v: Verification, failed: set,
+                 ids: list[str]) -> str | None:
+    """What is wrong with one committed shard, or None."""
+    start, stop = entry.shard_bounds(shard)
+    try:
+        rec = entry.record(name, shard)
+    except VermouthError as exc:
+        return f"unreadable record ({exc})"
+    if rec is None:
+        return "record vanished while verifying"
+    v.records += 1
+    if (rec.start, rec.stop) != (start, stop) or len(rec.status) != stop - start:
+        return f"record covers samples {rec.start}-{rec.stop} with {len(rec.status)} statuses, the shard is {start}-{stop}"
+    failed.update(start + i for i, s in enumerate(rec.status) if s != OK)
+    if rec.values is not None and len(rec.values) != stop - start:
+        return f"record holds {len(rec.values)} values for {stop - start} samples"
+    if name not in specs:
+        if rec.values is None and rec.chunk is not None:
+            return "record of an array the entry does not hold (its metadata is missing)"
+        return None
+    key = entry.chunk_key(name, shard)
+    size = store.loc.size(key)
+    if rec.chunk is None:
+        if any(s == OK for s in rec.status):
+            return "record commits no chunk although samples are ok"
+        return None
+    expected = entry.chunk_nbytes(name)
+    if size is None:
+        return "chunk missing"
+    if size != expected or size != rec.chunk.get("nbytes"):
+        return f"chunk is {size} bytes, expected {expected} (truncated or overwritten)"
+    if v.deep:
+        data = store.loc.read_bytes(key)
+        v.bytes_read += len(data)
+        crc = google_crc32c.value(data[:-4])
+        if crc != int.from_bytes(data[-4:], "little"):
+            return "checksum mismatch: the chunk's bytes are corrupt"
+        if crc != rec.chunk.get("crc32c"):
+            return "chunk is well formed but not the one its record committed"
+    return None
+
+
+# -- repair --------------------------------------------------------------------------------------
+
+@dataclass
+class RepairReport:
+    repaired: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # entry -> array -> shards
+    refused: dict[str, str] = field(default_factory=dict)  # entry -> why it could not be repaired
+    claims_removed: int = 0
+    after: Verification | None = None
+
+
+def repair(store: Store, *, deep: bool = True, progress: bool = True, device: str | None = None) -> RepairReport:
+    """Recompute every bad shard `verify` finds; returns what was done and a verification after."""
+    v = verify(store, deep=deep, progress=progress)
+    out = RepairReport()
+    for p in v.problems:
+        if p.array is None:
+            out.refused[p.entry] = p.what
+    for prefix, arrays in v.bad_shards().items():
+        entry = Entry(store.loc, *prefix.split("/"))
+        try:
+            _repair_entry(store, entry, arrays, progress, device)
+            out.repaired[prefix] = {a: sorted(s) for a, s in arrays.items()}
+        except VermouthError as exc:
+            out.refused[prefix] = str(exc)
+    out.claims_removed = remove_dead_claims(store)
+    out.after = verify(store, deep=deep, progress=progress)
+    return out
+
+
+def _repair_entry(store: Store, entry: Entry, arrays: dict[str, set[int]], progress: bool, device) -> None:
+    kind, about = entry.kind, entry.manifest.get("about", {})
+    if kind in EXTRACT_KINDS:
+        from .extract import extract
+        from .request import ExtractRequest
+
+        saved = about.get("request")
+        if not saved:
+            raise VermouthError("its manifest keeps no request (made by an older vermouth-cache); remove it with "
+                                "`vermouth-cache gc --entry` and extract again")
+        t = (about["t"],) if kind == "features" else tuple(saved.get("t") or (200,))
+        req = ExtractRequest.from_json(saved, store=str(store.root), t=t, progress=progress,
+                                       **({"device": device} if device else {}))
+        extract(req, only={entry.prefix: arrays})
+    elif kind == "masks":
+        from .mask_cache import refill_masks
+
+        refill_masks(store, entry, arrays, progress=progress)
+    elif kind == "classtext":
+        from .classtext import refill_classtext
+
+        refill_classtext(store, entry)
+    else:
+        raise VermouthError(f"no repair for entries of kind {kind}")
+
+
+def remove_dead_claims(store: Store) -> int:
+    """Delete claim files whose holder is dead or whose shard is committed; returns how many."""
+    from .claims import Claims
+
+    claims = Claims(store.loc)
+    n = 0
+    for entry in store.entries():
+        for name in store.loc.list(f"{entry.prefix}/claims"):
+            key = f"{entry.prefix}/claims/{name}"
+            try:
+                body = store.loc.read_json(key)
+            except (FileNotFoundError, VermouthError):
+                continue
+            if not claims.alive(body):
+                store.loc.delete(key)
+                n += 1
+    return n

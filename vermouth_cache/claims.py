@@ -1,0 +1,203 @@
+"""Shard claims: at most one live writer computes a shard of an entry, on any filesystem or bucket.
+
+    claims = Claims(location, ttl=60)
+    with claims.heartbeat():
+        c = claims.acquire("features/ab12", shard=3)   # None: a live writer holds it
+        ... compute, check claims.held(c), write the chunk, check again, write the record ...
+        claims.release(c)
+
+A claim is a small JSON file `<entry>/claims/<shard>.<generation>.json` made with the location's
+atomic create-if-absent (`link(2)` on a filesystem, a conditional PUT on S3); `flock` is not
+used because NFS may ignore it. Its holder rewrites it every ttl/4 with a new expiry. A claim is
+dead when its expiry has passed, or at once when its holder ran on this machine and that process
+no longer exists (a killed dask worker's shard is retried without waiting). A dead claim is taken
+over by creating the NEXT generation, which again only one writer can do. The highest generation
+is the owner: a writer that finds a higher one (it stalled past its expiry) has lost the shard and
+must not commit. Expiry compares the holder's clock with the reader's, so machines sharing a
+store need clocks that agree to well within the ttl (NTP does).
+
+Claims only prevent duplicate work and interleaved writes; correctness does not rest on them:
+every computation is deterministic and its record, written after its data, is the commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from .storage import Location
+
+DEFAULT_TTL = 60.0
+
+
+def claim_ttl() -> float:
+    return float(os.environ.get("VERMOUTH_CLAIM_TTL", DEFAULT_TTL))
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _process_gone(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # it exists, owned by someone else
+    return start is not None and _start_time(pid) not in (None, start)
+
+
+@dataclass(frozen=True)
+class Claim:
+    entry: str  # the entry's prefix in the store, "kind/key"
+    shard: int
+    generation: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.entry}/claims/{self.shard:06d}.{self.generation}.json"
+
+
+class Claims:
+    """This process's claims on one store; thread-safe."""
+
+    def __init__(self, loc: Location, ttl: float | None = None):
+        self.loc = loc
+        self.ttl = float(ttl if ttl is not None else claim_ttl())
+        self.owner = uuid.uuid4().hex
+        self.host, self.boot, self.pid = socket.gethostname(), _boot_id(), os.getpid()
+        self.start = _start_time(self.pid)
+        self._held: set[Claim] = set()
+        self._lost: set[Claim] = set()
+        self._lock = threading.Lock()
+
+    def _body(self) -> dict:
+        return {"owner": self.owner, "host": self.host, "boot_id": self.boot, "pid": self.pid,
+                "pid_start": self.start, "expires": time.time() + self.ttl, "ttl": self.ttl}
+
+    def _generations(self, entry: str, shard: int) -> list[int]:
+        head = f"{shard:06d}."
+        gens = []
+        for name in self.loc.list(f"{entry}/claims"):
+            if name.startswith(head) and name.endswith(".json"):
+                try:
+                    gens.append(int(name[len(head):-len(".json")]))
+                except ValueError:
+                    continue
+        return sorted(gens)
+
+    def alive(self, body: dict) -> bool:
+        if body.get("expires", 0) <= time.time():
+            return False
+        same_machine = body.get("host") == self.host and body.get("boot_id") == self.boot and self.boot
+        if same_machine and body.get("owner") != self.owner and isinstance(body.get("pid"), int):
+            return not _process_gone(body["pid"], body.get("pid_start"))
+        return True
+
+    def holder(self, entry: str, shard: int) -> dict | None:
+        """The live claim on (entry, shard), or None."""
+        gens = self._generations(entry, shard)
+        if not gens:
+            return None
+        try:
+            body = self.loc.read_json(Claim(entry, shard, gens[-1]).key)
+        except FileNotFoundError:
+            return None
+        return body if self.alive(body) else None
+
+    def acquire(self, entry: str, shard: int) -> Claim | None:
+        """Claim (entry, shard), taking over a dead claim; None when a live writer holds it."""
+        gens = self._generations(entry, shard)
+        if gens:
+            top = Claim(entry, shard, gens[-1])
+            try:
+                body = self.loc.read_json(top.key)
+            except FileNotFoundError:  # released between the listing and the read: start over
+                body = None
+            if body is not None and self.alive(body):
+                return None
+            claim = Claim(entry, shard, gens[-1] + 1)
+        else:
+            claim = Claim(entry, shard, 0)
+        if not self.loc.create_json(claim.key, self._body()):
+            return None  # another writer made this generation first
+        with self._lock:
+            self._held.add(claim)
+        return claim
+
+    def held(self, claim: Claim) -> bool:
+        """Still ours: not lost to a takeover (a higher generation) and not expired."""
+        with self._lock:
+            if claim in self._lost or claim not in self._held:
+                return False
+        gens = self._generations(claim.entry, claim.shard)
+        if not gens or gens[-1] != claim.generation:
+            with self._lock:
+                self._lost.add(claim)
+            return False
+        return True
+
+    def renew(self) -> None:
+        with self._lock:
+            mine = list(self._held - self._lost)
+        for claim in mine:
+            if self.held(claim):
+                self.loc.write_json(claim.key, self._body())
+
+    def release(self, claim: Claim) -> None:
+        """Drop the claim and the dead generations below it (the shard is committed or abandoned)."""
+        with self._lock:
+            self._held.discard(claim)
+            lost = claim in self._lost
+            self._lost.discard(claim)
+        if lost:
+            return  # its files now belong to the writer that took over
+        for g in self._generations(claim.entry, claim.shard):
+            if g <= claim.generation:
+                self.loc.delete(Claim(claim.entry, claim.shard, g).key)
+
+    def release_all(self) -> None:
+        with self._lock:
+            mine = list(self._held)
+        for claim in mine:
+            self.release(claim)
+
+    @contextlib.contextmanager
+    def heartbeat(self):
+        """Renew every held claim every ttl/4 while the block runs; release what is left after."""
+        stop = threading.Event()
+
+        def beat():
+            while not stop.wait(self.ttl / 4):
+                try:
+                    self.renew()
+                except Exception:  # noqa: BLE001 - a failed renewal shows up as a lost claim later
+                    pass
+
+        thread = threading.Thread(target=beat, name="vermouth-claims", daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            thread.join()
+            self.release_all()
