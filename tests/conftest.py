@@ -60,10 +60,15 @@ def request_for(tiny, tmp_path):
     return make
 
 
+def is_debris(p: Path) -> bool:
+    """A temporary file a killed writer left (never read; `repair` removes it)."""
+    return p.name.startswith(".") or p.name.endswith(".partial")
+
+
 def store_bytes(root: Path) -> dict[str, bytes]:
     """Every data chunk and Zarr metadata file of a store, by relative path (records separately)."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and "/arrays/" in str(p)}
+            if p.is_file() and "/arrays/" in str(p) and not is_debris(p)}
 
 
 def record_content(root: Path) -> dict[str, tuple]:
@@ -73,5 +78,6 @@ def record_content(root: Path) -> dict[str, tuple]:
     out = {}
     for p in sorted(root.rglob("shards/*/*.json")):
         rec = json.loads(p.read_text())
-        out[str(p.relative_to(root))] = (rec["start"], rec["stop"], tuple(rec["status"]), tuple(rec.get("values") or ()))
+        out[str(p.relative_to(root))] = (rec["start"], rec["stop"], tuple(rec["status"]), tuple(rec.get("values") or ()),
+                                         tuple(sorted((rec.get("chunk") or {}).items())))
     return out

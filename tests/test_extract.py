@@ -109,58 +109,6 @@ def test_early_exit_never_runs_up_blocks(request_for, folder, monkeypatch):
     assert calls["up_blocks"] == 5  # exactly the first up block of each of 5 images
 
 
-KILLER = textwrap.dedent("""
-    import os, signal, sys
-    import vermouth_cache.store as st
-    target, count = sys.argv[1], int(sys.argv[2])
-    seen = {"n": 0}
-    if target == "record":      # killed after a chunk landed, before its record: between data and manifest
-        orig = st.write_json_atomic
-        def patched(path, obj):
-            if "/shards/" in str(path):
-                seen["n"] += 1
-                if seen["n"] == count:
-                    os.kill(os.getpid(), signal.SIGKILL)
-            return orig(path, obj)
-        st.write_json_atomic = patched
-    else:                       # killed in the middle of writing a shard's chunk
-        orig = st.Entry.write_shard
-        def patched(self, name, shard, status, data=None, **kw):
-            seen["n"] += 1
-            if seen["n"] == count and data is not None:
-                arr = self._array(name)
-                arr[shard * self.shard_size: shard * self.shard_size + 1] = data[:1]  # a partial write
-                os.kill(os.getpid(), signal.SIGKILL)
-            return orig(self, name, shard, status, data=data, **kw)
-        st.Entry.write_shard = patched
-    from vermouth_cache.cli import run
-    sys.argv = ["vermouth-cache"] + sys.argv[3:]
-    run()
-""")
-
-
-@pytest.mark.parametrize("target,count", [("record", 7), ("chunk", 12), ("record", 25)])
-def test_resume_after_kill9_is_bit_identical(tiny, tmp_path, target, count):
-    data = make_images(tmp_path / "d", {"a": 4, "b": 3})
-    args = ["extract", str(data), "--sd-model", str(tiny["sd"]), "--captioner", str(tiny["blip"]), "--resolution",
-            "128", "--device", "cpu", "--shard-size", "2", "--t", "100,300", "--stages", "mid,up", "--quiet"]
-    env = {**os.environ, "VERMOUTH_CACHE_HOME": str(tmp_path / "home")}
-    full = subprocess.run([sys.executable, "-m", "vermouth_cache.cli", *args, "--store", str(tmp_path / "ref")],
-                          env=env, capture_output=True, text=True)
-    assert full.returncode == 0, full.stderr
-    script = tmp_path / "killer.py"
-    script.write_text(KILLER)
-    killed = subprocess.run([sys.executable, str(script), target, str(count), *args, "--store", str(tmp_path / "s")],
-                            env=env, capture_output=True, text=True)
-    assert killed.returncode == -9, killed.stderr
-    assert store_bytes(tmp_path / "s") != store_bytes(tmp_path / "ref")  # it really was cut short
-    resumed = subprocess.run([sys.executable, "-m", "vermouth_cache.cli", *args, "--store", str(tmp_path / "s")],
-                             env=env, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    assert store_bytes(tmp_path / "s") == store_bytes(tmp_path / "ref")
-    assert record_content(tmp_path / "s") == record_content(tmp_path / "ref")
-
-
 def test_uncomputed_samples_never_read_as_zeros(request_for, folder):
     req = request_for(folder, stages="mid", prompt="null")
     rep = extract(req)

@@ -245,19 +245,8 @@ def _repair_entry(store: Store, entry: Entry, arrays: dict[str, set[int]], progr
 
 
 def remove_dead_claims(store: Store) -> int:
-    """Delete claim files whose holder is dead or whose shard is committed; returns how many."""
+    """Delete claim files whose holder is dead; returns how many."""
     from .claims import Claims
 
     claims = Claims(store.loc)
-    n = 0
-    for entry in store.entries():
-        for name in store.loc.list(f"{entry.prefix}/claims"):
-            key = f"{entry.prefix}/claims/{name}"
-            try:
-                body = store.loc.read_json(key)
-            except (FileNotFoundError, VermouthError):
-                continue
-            if not claims.alive(body):
-                store.loc.delete(key)
-                n += 1
-    return n
+    return sum(claims.remove_dead(entry.prefix) for entry in store.entries())

@@ -175,6 +175,23 @@ class Claims:
             if g <= claim.generation:
                 self.loc.delete(Claim(claim.entry, claim.shard, g).key)
 
+    def remove_dead(self, entry: str) -> int:
+        """Delete the claim files of `entry` whose holder is dead (e.g. killed after its last commit,
+        before releasing); a live claim is never touched. Returns how many went."""
+        n = 0
+        for name in self.loc.list(f"{entry}/claims"):
+            key = f"{entry}/claims/{name}"
+            try:
+                body = self.loc.read_json(key)
+            except FileNotFoundError:
+                continue
+            except Exception:  # noqa: BLE001 - a half-written claim of a killed writer: it is dead too
+                body = {}
+            if not self.alive(body):
+                self.loc.delete(key)
+                n += 1
+        return n
+
     def release_all(self) -> None:
         with self._lock:
             mine = list(self._held)

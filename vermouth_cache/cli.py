@@ -75,6 +75,9 @@ def main():
 @click.option("--max-error-rate", type=float,
               help="Skip unreadable images (recorded per sample) but fail the run, after finishing the rest, when "
                    "more than this share of the dataset failed, e.g. 0.01.")
+@click.option("--cpu-threads", type=int,
+              help="torch threads of CPU model calls, in this process and every worker [all cores]. CPU results "
+                   "round differently with another count; recorded per shard.")
 @click.option("--workers", type=int, help="Spread the shards over N local dask worker processes (one GPU each).")
 @click.option("--scheduler", metavar="ADDRESS",
               help="Spread the shards over the dask cluster at tcp://HOST:PORT (dataset and store must be at the same "
@@ -83,7 +86,7 @@ def main():
 def extract(dataset, store, image_root, split, layout, shots, shot_seed, t, stages, taps, attn_maps, expert, expert_model,
             sd_model, captioner, prompt, caption_prefix, caption_min_tokens, caption_max_tokens, text_layer,
             resolution, noise, seed, noise_draws, inversion_steps, dtype, batch_size, shard_size, device, precision,
-            on_error, max_error_rate, workers, scheduler, quiet):
+            on_error, max_error_rate, cpu_threads, workers, scheduler, quiet):
     """Extract SD features of DATASET into the store, computing only what it lacks.
 
     DATASET is an image-folder tree (root/<class>/<image>), a CoOp split file
@@ -101,7 +104,7 @@ def extract(dataset, store, image_root, split, layout, shots, shot_seed, t, stag
         caption_max_tokens=caption_max_tokens, text_layer=text_layer, resolution=resolution, noise=noise,
         seed=seed, noise_draws=noise_draws, inversion_steps=inversion_steps, dtype=dtype, batch_size=batch_size,
         shard_size=shard_size, device=device, precision=precision, on_error=on_error, max_error_rate=max_error_rate,
-        workers=workers, scheduler=scheduler, progress=not quiet,
+        cpu_threads=cpu_threads, workers=workers, scheduler=scheduler, progress=not quiet,
     )
     report = run_extract(req)
     ds = report.dataset

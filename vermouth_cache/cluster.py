@@ -15,7 +15,7 @@ at the same path or URL.
 
 from __future__ import annotations
 
-import os
+import logging
 import time
 from dataclasses import dataclass
 
@@ -34,7 +34,9 @@ def client_for(workers: int | None, scheduler: str | None):
         except (OSError, TimeoutError) as exc:
             raise VermouthError(f"cannot reach the dask scheduler at {scheduler}: {exc}") from None
     n = workers or default_workers()
-    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
+    # CRITICAL: workers that outlive the scheduler by a heartbeat at shutdown must not print tracebacks
+    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                           silence_logs=logging.CRITICAL)
     return Client(cluster), cluster
 
 
@@ -64,13 +66,6 @@ def worker_device(requested: str | None):
     return torch.device(f"cuda:{index % torch.cuda.device_count()}")
 
 
-def set_worker_threads(n_workers_here: int) -> None:
-    """Share this machine's cores among the local workers (torch would otherwise take them all each)."""
-    import torch
-
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, n_workers_here)))
-
-
 @dataclass(frozen=True)
 class ShardTask:
     """One dask task's input: plain data (a request, entry keys, the samples), no open files."""
@@ -79,7 +74,6 @@ class ShardTask:
     samples: tuple  # the shard's samples
     shard: int
     only: dict | None
-    local_workers: int  # > 0 on a local cluster: share the cores
 
 
 _WORKER_STATE: dict = {}  # per worker process: (models, claims) per request
@@ -88,14 +82,13 @@ _WORKER_STATE: dict = {}  # per worker process: (models, claims) per request
 def run_shard_task(task: ShardTask) -> dict:
     """On a worker: compute one shard (waiting while a live writer holds it); a small report."""
     from .claims import Claims
+    from .compute import torch_threads
     from .extract import ExtractReport, Models, ShardRunner, plan_from_keys, wait_poll
     from .store import Store
 
     req = task.req
     key = (req.sd_model, req.captioner, req.expert, req.expert_model, req.device, req.precision, req.store)
     if key not in _WORKER_STATE:
-        if task.local_workers:
-            set_worker_threads(task.local_workers)
         store = Store(req.store)
         claims = Claims(store.loc)
         claims.heartbeat().__enter__()  # renews for the life of the worker process
@@ -104,11 +97,13 @@ def run_shard_task(task: ShardTask) -> dict:
     store, models, claims = _WORKER_STATE[key]
     runner = ShardRunner(req, lambda _: task.samples, plan_from_keys(store, task.keys), models, claims, task.only)
     report = ExtractReport(store=str(store.root), dataset={}, entries={})
-    while True:
-        outcome = runner.run(task.shard, report)
-        if outcome in ("done", "nothing"):
-            break
-        report.waited_seconds += wait_poll(claims.ttl)
+    # the thread count the client fixed, whatever this worker's share of the cores: same bytes
+    with torch_threads(req.cpu_threads if models.placement.device.type == "cpu" else None):
+        while True:
+            outcome = runner.run(task.shard, report)
+            if outcome in ("done", "nothing"):
+                break
+            report.waited_seconds += wait_poll(claims.ttl)
     return {"computed": dict(report.computed), "seconds": dict(report.seconds), "failed": dict(report.failed),
             "shards": list(report.shards), "waited": report.waited_seconds}
 
@@ -118,12 +113,11 @@ def extract_on_cluster(req, ds, plan, todo: dict, report, only: dict | None) -> 
     from .extract import plan_keys
 
     client, cluster = client_for(req.workers, req.scheduler)
-    local = (req.workers or default_workers()) if cluster is not None else 0
     keys = plan_keys(plan)
     size = plan.captions.shard_size
     shards = sorted(todo)
     tasks = [ShardTask(req.with_(workers=None, scheduler=None, progress=False), keys,
-                       ds.samples[slice(*plan.captions.shard_bounds(s))], s, only, local) for s in shards]
+                       ds.samples[slice(*plan.captions.shard_bounds(s))], s, only) for s in shards]
     bar = tqdm(total=sum(min(len(ds), (s + 1) * size) - s * size for s in todo), unit="img",
                desc=f"extract {ds.name} on {len(client.scheduler_info().get('workers', {}))} dask worker(s)",
                disable=not req.progress, leave=False)

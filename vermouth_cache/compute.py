@@ -10,6 +10,7 @@ byte depend on --batch-size. One at a time costs little on the CPU, which is com
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 from collections.abc import Callable, Sequence
@@ -31,6 +32,21 @@ RANDOM_PROMPT_WORDS = 8
 
 def call_size(device: torch.device, batch_size: int) -> int:
     return 1 if device.type == "cpu" else batch_size
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """torch's intra-op threads set to `n` for the block (None: unchanged). On the CPU a stored
+    byte depends on it (oneDNN and GEMM reductions split work by thread), so extraction fixes it."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def in_batches(items: Sequence, size: int):

@@ -16,6 +16,7 @@ dask.distributed workers (`cluster`).
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -247,6 +248,8 @@ class ShardRunner:
         self.only = only
         self.batch = compute.call_size(models.placement.device, req.batch_size)
         self.run_facts = models.placement.describe()
+        if models.placement.device.type == "cpu":
+            self.run_facts["cpu_threads"] = req.cpu_threads
 
     def run(self, shard: int, report: ExtractReport) -> str:
         """"done" (computed here), "nothing" (already committed), "busy" (a live writer holds a
@@ -311,12 +314,18 @@ def extract(req: ExtractRequest, *, only: dict | None = None) -> ExtractReport:
     if only is not None:
         _invalidate(plan, only)
     todo = _missing(plan, only)
+    # CPU kernels round differently with another thread count: fix it for every process and worker
+    req = req.with_(cpu_threads=req.cpu_threads or os.cpu_count() or 1)
     if todo and (req.workers or req.scheduler):
         from .cluster import extract_on_cluster
 
         extract_on_cluster(req, ds, plan, todo, report, only)
     elif todo:
-        _extract_here(req, ds, store, plan, models, todo, report, only)
+        with compute.torch_threads(req.cpu_threads if models.placement.device.type == "cpu" else None):
+            _extract_here(req, ds, store, plan, models, todo, report, only)
+    sweeper = Claims(store.loc)  # claims left by writers killed after their last commit
+    for prefix in dict.fromkeys(e.prefix for _, e, _ in _arrays_of(plan)):
+        sweeper.remove_dead(prefix)
     report.wall_seconds = time.perf_counter() - wall0
     _check_error_rate(req, plan, ds, report)
     return report

@@ -51,6 +51,7 @@ class ExtractRequest:
     precision: str = "auto"
     on_error: str = "fail"
     max_error_rate: float | None = None  # with it, bad images are skipped; more than this share fails the run
+    cpu_threads: int | None = None  # torch threads of CPU model calls; None: every core of this machine
     workers: int | None = None  # local dask workers (one device each); None: this process
     scheduler: str | None = None  # a running dask scheduler's address instead
     progress: bool = True
@@ -101,6 +102,8 @@ class ExtractRequest:
             raise VermouthError(f"unknown --on-error {self.on_error!r} (choose from fail, skip)")
         if self.max_error_rate is not None and not 0 <= self.max_error_rate <= 1:
             raise VermouthError(f"--max-error-rate {self.max_error_rate} must lie in 0-1 (a share of the images)")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise VermouthError("--cpu-threads must be at least 1")
         if self.workers is not None and self.workers < 1:
             raise VermouthError("--workers must be at least 1")
         if self.workers and self.scheduler:

@@ -53,7 +53,7 @@ def _check_key(key: str) -> str:
     return key
 
 
-def _space_error(exc: OSError, where: str) -> VermouthError:
+def space_error(exc: OSError, where: str) -> VermouthError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return StoreFull(f"no space left writing {where} ({os.strerror(exc.errno)}): free space and run the same "
                          "command again; finished shards are kept")
@@ -166,33 +166,28 @@ class LocalLocation(Location):
         except (IsADirectoryError, NotADirectoryError):
             raise FileNotFoundError(key) from None
 
-    def _temp(self, target: Path) -> Path:
+    def _write_temp(self, key: str, data: bytes) -> Path:
+        """`data` in a finished, fsynced temporary file beside the target; OSError (a full disk) as is."""
+        target = self.path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        return Path(tmp), fd
-
-    def _write_temp(self, key: str, data: bytes) -> Path:
-        target = self.path(key)
-        try:
-            tmp, fd = self._temp(target)
-        except OSError as exc:
-            raise _space_error(exc, f"{self.url}/{key}") from None
+        tmp = Path(tmp)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o644)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise _space_error(exc, f"{self.url}/{key}") from None
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         return tmp
 
     def _write(self, key: str, data: bytes) -> None:
-        tmp = self._write_temp(key, data)
+        try:
+            tmp = self._write_temp(key, data)
+        except OSError as exc:
+            raise space_error(exc, f"{self.url}/{key}") from None
         try:
             os.replace(tmp, self.path(key))
         except BaseException:
@@ -200,7 +195,10 @@ class LocalLocation(Location):
             raise
 
     def _create(self, key: str, data: bytes) -> bool:
-        tmp = self._write_temp(key, data)
+        try:
+            tmp = self._write_temp(key, data)
+        except OSError as exc:
+            raise space_error(exc, f"{self.url}/{key}") from None
         try:
             os.link(tmp, self.path(key))  # atomic, and fails if the target exists, on NFS too
             return True
@@ -282,7 +280,7 @@ class FsspecLocation(Location):
         try:
             self.fs.pipe_file(self._p(key), data)
         except OSError as exc:
-            raise _space_error(exc, f"{self.url}/{key}") from None
+            raise space_error(exc, f"{self.url}/{key}") from None
 
     def _create(self, key: str, data: bytes) -> bool:
         try:
@@ -293,7 +291,7 @@ class FsspecLocation(Location):
         except OSError as exc:
             if "PreconditionFailed" in str(exc) or "412" in str(exc):
                 return False
-            raise _space_error(exc, f"{self.url}/{key}") from None
+            raise space_error(exc, f"{self.url}/{key}") from None
 
     def exists(self, key: str) -> bool:
         try:

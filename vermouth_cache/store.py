@@ -41,7 +41,7 @@ from zarr.codecs import BytesCodec, Crc32cCodec
 from . import SCHEMA_VERSION, __version__
 from .errors import VermouthError
 from .hashing import canonical_json, recipe_key
-from .storage import Location, LocalLocation, open_location
+from .storage import Location, LocalLocation, open_location, space_error
 
 KINDS = ("captions", "text", "latents", "features", "expert", "masks", "classtext")
 STORE_MARKER = "vermouth-store.json"
@@ -222,6 +222,8 @@ class Entry:
             )
         except zarr.errors.ContainsArrayError:
             pass  # another writer created it first; its metadata is checked below
+        except OSError as exc:
+            raise space_error(exc, f"{self.prefix}/arrays/{name}") from None
         self._specs = None
         if self.arrays.get(name) != spec:
             raise VermouthError(f"store entry {self.prefix} array {name}: has {self.arrays.get(name)}, asked {spec}")
@@ -288,7 +290,10 @@ class Entry:
             chunk = chunk_checksum(padded)
             if before_commit:
                 before_commit()
-            self._array(name)[start:stop] = stored
+            try:
+                self._array(name)[start:stop] = stored
+            except OSError as exc:  # e.g. ENOSPC from zarr's own atomic write
+                raise space_error(exc, self.chunk_key(name, shard)) from None
         rec = ShardRecord(shard, start, stop, list(status), values, run, chunk)
         if before_commit:
             before_commit()
