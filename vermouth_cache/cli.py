@@ -141,12 +141,32 @@ def ls_cmd(store, kind):
 @click.option("--out", required=True, help="HDF5 file to write (through a temporary name).")
 @click.option("--entry", help="Key (or key prefix) of the feature entry; needed when the store has several.")
 @click.option("--taps", help="Taps to export, comma-separated (default: all of the entry's).")
-def export(store, out, entry, taps):
+@click.option("--dataset", help="Instead of --entry: the features of this dataset matching --t, --resolution, "
+                                "--prompt, --noise, --text-layer (refused, naming the fields that differ, if none does).")
+@click.option("--split", help="With --dataset: its split.")
+@click.option("--image-root", help="With --dataset: its image root.")
+@click.option("--layout", help="With --dataset: its segmentation layout.")
+@click.option("--t", "t", type=int, default=200, show_default=True, help="With --dataset: the timestep.")
+@click.option("--resolution", type=int, default=256, show_default=True, help="With --dataset: the resolution.")
+@click.option("--prompt", default="blip", show_default=True, help="With --dataset: the caption source.")
+@click.option("--noise", default="ddpm", show_default=True, help="With --dataset: the noise mode.")
+@click.option("--text-layer", default="final", show_default=True, help="With --dataset: the text layer.")
+def export(store, out, entry, taps, dataset, split, image_root, layout, t, resolution, prompt, noise, text_layer):
     """Export one feature entry of STORE to HDF5: /sample_ids, /labels, /captions, /features/<tap>."""
     from .export import export_h5
     from .store import Store
 
-    res = export_h5(Store(store), out, entry_key=entry, taps=[t.strip() for t in taps.split(",")] if taps else None)
+    ds = query = None
+    if dataset:
+        if entry:
+            raise VermouthError("give --entry or --dataset, not both")
+        from .datasets import load_dataset
+        from .selection import FeatureQuery
+
+        ds = load_dataset(dataset, image_root=image_root, split=split, layout=layout)
+        query = FeatureQuery(t=t, resolution=resolution, prompt=prompt, noise=noise, text_layer=text_layer)
+    res = export_h5(Store(store), out, entry_key=entry, taps=[t.strip() for t in taps.split(",")] if taps else None,
+                    dataset=ds, query=query)
     click.echo(f"wrote {res['path']}: {res['samples']} samples, taps {', '.join(res['taps'])}"
                + (f" ({res['excluded']} failed samples excluded)" if res["excluded"] else ""))
 

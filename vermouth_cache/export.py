@@ -34,8 +34,16 @@ def select_features_entry(store: Store, key: str | None) -> Entry:
 
 
 def export_h5(store: Store, out: str | os.PathLike, *, entry_key: str | None = None,
-              taps: list[str] | None = None) -> dict:
-    entry = select_features_entry(store, entry_key)
+              taps: list[str] | None = None, dataset=None, query=None) -> dict:
+    """Export the entry `entry_key`, or the one of `dataset` (a Dataset) matching `query` (a
+    selection.FeatureQuery): a request the store does not hold is refused with the fields that differ."""
+    if dataset is not None:
+        from .selection import find_features
+
+        entry = find_features(store, dataset, query, arrays=taps)
+    else:
+        entry = select_features_entry(store, entry_key)
+    entry.touch()
     names = entry.array_names()
     taps = taps or names
     unknown = [t for t in taps if t not in names]

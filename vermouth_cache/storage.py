@@ -104,6 +104,9 @@ class Location:
         raise NotImplementedError
 
     # -- shared --------------------------------------------------------------------------------
+    def check_writable(self, key: str) -> None:
+        self._writable(key)
+
     def _writable(self, key: str) -> None:
         if self.read_only:
             raise VermouthError(f"store {self.url} is open read-only; cannot write {key}")

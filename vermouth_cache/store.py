@@ -207,6 +207,7 @@ class Entry:
     def ensure_array(self, name: str, sample_shape: tuple[int, ...], dtype: str) -> None:
         """Create array `name` (N, *sample_shape) once; later calls, by any writer, must agree."""
         spec = {"shape": list(sample_shape), "dtype": dtype}
+        self.loc.check_writable(f"{self.prefix}/arrays/{name}")
         if name not in self.arrays:
             self._specs = None
         if name in self.arrays:
@@ -279,6 +280,7 @@ class Entry:
         """Write shard `shard` of `name` whole (one chunk object), then its record; the record is
         the commit. `before_commit()` runs before each of the two writes (a claim check)."""
         start, stop = self.shard_bounds(shard)
+        self.loc.check_writable(self.record_key(name, shard))
         if len(status) != stop - start:
             raise ValueError(f"shard {shard} of {name}: {len(status)} statuses for {stop - start} samples")
         chunk = None

@@ -89,6 +89,9 @@ def open_split(store: Store, ds: Dataset, s: TaskSettings, *, unet_identity: str
                                  f"{s.expert} expert features")
     record = store.dataset(feats.manifest["about"]["dataset_record"])
     rows = subset_indices(record["ids"], ds) if source is not ds else list(range(len(ds)))
+    for used in (feats, expert):
+        if used is not None:
+            used.touch()  # for `gc --unused-days`
     return _usable(ds, feats, expert, taps, rows)
 
 
