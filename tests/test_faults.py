@@ -16,7 +16,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import make_images, record_content, store_bytes
+from conftest import is_debris, make_images, record_content, store_bytes
 from vermouth_cache.check import repair, verify
 from vermouth_cache.errors import VermouthError
 from vermouth_cache.extract import extract
@@ -88,7 +88,7 @@ POINTS = ["random-0", "random-1", "random-2", "after-chunk"]
 
 
 @pytest.mark.parametrize("point", POINTS)
-def test_kill9_at_random_points_then_resume_is_bit_identical(kill_setup, point):
+def test_kill9_at_random_points_then_resume_is_bit_identical(kill_setup, point, monkeypatch):
     s = kill_setup
     kinds = s["kinds"]
     if point == "after-chunk":
@@ -117,6 +117,13 @@ def test_kill9_at_random_points_then_resume_is_bit_identical(kill_setup, point):
     assert store_bytes(store) == store_bytes(ref)
     assert record_content(store) == record_content(ref)
     assert not list(store.rglob("claims/*.json"))  # every claim released
+    # what the kill left half-written is never read; repair removes it (here: however young)
+    from vermouth_cache import check
+
+    monkeypatch.setattr(check, "DEBRIS_AGE", 0.0)
+    out = repair(Store(store), progress=False)
+    assert out.after.ok and not out.repaired and not out.after.debris
+    assert not [p for p in store.rglob("*") if is_debris(p)]
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ from .errors import VermouthError
 from .store import KINDS, OK, Entry, Store
 
 EXTRACT_KINDS = ("captions", "text", "latents", "features", "expert")
+DEBRIS_AGE = 3600.0  # seconds: temporary files older than this belong to no live writer
 
 
 @dataclass
@@ -57,7 +58,8 @@ class Verification:
     problems: list[Problem] = field(default_factory=list)
     incomplete: dict[str, dict[str, int]] = field(default_factory=dict)  # entry -> array -> shards missing
     failed_samples: dict[str, list[str]] = field(default_factory=dict)  # entry -> ids recorded as failed
-    leftover_claims: int = 0
+    leftover_claims: int = 0  # claim files of dead writers
+    debris: int = 0  # temporary files of killed writers
 
     @property
     def ok(self) -> bool:
@@ -82,9 +84,9 @@ class Verification:
             lines.append(f"incomplete: {entry}: " + ", ".join(f"{a} {n} shard(s) not computed" for a, n in arrays.items()))
         for entry, ids in self.failed_samples.items():
             lines.append(f"recorded failures: {entry}: {len(ids)} sample(s), e.g. {', '.join(ids[:3])}")
-        if self.leftover_claims:
-            lines.append(f"{self.leftover_claims} leftover claim file(s) of finished or dead writers (harmless; "
-                         "`repair` removes them)")
+        if self.leftover_claims or self.debris:
+            lines.append(f"left by dead writers: {self.leftover_claims} claim file(s), {self.debris} temporary "
+                         "file(s) (never read; `repair` removes them)")
         return "\n".join(lines)
 
 
@@ -139,10 +141,16 @@ def _verify_entry(store: Store, entry: Entry, v: Verification) -> None:
             bad = _check_shard(store, entry, name, shard, specs, v, failed, ids)
             if bad:
                 v.problems.append(Problem(entry.prefix, name, shard, bad, ids[start:stop]))
-    for c in store.loc.list(f"{entry.prefix}/claims"):
-        shard = c.split(".")[0]
-        if shard.isdigit():
-            v.leftover_claims += 1
+    from .claims import Claims
+
+    judge = Claims(store.loc)
+    for name in store.loc.list(f"{entry.prefix}/claims"):
+        try:
+            alive = judge.alive(store.loc.read_json(f"{entry.prefix}/claims/{name}"))
+        except (FileNotFoundError, VermouthError):
+            alive = False
+        v.leftover_claims += not alive
+    v.debris += len(store.loc.debris(entry.prefix))
     if failed:
         v.failed_samples[entry.prefix] = [ids[i] for i in sorted(failed)]
 
@@ -196,6 +204,7 @@ class RepairReport:
     repaired: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # entry -> array -> shards
     refused: dict[str, str] = field(default_factory=dict)  # entry -> why it could not be repaired
     claims_removed: int = 0
+    debris_removed: int = 0
     after: Verification | None = None
 
 
@@ -214,6 +223,10 @@ def repair(store: Store, *, deep: bool = True, progress: bool = True, device: st
         except VermouthError as exc:
             out.refused[prefix] = str(exc)
     out.claims_removed = remove_dead_claims(store)
+    for entry in store.entries():  # an hour old: no live writer is still filling it
+        for key in store.loc.debris(entry.prefix, older_than=DEBRIS_AGE):
+            store.loc.delete(key)
+            out.debris_removed += 1
     out.after = verify(store, deep=deep, progress=progress)
     return out
 

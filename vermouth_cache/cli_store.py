@@ -38,8 +38,9 @@ def repair(store, shallow, device, quiet):
     rep = run_repair(Store(store), deep=not shallow, progress=not quiet, device=device)
     for entry, arrays in rep.repaired.items():
         click.echo(f"repaired {entry}: " + "; ".join(f"{a} shard(s) {', '.join(map(str, s))}" for a, s in arrays.items()))
-    if rep.claims_removed:
-        click.echo(f"removed {rep.claims_removed} dead claim file(s)")
+    if rep.claims_removed or rep.debris_removed:
+        click.echo(f"removed {rep.claims_removed} dead claim file(s), {rep.debris_removed} temporary file(s) of "
+                   "killed writers")
     if not rep.repaired and not rep.refused:
         click.echo("nothing to repair")
     for entry, why in rep.refused.items():

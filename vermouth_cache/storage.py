@@ -103,6 +103,10 @@ class Location:
         """A zarr v3 store rooted at `prefix`."""
         raise NotImplementedError
 
+    def debris(self, prefix: str, older_than: float = 0.0) -> list[str]:
+        """Temporary files killed writers left below `prefix` (an object store has none)."""
+        return []
+
     # -- shared --------------------------------------------------------------------------------
     def check_writable(self, key: str) -> None:
         self._writable(key)
@@ -186,11 +190,14 @@ class LocalLocation(Location):
             raise
         return tmp
 
-    def _write(self, key: str, data: bytes) -> None:
+    def _temp_or_error(self, key: str, data: bytes) -> Path:
         try:
-            tmp = self._write_temp(key, data)
+            return self._write_temp(key, data)
         except OSError as exc:
             raise space_error(exc, f"{self.url}/{key}") from None
+
+    def _write(self, key: str, data: bytes) -> None:
+        tmp = self._temp_or_error(key, data)
         try:
             os.replace(tmp, self.path(key))
         except BaseException:
@@ -198,10 +205,7 @@ class LocalLocation(Location):
             raise
 
     def _create(self, key: str, data: bytes) -> bool:
-        try:
-            tmp = self._write_temp(key, data)
-        except OSError as exc:
-            raise space_error(exc, f"{self.url}/{key}") from None
+        tmp = self._temp_or_error(key, data)
         try:
             os.link(tmp, self.path(key))  # atomic, and fails if the target exists, on NFS too
             return True
@@ -237,6 +241,16 @@ class LocalLocation(Location):
         import shutil
 
         shutil.rmtree(self.path(prefix), ignore_errors=True)
+
+    def debris(self, prefix: str, older_than: float = 0.0) -> list[str]:
+        import time
+
+        folder, now, out = self.path(prefix), time.time(), []
+        for p in folder.rglob("*") if folder.is_dir() else ():
+            temp = (p.name.startswith(".") and p.name.endswith(".tmp")) or p.name.endswith(".partial")
+            if temp and p.is_file() and now - p.stat().st_mtime >= older_than:
+                out.append(str(p.relative_to(self.root)))
+        return sorted(out)
 
     def zarr_store(self, prefix: str):
         from zarr.storage import LocalStore

@@ -56,7 +56,7 @@ def dataset_parts(ds: DatasetSpec) -> list[dict]:
 
 
 def extraction_requests(points: list[Point], models: ResolvedModels, extract_options: dict, store: str,
-                        device: str | None, progress: bool) -> list[ExtractRequest]:
+                        device: str | None, progress: bool, **run) -> list[ExtractRequest]:
     """One request per (dataset part, features recipe without t and taps): the union of the
     points' timesteps, stages and attention maps, so shared artifacts are computed once."""
     merged: dict[str, dict] = {}
@@ -81,7 +81,7 @@ def extraction_requests(points: list[Point], models: ResolvedModels, extract_opt
             attn_maps=_stages(m["attn"]) or None,
             expert_model=models.experts.get(expert) if expert else None,
             sd_model=models.sd_model, captioner=models.captioner, device=device, progress=progress,
-            **extract_options))
+            **extract_options, **run))
     return out
 
 

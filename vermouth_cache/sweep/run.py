@@ -5,8 +5,9 @@
 Order of work, and why:
 1. Finished points (their run holds a `point.json` with the same fingerprint) are kept as they
    are: an interrupted sweep redoes only the rest, a finished one only rebuilds its report.
-2. Extraction runs here, one merged request per dataset part (`plan.extraction_requests`), so
-   captions, text conditions and latents are computed once for the whole grid.
+2. Extraction runs first, one merged request per dataset part (`plan.extraction_requests`), so
+   captions, text conditions and latents are computed once for the whole grid; with `workers` or
+   `scheduler` its shards go to the same dask cluster the training uses.
 3. What training adds to the store (class-prompt features, segmentation masks) is written here
    too, so that the training tasks, which may run in parallel, only read the store.
 4. Training groups (heads that share a pass) are tasks on dask.distributed: a local cluster by
@@ -16,6 +17,7 @@ Order of work, and why:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import traceback
@@ -82,7 +84,8 @@ def run_sweep(recipe: Recipe, opts: SweepOptions) -> SweepResult:
         from ..store import Store
 
         Store(opts.store_path, create=True)
-        for req in extraction_requests(todo, models, recipe.extract, opts.store_path, opts.device, opts.progress):
+        for req in extraction_requests(todo, models, recipe.extract, opts.store_path, opts.device, opts.progress,
+                                       workers=opts.workers, scheduler=opts.scheduler):
             rep = extract(req)
             result.extracted.append({"dataset": rep.dataset["name"], "t": list(req.t), "seconds": rep.wall_seconds,
                                      "computed": dict(rep.computed)})
@@ -161,7 +164,9 @@ class GroupJob:
 def _train(recipe: Recipe, groups: list[TrainGroup], models: ResolvedModels, opts: SweepOptions, out: Path):
     """Yield each point's record as its group finishes."""
     jobs = []
-    client, cluster = _client(opts)
+    from ..cluster import client_for
+
+    client, cluster = client_for(opts.workers, opts.scheduler)
     n_workers = max(1, len(client.scheduler_info().get("workers", {})) or 1)
     threads = max(1, (os.cpu_count() or 1) // n_workers) if opts.scheduler is None else 0
     for g in groups:
@@ -185,25 +190,6 @@ def _train(recipe: Recipe, groups: list[TrainGroup], models: ResolvedModels, opt
             cluster.close()
 
 
-def _client(opts: SweepOptions):
-    from distributed import Client, LocalCluster
-
-    if opts.scheduler:
-        try:
-            return Client(opts.scheduler, timeout="20s"), None
-        except OSError as exc:
-            raise VermouthError(f"cannot reach the dask scheduler at {opts.scheduler}: {exc}") from None
-    n = opts.workers or _default_workers()
-    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
-    return Client(cluster), cluster
-
-
-def _default_workers() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 1
-
-
 def train_group(job: GroupJob) -> list[dict]:
     """A dask task: train one group's heads in one pass; write and return their point records.
     Errors become "failed" records, never exceptions: one bad point must not stop the sweep."""
@@ -213,7 +199,9 @@ def train_group(job: GroupJob) -> list[dict]:
         torch.set_num_threads(job.threads)
     opts = job.options
     if opts.device is None and torch.cuda.is_available():
-        opts = _worker_device(opts)
+        from ..cluster import worker_device
+
+        opts = dataclasses.replace(opts, device=str(worker_device(None)))
     from ..train.fewshot import train_fewshot_heads
     from ..train.sbir import train_sbir_heads
     from ..train.seg import train_seg_heads
@@ -241,21 +229,6 @@ def train_group(job: GroupJob) -> list[dict]:
         write_json_atomic(Path(directory) / POINT_FILE, rec)
         records.append(rec)
     return records
-
-
-def _worker_device(opts: RunOptions) -> RunOptions:
-    """One GPU per local worker: worker i takes cuda:(i mod #GPUs)."""
-    import dataclasses
-
-    import torch
-
-    try:
-        from distributed import get_worker
-
-        index = int(get_worker().name)
-    except (ValueError, ImportError):
-        index = 0
-    return dataclasses.replace(opts, device=f"cuda:{index % torch.cuda.device_count()}")
 
 
 def scores(task: str, label: str, metrics: dict, eval_labels: list[str]) -> list[dict]:
