@@ -195,3 +195,17 @@ def test_a_dask_worker_killed_during_workers_2_extraction_changes_nothing(setup)
     assert store_bytes(tmp / "dask") == store_bytes(tmp / "ref")
     assert record_content(tmp / "dask") == record_content(tmp / "ref")
     assert "Traceback" not in err
+
+
+def test_a_renewed_claim_outlives_its_ttl_and_expires_once_renewals_stop(tmp_path):
+    loc = LocalLocation(tmp_path)
+    holder, other = Claims(loc, ttl=0.8), Claims(loc, ttl=0.8)
+    other.host = "another-machine"  # judge by expiry alone, as a writer elsewhere must
+    with holder.heartbeat():
+        claim = holder.acquire("features/k", 2)
+        time.sleep(2.0)  # 2.5 ttl: only the renewals keep it alive
+        assert other.acquire("features/k", 2) is None and holder.held(claim)
+        holder.stop()  # the holder hangs
+        time.sleep(1.2)
+        taken = other.acquire("features/k", 2)
+        assert taken is not None and not holder.held(claim)

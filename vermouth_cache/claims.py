@@ -30,6 +30,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from .errors import VermouthError
 from .storage import Location
 
 DEFAULT_TTL = 60.0
@@ -85,14 +86,16 @@ class Claims:
         self.ttl = float(ttl if ttl is not None else claim_ttl())
         self.owner = uuid.uuid4().hex
         self.host, self.boot, self.pid = socket.gethostname(), _boot_id(), os.getpid()
-        self.start = _start_time(self.pid)
+        self.pid_start = _start_time(self.pid)
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
         self._held: set[Claim] = set()
         self._lost: set[Claim] = set()
         self._lock = threading.Lock()
 
     def _body(self) -> dict:
         return {"owner": self.owner, "host": self.host, "boot_id": self.boot, "pid": self.pid,
-                "pid_start": self.start, "expires": time.time() + self.ttl, "ttl": self.ttl}
+                "pid_start": self.pid_start, "expires": time.time() + self.ttl, "ttl": self.ttl}
 
     def _generations(self, entry: str, shard: int) -> list[int]:
         head = f"{shard:06d}."
@@ -131,7 +134,9 @@ class Claims:
             top = Claim(entry, shard, gens[-1])
             try:
                 body = self.loc.read_json(top.key)
-            except FileNotFoundError:  # released between the listing and the read: start over
+            except FileNotFoundError:  # released between the listing and the read: take the next one
+                body = None
+            except VermouthError:  # unreadable (damaged by hand): no live writer can be renewing it
                 body = None
             if body is not None and self.alive(body):
                 return None
@@ -150,7 +155,13 @@ class Claims:
             if claim in self._lost or claim not in self._held:
                 return False
         gens = self._generations(claim.entry, claim.shard)
-        if not gens or gens[-1] != claim.generation:
+        owner = None
+        if gens and gens[-1] == claim.generation:
+            try:  # the same generation may have been released and created anew by another writer
+                owner = self.loc.read_json(claim.key).get("owner")
+            except (FileNotFoundError, VermouthError):
+                owner = None
+        if owner != self.owner:
             with self._lock:
                 self._lost.add(claim)
             return False
@@ -198,23 +209,34 @@ class Claims:
         for claim in mine:
             self.release(claim)
 
-    @contextlib.contextmanager
-    def heartbeat(self):
-        """Renew every held claim every ttl/4 while the block runs; release what is left after."""
-        stop = threading.Event()
+    def start(self) -> None:
+        """Renew every held claim every ttl/4 from a background thread, until `stop`."""
+        if self._thread is not None:
+            return
+        self._stop = threading.Event()
 
         def beat():
-            while not stop.wait(self.ttl / 4):
+            while not self._stop.wait(self.ttl / 4):
                 try:
                     self.renew()
                 except Exception:  # noqa: BLE001 - a failed renewal shows up as a lost claim later
                     pass
 
-        thread = threading.Thread(target=beat, name="vermouth-claims", daemon=True)
-        thread.start()
+        self._thread = threading.Thread(target=beat, name="vermouth-claims", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    @contextlib.contextmanager
+    def heartbeat(self):
+        """Renewals while the block runs; what is still held is released after it."""
+        self.start()
         try:
             yield self
         finally:
-            stop.set()
-            thread.join()
+            self.stop()
             self.release_all()

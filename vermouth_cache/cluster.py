@@ -91,7 +91,9 @@ def run_shard_task(task: ShardTask) -> dict:
     if key not in _WORKER_STATE:
         store = Store(req.store)
         claims = Claims(store.loc)
-        claims.heartbeat().__enter__()  # renews for the life of the worker process
+        claims.start()  # renews for the life of the worker process
+        for _, _, old in _WORKER_STATE.values():
+            old.stop()
         _WORKER_STATE.clear()  # one extraction's models at a time per worker
         _WORKER_STATE[key] = (store, Models.of(req, worker_device(req.device)), claims)
     store, models, claims = _WORKER_STATE[key]
