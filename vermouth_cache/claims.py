@@ -90,6 +90,7 @@ class Claims:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._held: set[Claim] = set()
+        self._expires: dict[Claim, float] = {}  # the expiry we last wrote into each claim
         self._lost: set[Claim] = set()
         self._lock = threading.Lock()
 
@@ -143,14 +144,30 @@ class Claims:
             claim = Claim(entry, shard, gens[-1] + 1)
         else:
             claim = Claim(entry, shard, 0)
-        if not self.loc.create_json(claim.key, self._body()):
+        body = self._body()
+        body_expires = body["expires"]
+        if not self.loc.create_json(claim.key, body):
             return None  # another writer made this generation first
         with self._lock:
             self._held.add(claim)
+            self._expires[claim] = body_expires
         return claim
 
     def held(self, claim: Claim) -> bool:
-        """Still ours: not lost to a takeover (a higher generation) and not expired."""
+        """Still ours: not lost to a takeover (a higher generation, or our generation made anew).
+
+        Called before every chunk and record write, so it answers without I/O while the claim is
+        far from its expiry: no writer may take a claim over before it expires (clocks agreeing to
+        within ttl/2), so only a holder that stalled needs to look."""
+        with self._lock:
+            if claim in self._lost or claim not in self._held:
+                return False
+            if time.time() < self._expires.get(claim, 0.0) - self.ttl / 2:
+                return True
+        return self._owned(claim)
+
+    def _owned(self, claim: Claim) -> bool:
+        """The full check, on the store: the highest generation is ours, by owner id."""
         with self._lock:
             if claim in self._lost or claim not in self._held:
                 return False
@@ -171,13 +188,17 @@ class Claims:
         with self._lock:
             mine = list(self._held - self._lost)
         for claim in mine:
-            if self.held(claim):
-                self.loc.write_json(claim.key, self._body())
+            if self._owned(claim):
+                body = self._body()
+                self.loc.write_json(claim.key, body)
+                with self._lock:
+                    self._expires[claim] = body["expires"]
 
     def release(self, claim: Claim) -> None:
         """Drop the claim and the dead generations below it (the shard is committed or abandoned)."""
         with self._lock:
             self._held.discard(claim)
+            self._expires.pop(claim, None)
             lost = claim in self._lost
             self._lost.discard(claim)
         if lost:

@@ -15,12 +15,12 @@ Keys are relative POSIX paths ("kind/key/file"); a key never starts with "/" or 
 
 from __future__ import annotations
 
+import abc
 import errno
 import json
 import os
 import posixpath
 import tempfile
-import uuid
 from pathlib import Path
 
 from .errors import VermouthError
@@ -60,7 +60,7 @@ def space_error(exc: OSError, where: str) -> VermouthError:
     return VermouthError(f"cannot write {where}: {exc}")
 
 
-class Location:
+class Location(abc.ABC):
     """The operations the store needs, on one root."""
 
     url: str
@@ -70,38 +70,48 @@ class Location:
         return self.url
 
     # -- implemented by subclasses -------------------------------------------------------------
-    def read_bytes(self, key: str) -> bytes:  # FileNotFoundError when absent
-        raise NotImplementedError
+    @abc.abstractmethod
+    def read_bytes(self, key: str) -> bytes:
+        """The object's bytes; FileNotFoundError when absent."""
 
+    @abc.abstractmethod
     def _write(self, key: str, data: bytes) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _create(self, key: str, data: bytes) -> bool:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def exists(self, key: str) -> bool:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def list(self, prefix: str) -> list[str]:
         """Names directly below `prefix` (files and folders), sorted; [] when there is none."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def size(self, key: str) -> int | None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def du(self, prefix: str) -> int:
         """Bytes stored below `prefix`."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _delete(self, key: str) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _delete_prefix(self, prefix: str) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def zarr_store(self, prefix: str):
         """A zarr v3 store rooted at `prefix`."""
-        raise NotImplementedError
+        ...
 
     def debris(self, prefix: str, older_than: float = 0.0) -> list[str]:
         """Temporary files killed writers left below `prefix` (an object store has none)."""
@@ -133,10 +143,7 @@ class Location:
         self._delete_prefix(prefix)
 
     def read_json(self, key: str):
-        try:
-            data = self.read_bytes(_check_key(key))
-        except FileNotFoundError:
-            raise
+        data = self.read_bytes(_check_key(key))  # FileNotFoundError when absent
         try:
             return json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -373,6 +380,3 @@ def _env_storage_options() -> dict:
         raise VermouthError("VERMOUTH_STORAGE_OPTIONS must be a JSON object")
     return opts
 
-
-def unique_suffix() -> str:
-    return uuid.uuid4().hex[:12]

@@ -410,11 +410,13 @@ class Store:
         if info is None:
             if not create or read_only:
                 raise VermouthError(f"{self.root} is not a vermouth-cache store (no {STORE_MARKER})")
-            if self.loc.list(""):
-                raise VermouthError(f"{self.root} exists, is not empty and is not a vermouth-cache store")
-            self.loc.create_json(STORE_MARKER, {"schema_version": SCHEMA_VERSION,
-                                                "created_by": f"vermouth-cache {__version__}"})
-            info = self.loc.read_json(STORE_MARKER)
+            if not self.loc.list(""):
+                self.loc.create_json(STORE_MARKER, {"schema_version": SCHEMA_VERSION,
+                                                    "created_by": f"vermouth-cache {__version__}"})
+            try:  # ours, or that of a writer creating the same store at the same moment (it writes the marker first)
+                info = self.loc.read_json(STORE_MARKER)
+            except FileNotFoundError:
+                raise VermouthError(f"{self.root} exists, is not empty and is not a vermouth-cache store") from None
         if info.get("schema_version", 0) > SCHEMA_VERSION:
             raise VermouthError(
                 f"store {self.root} was written by a newer vermouth-cache (schema {info['schema_version']} > "
