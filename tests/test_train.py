@@ -253,3 +253,29 @@ def test_a_diverging_head_fails_alone_and_its_pass_goes_on():
     with pytest.raises(VermouthError, match="training diverged: loss became nan"):
         b = member(True)
         fit(b.model, b.params, b.loss_fn, Batches(), s)
+
+
+def test_fewshot_refuses_test_features_swapped_for_validation_ones(cache, tmp_path):
+    """Issue 11 case 1: swapping the test split's feature chunks with the validation split's (same
+    shapes, valid checksums) must stop training, not report a test top-1 measured on val images."""
+    import shutil
+
+    from vermouth_cache.errors import VermouthError
+    from vermouth_cache.store import Store
+
+    store = tmp_path / "store"
+    shutil.copytree(cache["store"], store)
+    st = Store(store)
+    by_split = {}
+    for e in st.entries("features"):
+        split = st.dataset(e.manifest["about"]["dataset_record"])["source"].get("split")
+        by_split.setdefault(split, e)
+    val, test = by_split["val"], by_split["test"]
+    tap = "mid_block"
+    a, b = (st.loc.path(e.chunk_key(tap, 0)) for e in (val, test))
+    ba, bb = a.read_bytes(), b.read_bytes()
+    assert len(ba) == len(bb) and ba != bb
+    a.write_bytes(bb)
+    b.write_bytes(ba)
+    with pytest.raises(VermouthError, match=rf"array {tap} shard 0: the chunk is well formed but not the one"):
+        _fewshot({**cache, "store": store, "root": tmp_path}, "swapped")

@@ -5,4 +5,4 @@ Data flow, one module each: datasets -> models -> extract -> store -> train.
 
 __version__ = "0.1.0"
 
-SCHEMA_VERSION = 1  # bump when the store layout or a stored value's meaning changes
+SCHEMA_VERSION = 2  # bump when the store layout or a stored value's meaning changes (2: digests in records)

@@ -22,11 +22,10 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import google_crc32c
 from tqdm import tqdm
 
 from .errors import VermouthError
-from .store import KINDS, OK, Entry, Store
+from .store import KINDS, OK, Entry, ShardDamage, Store
 
 EXTRACT_KINDS = ("captions", "text", "latents", "features", "expert")
 DEBRIS_AGE = 3600.0  # seconds: temporary files older than this belong to no live writer
@@ -118,7 +117,17 @@ def verify(store: Store, *, deep: bool = False, progress: bool = True) -> Verifi
             v.problems.append(Problem(entry.prefix, None, None, f"unreadable manifest: {exc}"))
             continue
         v.entries += 1
-        _verify_entry(store, entry, v)
+        try:
+            _verify_entry(store, entry, v)
+        except Exception as exc:  # noqa: BLE001 - verify reports damage, it never dies of it
+            v.problems.append(Problem(entry.prefix, None, None, f"cannot be checked ({type(exc).__name__}: "
+                                                                f"{str(exc)[:200]})"))
+    for name in store.loc.list("datasets"):
+        key = name[:-5] if name.endswith(".json") else name
+        try:
+            store.dataset(key)
+        except VermouthError as exc:
+            v.problems.append(Problem(f"datasets/{name}", None, None, str(exc)))
     return v
 
 
@@ -129,8 +138,11 @@ def _verify_entry(store: Store, entry: Entry, v: Verification) -> None:
         v.problems.append(Problem(entry.prefix, None, None, str(exc)))
         return
     ids = _ids(store, entry)
-    names = sorted(set(entry.record_names()) | set(specs))
+    names = sorted(set(entry.record_names()) | set(specs) | set(entry.broken))
     failed = set()
+    for name, why in entry.broken.items():
+        if not entry.done_shards(name):
+            v.problems.append(Problem(entry.prefix, name, None, why))
     for name in names:
         done = entry.done_shards(name)
         missing = entry.n_shards - len(done & set(range(entry.n_shards)))
@@ -138,7 +150,7 @@ def _verify_entry(store: Store, entry: Entry, v: Verification) -> None:
             v.incomplete.setdefault(entry.prefix, {})[name] = missing
         for shard in sorted(done):
             start, stop = entry.shard_bounds(shard)
-            bad = _check_shard(store, entry, name, shard, specs, v, failed, ids)
+            bad = entry.broken.get(name) or _check_shard(store, entry, name, shard, specs, v, failed, ids)
             if bad:
                 v.problems.append(Problem(entry.prefix, name, shard, bad, ids[start:stop]))
     from .claims import Claims
@@ -157,43 +169,23 @@ def _verify_entry(store: Store, entry: Entry, v: Verification) -> None:
 
 def _check_shard(store, entry: Entry, name: str, shard: int, specs: dict, v: Verification, failed: set,
                  ids: list[str]) -> str | None:
-    """What is wrong with one committed shard, or None."""
-    start, stop = entry.shard_bounds(shard)
+    """What is wrong with one committed shard, or None: the same checks every read makes
+    (`Entry.checked_record`, `Entry.checked_chunk`), the chunk's bytes only with --deep."""
     try:
-        rec = entry.record(name, shard)
-    except VermouthError as exc:
-        return f"unreadable record ({exc})"
-    if rec is None:
-        return "record vanished while verifying"
-    v.records += 1
-    if (rec.start, rec.stop) != (start, stop) or len(rec.status) != stop - start:
-        return f"record covers samples {rec.start}-{rec.stop} with {len(rec.status)} statuses, the shard is {start}-{stop}"
-    failed.update(start + i for i, s in enumerate(rec.status) if s != OK)
-    if rec.values is not None and len(rec.values) != stop - start:
-        return f"record holds {len(rec.values)} values for {stop - start} samples"
-    if name not in specs:
-        if rec.values is None and rec.chunk is not None:
-            return "record of an array the entry does not hold (its metadata is missing)"
-        return None
-    key = entry.chunk_key(name, shard)
-    size = store.loc.size(key)
-    if rec.chunk is None:
-        if any(s == OK for s in rec.status):
-            return "record commits no chunk although samples are ok"
-        return None
-    expected = entry.chunk_nbytes(name)
-    if size is None:
-        return "chunk missing"
-    if size != expected or size != rec.chunk.get("nbytes"):
-        return f"chunk is {size} bytes, expected {expected} (truncated or overwritten)"
-    if v.deep:
-        data = store.loc.read_bytes(key)
-        v.bytes_read += len(data)
-        crc = google_crc32c.value(data[:-4])
-        if crc != int.from_bytes(data[-4:], "little"):
-            return "checksum mismatch: the chunk's bytes are corrupt"
-        if crc != rec.chunk.get("crc32c"):
-            return "chunk is well formed but not the one its record committed"
+        rec = entry.checked_record(name, shard)
+        if rec is None:
+            return "record vanished while verifying"
+        v.records += 1
+        start = entry.shard_bounds(shard)[0]
+        failed.update(start + i for i, s in enumerate(rec.status) if s != OK)
+        if rec.chunk is None:
+            return None
+        if name not in specs:  # its metadata is missing or altered: named once per array by _verify_entry
+            return None
+        data = entry.checked_chunk(name, shard, rec, read=v.deep)
+        v.bytes_read += len(data or b"")
+    except ShardDamage as exc:
+        return exc.reason
     return None
 
 
@@ -233,6 +225,12 @@ def repair(store: Store, *, deep: bool = True, progress: bool = True, device: st
 
 def _repair_entry(store: Store, entry: Entry, arrays: dict[str, set[int]], progress: bool, device) -> None:
     kind, about = entry.kind, entry.manifest.get("about", {})
+    for name in arrays:
+        if name in entry.broken:  # altered or missing metadata: the array is made again from scratch
+            for shard in entry.done_shards(name):
+                store.loc.delete(entry.record_key(name, shard))
+            store.loc.delete_prefix(f"{entry.prefix}/arrays/{name}")
+            arrays[name] = set(range(entry.n_shards))
     if kind in EXTRACT_KINDS:
         from .extract import extract
         from .request import ExtractRequest

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .errors import VermouthError
 from .store import OK, Entry, Store
 from .unet_taps import summarize_taps
 
@@ -44,8 +45,19 @@ def entry_row(entry: Entry) -> dict[str, str]:
     }
 
 
+def damaged_row(entry: Entry, exc: Exception) -> dict[str, str]:
+    """A row that shows nothing the entry claims, only that it cannot be trusted."""
+    return {c: "" for c in COLUMNS} | {"kind": entry.kind, "key": entry.key,
+                                        "done/total": f"damaged: {str(exc)[:60]}... (run verify)"}
+
+
 def table(store: Store, kind: str | None = None) -> str:
-    rows = [entry_row(e) for e in store.entries(kind)]
+    rows = []
+    for e in store.entries(kind):
+        try:
+            rows.append(entry_row(e))
+        except VermouthError as exc:
+            rows.append(damaged_row(e, exc))
     if not rows:
         return f"store {store.root} holds no entries"
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in COLUMNS}

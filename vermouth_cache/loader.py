@@ -95,9 +95,7 @@ class CacheLoader:
                     f"CacheLoader: field {key!r} ({e}) has {e.n_samples} samples in shards of {e.shard_size}, "
                     f"field {k0!r} ({f0.entry}) {self.n_samples} in shards of {self.shard_size}: "
                     f"the fields of one loader must cover the same dataset")
-            spec = e.arrays.get(f.array)
-            if spec is None:
-                raise VermouthError(f"CacheLoader: field {key!r}: {e} has no array {f.array!r}")
+            spec = e.array_spec(f.array)  # raises, naming why, for a missing or altered array
             if spec["dtype"] not in TORCH_DTYPES:
                 raise VermouthError(f"CacheLoader: field {key!r}: array dtype {spec['dtype']} is not a float")
             ds = e.manifest.get("about", {}).get("dataset_record")  # written by extract(); absent in hand-made entries

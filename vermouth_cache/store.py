@@ -15,10 +15,15 @@ kinds: captions, text, latents, features, expert, masks, classtext. A shard is `
 consecutive samples of the dataset (sorted by id); each shard of each array is written whole by
 one writer, as one chunk object written atomically, then its record. A chunk without a record is
 not data: reads refuse it, and extraction recomputes it. Float arrays are filled with NaN, so
-even a bypassing reader never sees zeros for a missing chunk. Chunks end in a CRC32C checksum,
-checked on every read; the record holds the same checksum, so `verify` also catches a chunk
-swapped for another well-formed one. Nothing in a store is a pickle: JSON, and Zarr arrays of
-plain numbers whose codecs are checked before any byte is decoded.
+even a bypassing reader never sees zeros for a missing chunk.
+
+Every read checks what `verify --deep` checks, for the shards it touches (`Entry.read`): the
+record parses and covers the shard; it was written under this manifest and this array metadata
+(their sha256s are in the record); the chunk exists, has the record's size, and its bytes have the
+record's CRC32C (so a chunk swapped for another well-formed one is refused). The chunk is then
+decoded from those very bytes with numpy, by the metadata just checked. Every JSON file read is
+validated (`store_files`). Nothing in a store is a pickle: JSON, and Zarr arrays of plain numbers
+whose codecs are checked before any byte is decoded.
 
 Every file is created or replaced atomically, and manifests, array metadata and dataset records
 are created only if absent, so several writers may share a store (see `claims`).
@@ -42,6 +47,8 @@ from . import SCHEMA_VERSION, __version__
 from .errors import VermouthError
 from .hashing import canonical_json, recipe_key
 from .storage import Location, LocalLocation, open_location, space_error
+from .store_files import (ArrayMeta, Record, StoreMarker, check_dataset_record, check_key, check_manifest,
+                          digest, parse)
 
 KINDS = ("captions", "text", "latents", "features", "expert", "masks", "classtext")
 STORE_MARKER = "vermouth-store.json"
@@ -67,6 +74,15 @@ def write_json_atomic(path: Path, obj) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class ShardDamage(VermouthError):
+    """A committed shard that cannot be served: its record, chunk or metadata do not agree."""
+
+    def __init__(self, entry: str, array: str, shard: int, reason: str):
+        super().__init__(f"store entry {entry} array {array} shard {shard}: {reason}; `vermouth-cache verify --deep` "
+                         "names every damaged shard, `vermouth-cache repair` recomputes them")
+        self.entry, self.array, self.shard, self.reason = entry, array, shard, reason
 
 
 def read_json(path: Path):
@@ -115,7 +131,8 @@ class ShardRecord:
     status: list[str]  # "ok" or "error: <reason>" per sample
     values: list | None = None  # captions are stored here, not in an array
     run: dict | None = None  # device, precision, seconds: what may differ between runs
-    chunk: dict | None = None  # {"nbytes", "crc32c"} of the chunk object this record commits
+    chunk: dict | None = None  # {"nbytes", "crc32c", "meta": sha256 of zarr.json} of the chunk it commits
+    manifest: str = ""  # sha256 of the manifest it was written under
 
     def to_json(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -132,6 +149,8 @@ class Entry:
         self._manifest: dict | None = None
         self._arrays: dict[str, zarr.Array] = {}
         self._specs: dict[str, dict] | None = None
+        self._broken: dict[str, str] = {}  # array -> why it cannot be read (its metadata is gone or altered)
+        self._manifest_digest = ""
         self._zstore = None
         self._touched = 0.0
 
@@ -145,12 +164,21 @@ class Entry:
 
     @property
     def manifest(self) -> dict:
+        """The manifest, once checked: well formed, of this entry, its recipe hashing to the key."""
         if self._manifest is None:
+            where = f"{self.prefix}/manifest.json"
             try:
-                self._manifest = self.loc.read_json(f"{self.prefix}/manifest.json")
+                body = self.loc.read_json(where)
             except FileNotFoundError:
                 raise VermouthError(f"store entry {self.prefix} has no manifest") from None
+            check_manifest(body, where, self.kind, self.key)
+            self._manifest, self._manifest_digest = body, digest(body)
         return self._manifest
+
+    @property
+    def manifest_digest(self) -> str:
+        self.manifest
+        return self._manifest_digest
 
     @property
     def n_samples(self) -> int:
@@ -170,34 +198,78 @@ class Entry:
     # -- arrays ---------------------------------------------------------------------------------
     @property
     def arrays(self) -> dict[str, dict]:
-        """{name: {"shape": per-sample shape, "dtype"}} of every array the entry holds."""
+        """{name: {"shape": per-sample shape, "dtype", "meta": sha256 of zarr.json}} of every readable
+        array; arrays whose metadata is missing or altered are in `broken` instead."""
         if self._specs is None:
-            self._specs = self._read_specs()
+            self._specs, self._broken = self._read_specs()
         return self._specs
 
+    @property
+    def broken(self) -> dict[str, str]:
+        """{array: why it cannot be read}: committed data whose metadata is missing or not vermouth's."""
+        self.arrays
+        return self._broken
+
     def array_names(self) -> list[str]:
-        return sorted(self.arrays)
+        """Every array the entry holds, broken ones included (reading those raises, naming why)."""
+        return sorted(set(self.arrays) | set(self.broken))
 
     def array_spec(self, name: str) -> dict:
         if name not in self.arrays:
             self._specs = None  # another writer may have added it since we looked
+        if name in self.broken:
+            raise VermouthError(f"store entry {self.prefix} array {name}: {self.broken[name]}; `vermouth-cache repair` "
+                                "recomputes it")
         if name not in self.arrays:
             raise VermouthError(f"store entry {self.prefix} has no array {name!r}")
         return self.arrays[name]
 
-    def _read_specs(self) -> dict[str, dict]:
-        specs = {}
+    def _read_specs(self) -> tuple[dict[str, dict], dict[str, str]]:
+        specs, broken = {}, {}
         for name in self.loc.list(f"{self.prefix}/arrays"):
+            if name == "zarr.json":
+                continue  # the group's own metadata
+            where = f"{self.prefix}/arrays/{name}/zarr.json"
             try:
-                meta = self.loc.read_json(f"{self.prefix}/arrays/{name}/zarr.json")
+                body = self.loc.read_json(where)
             except FileNotFoundError:
+                broken[name] = "its metadata (zarr.json) is missing"
                 continue
-            if meta.get("node_type") != "array":
+            _refuse_unsafe(body, f"{self.prefix}/arrays/{name}")
+            try:
+                spec = self._check_meta(parse(ArrayMeta, body, where), name)
+            except VermouthError as exc:
+                broken[name] = str(exc)
                 continue
-            _refuse_unsafe(meta, f"{self.prefix}/arrays/{name}")
-            specs[name] = {"shape": list(meta["shape"][1:]),
-                           "dtype": meta.get("attributes", {}).get("vermouth_dtype", meta["data_type"])}
-        return specs
+            specs[name] = {**spec, "meta": digest(body)}
+        for name in self.record_names():  # records that commit chunks of an array whose folder is gone
+            if name in specs or name in broken:
+                continue
+            shards = sorted(self.done_shards(name))
+            rec = self.record(name, shards[0]) if shards else None
+            if rec is not None and rec.chunk is not None:
+                broken[name] = "its records commit chunks but its metadata (zarr.json) is missing"
+        return specs, broken
+
+    def _check_meta(self, meta: ArrayMeta, name: str) -> dict:
+        """The array's per-sample spec, if its metadata is exactly what `ensure_array` writes."""
+        dtype = meta.attributes.get("vermouth_dtype", meta.data_type)
+        sample = list(meta.shape[1:])
+        expected = {
+            "shape[0]": (meta.shape[:1], [self.n_samples]),
+            "data_type": (meta.data_type, _zarr_dtype(dtype) if isinstance(dtype, str) else None),
+            "chunk_grid": (meta.chunk_grid, {"name": "regular", "configuration": {"chunk_shape": [self.shard_size, *sample]}}),
+            "chunk_key_encoding": (meta.chunk_key_encoding, {"name": "default", "configuration": {"separator": "/"}}),
+            "codecs": (meta.codecs, [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]),
+            "storage_transformers": (getattr(meta, "storage_transformers", None) or [], []),
+        }
+        recipe_dtype = self.manifest["recipe"].get("dtype")  # the recipe is checked against the key
+        if isinstance(recipe_dtype, str):
+            expected["attributes.vermouth_dtype"] = (dtype, STORAGE_DTYPES.get(recipe_dtype, recipe_dtype))
+        for what, (have, want) in expected.items():
+            if have != want:
+                raise VermouthError(f"its metadata was altered ({what} is {str(have)[:80]}, vermouth-cache wrote {want})")
+        return {"shape": sample, "dtype": dtype}
 
     def _zarr_store(self):
         if self._zstore is None:
@@ -211,9 +283,12 @@ class Entry:
         if name not in self.arrays:
             self._specs = None
         if name in self.arrays:
-            if self.arrays[name] != spec:
-                raise VermouthError(f"store entry {self.prefix} array {name}: has {self.arrays[name]}, asked {spec}")
+            if _shape_dtype(self.arrays[name]) != spec:
+                raise VermouthError(f"store entry {self.prefix} array {name}: has {_shape_dtype(self.arrays[name])}, "
+                                    f"asked {spec}")
             return
+        if name in self.broken:
+            self.array_spec(name)  # raises: altered metadata is never written over
         try:
             zarr.create_array(
                 store=self._zarr_store(), name=name, shape=(self.n_samples, *sample_shape),
@@ -226,8 +301,9 @@ class Entry:
         except OSError as exc:
             raise space_error(exc, f"{self.prefix}/arrays/{name}") from None
         self._specs = None
-        if self.arrays.get(name) != spec:
-            raise VermouthError(f"store entry {self.prefix} array {name}: has {self.arrays.get(name)}, asked {spec}")
+        if name in self.broken or _shape_dtype(self.arrays.get(name)) != spec:
+            raise VermouthError(f"store entry {self.prefix} array {name}: has {self.broken.get(name) or self.arrays.get(name)}, "
+                                f"asked {spec}")
 
     def _array(self, name: str) -> zarr.Array:
         if name not in self._arrays:
@@ -266,14 +342,67 @@ class Entry:
         return out
 
     def record(self, name: str, shard: int) -> ShardRecord | None:
+        """Shard `shard`'s record of `name` (shape-checked), or None if the shard was never committed."""
+        where = self.record_key(name, shard)
         try:
-            body = self.loc.read_json(self.record_key(name, shard))
+            body = self.loc.read_json(where)
         except FileNotFoundError:
             return None
+        rec = parse(Record, body, where).model_dump()
+        return ShardRecord(**rec)
+
+    def checked_record(self, name: str, shard: int) -> ShardRecord | None:
+        """The record, if it belongs to this shard, this manifest and (for arrays) this metadata; else ShardDamage."""
         try:
-            return ShardRecord(**body)
-        except TypeError as exc:
-            raise VermouthError(f"corrupt shard record {self.record_key(name, shard)}: {exc}") from None
+            rec = self.record(name, shard)
+        except VermouthError as exc:
+            raise ShardDamage(self.prefix, name, shard, f"unreadable record ({exc})") from None
+        if rec is None:
+            return None
+        start, stop = self.shard_bounds(shard)
+        damage = None
+        if (rec.shard, rec.start, rec.stop) != (shard, start, stop) or len(rec.status) != stop - start:
+            damage = (f"record covers samples {rec.start}-{rec.stop} with {len(rec.status)} statuses, the shard is "
+                      f"{start}-{stop}")
+        elif rec.values is not None and len(rec.values) != stop - start:
+            damage = f"record holds {len(rec.values)} values for {stop - start} samples"
+        elif rec.manifest != self.manifest_digest:
+            damage = "the manifest was changed after this shard was written"
+        elif rec.chunk is None and any(st == OK for st in rec.status) and rec.values is None:
+            damage = "record commits no chunk although samples are ok"
+        elif rec.chunk is not None and rec.chunk["meta"] != self.array_spec(name)["meta"]:
+            damage = "the array's metadata (zarr.json) was changed after this shard was written"
+        if damage:
+            raise ShardDamage(self.prefix, name, shard, damage)
+        return rec
+
+    def checked_chunk(self, name: str, shard: int, rec: ShardRecord, *, read: bool = True) -> bytes | None:
+        """The chunk's bytes, if they are exactly those `rec` committed (size, CRC32C); else ShardDamage.
+        `read=False` checks only the size (no bytes are read)."""
+        key = self.chunk_key(name, shard)
+        expected = self.chunk_nbytes(name)
+        if not read:
+            size = self.loc.size(key)
+            data = None
+        else:
+            try:
+                data = self.loc.read_bytes(key)
+            except FileNotFoundError:
+                data = None
+            size = None if data is None else len(data)
+        if size is None:
+            raise ShardDamage(self.prefix, name, shard, "chunk missing although its record says it was committed")
+        if size != expected or size != rec.chunk["nbytes"]:
+            raise ShardDamage(self.prefix, name, shard, f"chunk is corrupt: {size} bytes, expected {expected} "
+                                                        "(truncated or overwritten)")
+        if data is not None:
+            crc = google_crc32c.value(data[:-4])
+            if crc != int.from_bytes(data[-4:], "little"):
+                raise ShardDamage(self.prefix, name, shard, "checksum mismatch: the chunk's bytes are corrupt")
+            if crc != rec.chunk["crc32c"]:
+                raise ShardDamage(self.prefix, name, shard, "the chunk is well formed but not the one its record "
+                                                            "committed (swapped or overwritten)")
+        return data
 
     def write_shard(self, name: str, shard: int, status: list[str], data: np.ndarray | None = None,
                     values: list | None = None, run: dict | None = None, before_commit=None) -> None:
@@ -289,14 +418,14 @@ class Entry:
             stored = _to_storage(data, spec["dtype"])
             padded = np.full((self.shard_size, *stored.shape[1:]), _nan_fill(spec["dtype"]), dtype=stored.dtype)
             padded[: stop - start] = stored
-            chunk = chunk_checksum(padded)
+            chunk = {**chunk_checksum(padded), "meta": spec["meta"]}
             if before_commit:
                 before_commit()
             try:
                 self._array(name)[start:stop] = stored
             except OSError as exc:  # e.g. ENOSPC from zarr's own atomic write
                 raise space_error(exc, self.chunk_key(name, shard)) from None
-        rec = ShardRecord(shard, start, stop, list(status), values, run, chunk)
+        rec = ShardRecord(shard, start, stop, list(status), values, run, chunk, self.manifest_digest)
         if before_commit:
             before_commit()
         self.loc.write_json(self.record_key(name, shard), rec.to_json())
@@ -316,7 +445,7 @@ class Entry:
         """{sample index: status} for the samples of `shards` that have a record."""
         out: dict[int, str] = {}
         for shard in shards:
-            rec = self.record(name, shard)
+            rec = self.checked_record(name, shard)
             if rec is not None:
                 out.update(zip(range(rec.start, rec.stop), rec.status))
         return out
@@ -325,38 +454,38 @@ class Entry:
         """Per-sample values kept in records (captions); None where not computed."""
         out: list = [None] * self.n_samples
         for shard in self.done_shards(name):
-            rec = self.record(name, shard)
+            rec = self.checked_record(name, shard)
             if rec is not None and rec.values is not None:
                 out[rec.start:rec.stop] = rec.values
         return out
 
     def read(self, name: str, indices: np.ndarray | list[int] | slice | None = None) -> np.ndarray:
-        """Rows of array `name`; refuses any requested sample whose shard is not complete or failed,
-        and any chunk whose checksum does not match."""
+        """Rows of array `name`, in the order asked. Refuses any requested sample whose shard is not
+        committed or whose image failed, and any shard whose record, metadata or chunk bytes do not
+        agree (`ShardDamage`, naming entry, array and shard): exactly the checks of `verify --deep`."""
         idx = np.arange(self.n_samples)[indices if indices is not None else slice(None)]
-        shards = {int(i) // self.shard_size for i in idx}
-        statuses = self._statuses_of(name, shards)  # only the shards read
-        bad = [int(i) for i in idx if statuses.get(int(i)) != OK]
+        spec = self.array_spec(name)
+        shard_of = idx // self.shard_size
+        records = {int(s): self.checked_record(name, int(s)) for s in np.unique(shard_of)}
+        bad = [int(i) for i, s in zip(idx, shard_of)
+               if records[int(s)] is None or records[int(s)].status[int(i) - int(s) * self.shard_size] != OK]
         if bad:
             i = bad[0]
-            why = "was never computed" if statuses.get(i) is None else statuses[i]
+            rec = records[i // self.shard_size]
+            why = "was never computed" if rec is None else rec.status[i - i // self.shard_size * self.shard_size]
             raise VermouthError(
                 f"store entry {self.prefix} array {name}: {len(bad)} requested sample(s) not available "
                 f"(sample #{i} {why})"
             )
-        spec = self.array_spec(name)
-        arr = self._array(name)
-        try:
-            if len(idx) and np.all(np.diff(idx) == 1):
-                data = arr[int(idx[0]): int(idx[-1]) + 1]
-            else:
-                data = arr.get_orthogonal_selection((idx,) + (slice(None),) * (arr.ndim - 1))
-        except Exception as exc:  # noqa: BLE001 - zarr raises ValueError/OSError/... on a bad chunk
-            raise VermouthError(
-                f"store entry {self.prefix} array {name}: a chunk of shard(s) {', '.join(map(str, sorted(shards)))} "
-                f"is corrupt ({type(exc).__name__}: {str(exc)[:120]}); `vermouth-cache verify --deep` names it, "
-                "`vermouth-cache repair` recomputes it") from None
-        return _from_storage(np.asarray(data), spec["dtype"])
+        dtype = np.dtype(_zarr_dtype(spec["dtype"])).newbyteorder("<")
+        out = np.empty((len(idx), *spec["shape"]), dtype=dtype.newbyteorder("="))
+        for s, rec in records.items():
+            data = self.checked_chunk(name, s, rec)
+            block = np.frombuffer(data, dtype=dtype, count=(len(data) - 4) // dtype.itemsize)  # then the CRC32C
+            block = block.reshape(self.shard_size, *spec["shape"])
+            rows = shard_of == s
+            out[rows] = block[idx[rows] - s * self.shard_size]
+        return _from_storage(out, spec["dtype"])
 
     def size_bytes(self) -> int:
         return self.loc.du(f"{self.prefix}/arrays")
@@ -379,6 +508,10 @@ class Entry:
         except (FileNotFoundError, KeyError, TypeError, ValueError, VermouthError):
             created = self.manifest.get("created_unix")
             return float(created) if created else 0.0
+
+
+def _shape_dtype(spec: dict | None) -> dict | None:
+    return None if spec is None else {"shape": spec["shape"], "dtype": spec["dtype"]}
 
 
 def _refuse_unsafe(meta: dict, where: str) -> None:
@@ -417,10 +550,17 @@ class Store:
                 info = self.loc.read_json(STORE_MARKER)
             except FileNotFoundError:
                 raise VermouthError(f"{self.root} exists, is not empty and is not a vermouth-cache store") from None
-        if info.get("schema_version", 0) > SCHEMA_VERSION:
+        version = parse(StoreMarker, info, f"{self.root}/{STORE_MARKER}").schema_version
+        if version > SCHEMA_VERSION:
             raise VermouthError(
-                f"store {self.root} was written by a newer vermouth-cache (schema {info['schema_version']} > "
+                f"store {self.root} was written by a newer vermouth-cache (schema {version} > "
                 f"{SCHEMA_VERSION}): upgrade vermouth-cache to read it"
+            )
+        if version < SCHEMA_VERSION:
+            raise VermouthError(
+                f"store {self.root} was written by an older vermouth-cache (schema {version}), whose records do not "
+                f"carry the digests every read of schema {SCHEMA_VERSION} checks: extract into a new store (vermouth-cache "
+                "0.1.0 still reads this one)"
             )
 
     def __repr__(self) -> str:
@@ -434,10 +574,15 @@ class Store:
         return key
 
     def dataset(self, key: str) -> dict:
+        """The dataset record `key`, once checked: well formed and hashing to its key."""
+        check_key(key, f"store {self.root}: dataset record reference")
+        where = f"datasets/{key}.json"
         try:
-            return self.loc.read_json(f"datasets/{key}.json")
+            body = self.loc.read_json(where)
         except FileNotFoundError:
             raise VermouthError(f"store {self.root} has no dataset record {key}") from None
+        check_dataset_record(body, where, key)
+        return body
 
     # -- entries --------------------------------------------------------------------------------
     def entry(self, kind: str, recipe: dict, *, n_samples: int, shard_size: int, about: dict) -> Entry:
@@ -463,6 +608,7 @@ class Store:
         return out
 
     def find(self, kind: str, key_prefix: str) -> Entry:
+        check_key(key_prefix, f"store {self.root}: {kind} entry reference")
         if key_prefix and self.loc.exists(f"{kind}/{key_prefix}/manifest.json"):  # a whole key: no scan
             return Entry(self.loc, kind, key_prefix)
         matches = [e for e in self.entries(kind) if e.key.startswith(key_prefix)]
