@@ -69,6 +69,7 @@ def export_h5(store: Store, out: str | os.PathLike, *, entry_key: str | None = N
               taps: list[str] | None = None, dataset=None, query=None) -> dict:
     """Export the entry `entry_key`, or the one of `dataset` (a Dataset) matching `query` (a
     selection.FeatureQuery): a request the store does not hold is refused with the fields that differ."""
+    out = _output_path(out)  # an impossible --out is refused before anything is read
     if dataset is not None:
         from .selection import find_features
 
@@ -93,7 +94,7 @@ def export_h5(store: Store, out: str | os.PathLike, *, entry_key: str | None = N
     keep = [i for i in range(entry.n_samples) if all(st[i] == OK for st in statuses)]
     excluded = [record["ids"][i] for i in range(entry.n_samples) if i not in set(keep)]
     captions = store.find("captions", about["captions"]).values("captions")
-    out = _output_path(out)
+    out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         with _create_h5(tmp, out) as f:
