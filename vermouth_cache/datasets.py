@@ -16,6 +16,7 @@ dataset happens to live on disk. Only existence is checked here; decoding happen
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
 import os
@@ -29,6 +30,9 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from .errors import VermouthError
 from .hashing import canonical_json, file_sha256
 
+# Integer labels that come without class names (a manifest's bare label column) index a class
+# list made up of their numbers: it is capped so a typo like 10**11 cannot build it.
+MAX_UNNAMED_LABELS = 100_000
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 _COOP_NAME = re.compile(r"^split_zhou_(?P<name>.+)\.json$")
 
@@ -102,7 +106,7 @@ def load_dataset(spec: str | Path, *, image_root: str | Path | None = None,
     spec = _abspath(spec)
     if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 1):
         raise VermouthError(f"shots must be an integer >= 1, got {shots!r}")
-    if not spec.exists():
+    if not _exists(spec, "dataset"):
         raise VermouthError(f"dataset not found: {spec}")
     if layout is None and spec.is_dir():
         from .seg_data import LAYOUTS, detect_layout  # lazy: seg_data imports this module
@@ -155,6 +159,43 @@ def load_dataset(spec: str | Path, *, image_root: str | Path | None = None,
     return Dataset(name, root, tuple(sorted(samples, key=lambda s: s.id)), classnames, source)
 
 
+def _short(p) -> str:
+    """A path for a one-line message: very long ones keep their ends and say how long they are."""
+    p = str(p)
+    return p if len(p) <= 200 else f"{p[:80]}...{p[-80:]} ({len(p)} characters)"
+
+
+def _exists(p: Path, what: str) -> bool:
+    """Path.exists, but a name the OS refuses (too long, no permission) is one line naming it."""
+    try:
+        os.stat(p)
+    except (FileNotFoundError, NotADirectoryError):
+        if os.path.islink(p):
+            raise VermouthError(f"{what} {_short(p)} is a broken symbolic link (to {os.readlink(p)})") from None
+        return False
+    except OSError as e:
+        why = e.strerror or str(e)
+        if e.errno == errno.ENAMETOOLONG:
+            why += f" (a component of {max(len(c.encode()) for c in Path(p).parts)} bytes)"
+        raise VermouthError(f"{what} {_short(p)}: cannot access: {why}") from None
+    except ValueError as e:  # an embedded NUL byte
+        raise VermouthError(f"{what} {_short(p)}: {e}") from None
+    return True
+
+
+def _inside(root_real: str, p: Path, where: str, what: str = "image") -> None:
+    """Refuse `p` if it is a broken symbolic link or one (or a linked directory on its way) that
+    leads out of the root whose realpath is `root_real`: a dataset reads only its own tree."""
+    real = os.path.realpath(p)
+    if not os.path.exists(real):
+        if os.path.islink(p):
+            raise VermouthError(f"{where}: {what} {_short(p)} is a broken symbolic link (to {os.readlink(p)})")
+        raise VermouthError(f"{where}: {what} not found: {_short(p)}")
+    if real != root_real and os.path.commonpath([root_real, real]) != root_real:
+        raise VermouthError(f"{where}: {what} {_short(p)} is a symbolic link leading outside the "
+                            f"image root {root_real} (to {_short(real)})")
+
+
 def _abspath(p: str | Path) -> Path:
     # abspath normalises ".." lexically without resolving symlinks, so a symlinked dataset
     # keeps the paths the user gave.
@@ -163,14 +204,25 @@ def _abspath(p: str | Path) -> Path:
 
 def _load_folder(root: Path) -> tuple[list[Sample], tuple[str, ...]]:
     # Hidden entries (.git, .ipynb_checkpoints, .DS_Store) are tooling litter, not classes.
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    # Symbolic links are followed only inside the root: a broken one, or one leading out of the
+    # root (evil.png -> /etc/passwd, a class directory linked from elsewhere), is refused here,
+    # when listing, rather than silently dropped or read.
+    root_real = os.path.realpath(root)
+    visible = sorted((p for p in root.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
+    for p in visible:
+        if p.is_symlink():
+            _inside(root_real, p, str(root), "class directory" if p.is_dir() else "entry")
+    classes = [p.name for p in visible if p.is_dir()]
     if not classes:
         raise VermouthError(f"{root}: no class subdirectories (expected root/<class>/<image>)")
     samples = []
     for label, cls in enumerate(classes):
         for f in sorted((root / cls).iterdir(), key=lambda p: p.name):
-            if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file() and not f.name.startswith("."):
-                samples.append(Sample(f"{cls}/{f.name}", f, label, cls))
+            if f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith("."):
+                if f.is_symlink():
+                    _inside(root_real, f, str(root))
+                if f.is_file():
+                    samples.append(Sample(f"{cls}/{f.name}", f, label, cls))
     return samples, tuple(classes)
 
 
@@ -179,16 +231,33 @@ def _safe_id(raw, where: str) -> str:
     if not isinstance(raw, str) or not raw.strip():
         raise VermouthError(f"{where}: path must be a non-empty string, got {raw!r}")
     if PurePosixPath(raw).is_absolute() or PureWindowsPath(raw).drive or raw.startswith("\\"):
-        raise VermouthError(f"{where}: absolute path refused: {raw}")
+        raise VermouthError(f"{where}: absolute path refused: {_short(raw)}")
     if ".." in PurePosixPath(raw).parts:
-        raise VermouthError(f"{where}: path escapes the image root: {raw}")
+        raise VermouthError(f"{where}: path escapes the image root: {_short(raw)}")
     return posixpath.normpath(raw)  # "./a//b.jpg" and "a/b.jpg" are the same sample
 
 
 def _existing(root: Path, rel: str, where: str, what: str = "image") -> Path:
-    if not (root / rel).is_file():
-        raise VermouthError(f"{where}: {what} not found: {root / rel}")
-    return root / rel
+    """root / rel, refused (one line naming `where`) unless it is a file inside the root."""
+    path = root / rel
+    try:
+        ok = path.is_file()
+    except OSError as e:  # e.g. ENAMETOOLONG: a path component longer than the filesystem allows
+        why = e.strerror or str(e)
+        if e.errno == errno.ENAMETOOLONG:
+            why += f" (a component of {max(len(c.encode()) for c in path.parts)} bytes)"
+        raise VermouthError(f"{where}: cannot access {what} {_short(rel)}: {why}") from None
+    if not ok or os.path.islink(path) or _linked(root, rel):
+        _inside(os.path.realpath(root), path, where, what)
+    if not ok:
+        raise VermouthError(f"{where}: {what} not found: {_short(path)}")
+    return path
+
+
+def _linked(root: Path, rel: str) -> bool:
+    """Whether a directory on the way from root to root / rel is a symbolic link."""
+    parts = PurePosixPath(rel).parts[:-1]
+    return any(os.path.islink(root.joinpath(*parts[:i + 1])) for i in range(len(parts)))
 
 
 def _check_unique(placed: list[tuple[str, Sample]]) -> list[Sample]:
@@ -201,13 +270,27 @@ def _check_unique(placed: list[tuple[str, Sample]]) -> list[Sample]:
     return [s for _, s in placed]
 
 
-def _classnames(pairs, where: str) -> tuple[str, ...]:
-    """classnames[label] from (label, name) pairs; a label with two names is an error."""
+def _classnames(pairs, where: str, entries=None) -> tuple[str, ...]:
+    """classnames[label] from (label, name) pairs; a label with two names is an error.
+
+    Labels are bounded before the list is built: when every label is named, by the number of
+    classes the file names (max of distinct labels and distinct names, so labels are 0..C-1);
+    otherwise by MAX_UNNAMED_LABELS. `entries[i]` names pair i in the error ("file: train[3]").
+    """
     names: dict[int, str] = {}
     for label, name in pairs:
         if name is not None and names.setdefault(label, name) != name:
             raise VermouthError(f"{where}: label {label} has two class names: "
                                 f"{names[label]!r} and {name!r}")
+    named = all(name is not None for _, name in pairs)
+    limit = (max(len(names), len(set(names.values()))) if named else
+             max(MAX_UNNAMED_LABELS, len({label for label, _ in pairs})))
+    for i, (label, _) in enumerate(pairs):
+        if label >= limit:
+            entry = entries[i] if entries is not None else where
+            rule = (f"the file names {limit} classes, so labels are 0-{limit - 1}" if named else
+                    f"labels without class names are below {MAX_UNNAMED_LABELS}")
+            raise VermouthError(f"{entry}: label {label} is out of range ({rule})")
     n = max((label for label, _ in pairs), default=-1) + 1
     # Gaps (labels never named or never used) keep their index so label == position holds.
     return tuple(names.get(i, str(i)) for i in range(n))
@@ -218,21 +301,24 @@ def _load_coop(spec: Path, root: Path, split: str | None):
         data = json.loads(spec.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise VermouthError(f"{spec}: cannot read split file: {e}") from None
+    except RecursionError:
+        raise VermouthError(f"{spec}: cannot read split file: JSON nested too deeply") from None
     if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
         raise VermouthError(f"{spec}: not a CoOp split file ({{split: [[path, label, name]]}})")
     if split is None or split not in data:
         problem = "needs a split" if split is None else f"has no split {split!r}"
         raise VermouthError(f"{spec} {problem}; available: {', '.join(sorted(data))}")
     # Class names come from every split so a label means the same class in train and test.
-    pairs = []
+    pairs, wheres = [], []
     for name, entries in data.items():
         for i, entry in enumerate(entries):
             ok = isinstance(entry, list) and len(entry) == 3 and isinstance(entry[2], str)
             if not ok or type(entry[1]) is not int or entry[1] < 0:
                 raise VermouthError(
-                    f"{spec}: {name}[{i}]: expected [path, label >= 0, name], got {entry!r}")
+                    f"{spec}: {name}[{i}]: expected [path, label >= 0, name], got {_short(repr(entry))}")
             pairs.append((entry[1], entry[2]))
-    classnames = _classnames(pairs, str(spec))  # file-level problems before per-image ones
+            wheres.append(f"{spec}: {name}[{i}]")
+    classnames = _classnames(pairs, str(spec), wheres)  # file-level problems before per-image ones
     placed = []
     for i, (raw, label, cls) in enumerate(data[split]):
         where = f"{spec}: {split}[{i}]"
@@ -257,6 +343,8 @@ def _read_rows(spec: Path) -> list[tuple[int, dict]]:
                         rows.append((n, json.loads(line)))
                     except json.JSONDecodeError as e:
                         raise VermouthError(f"{spec}: line {n}: invalid JSON: {e.msg}") from None
+                    except RecursionError:
+                        raise VermouthError(f"{spec}: line {n}: invalid JSON: nested too deeply") from None
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise VermouthError(f"{spec}: cannot read manifest: {e}") from None
     out = []
@@ -286,9 +374,13 @@ def _load_manifest(spec: Path, root: Path, split: str | None):
     # Labels are assigned over ALL rows before split filtering, so train and test agree.
     given = {n: r["label"] for n, r in rows if r.get("label") is not None}
     if given and all(v.isascii() and v.isdigit() for v in given.values()):
+        for n, v in given.items():
+            if len(v) > 15:  # int() of a 5000-digit string raises; no class list is that long
+                raise VermouthError(f"{spec}: line {n}: label {_short(v)} is out of range")
         label_of = {n: int(v) for n, v in given.items()}
         pairs = [(label_of[n], r.get("classname")) for n, r in rows if n in label_of]
-        classnames = _classnames(pairs, str(spec))
+        wheres = [f"{spec}: line {n}" for n, _ in rows if n in label_of]
+        classnames = _classnames(pairs, str(spec), wheres)
     else:
         # Labels given as class names (or only a classname column): index = sorted unique names.
         name_of = {}

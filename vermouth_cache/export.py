@@ -33,10 +33,43 @@ def select_features_entry(store: Store, key: str | None) -> Entry:
     raise VermouthError(f"store {store.root} holds {len(entries)} feature entries; choose one with --entry: {keys}")
 
 
+def _output_path(out) -> Path:
+    """--out, refused up front (before any reading) if the file cannot be created there."""
+    out = Path(out)
+    if out.is_dir():
+        raise VermouthError(f"cannot write {out}: it is a directory")
+    parent = out.parent
+    if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise VermouthError(f"cannot write {out}: the directory {parent} {what}")
+    return out
+
+
+def _create_h5(tmp: Path, out: Path):
+    try:
+        return h5py.File(tmp, "w")
+    except OSError as e:  # h5py wraps errno: "Unable to create file (... errno = 13 ...)"
+        raise VermouthError(f"cannot write {out}: {_reason(e)}") from None
+
+
+def _reason(e: OSError) -> str:
+    if e.errno is not None and e.strerror:
+        return e.strerror
+    return " ".join(str(e).split())  # h5py's messages span several lines
+
+
+def _remove(tmp: Path) -> None:
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass  # e.g. the directory vanished: nothing of ours is left under the final name anyway
+
+
 def export_h5(store: Store, out: str | os.PathLike, *, entry_key: str | None = None,
               taps: list[str] | None = None, dataset=None, query=None) -> dict:
     """Export the entry `entry_key`, or the one of `dataset` (a Dataset) matching `query` (a
     selection.FeatureQuery): a request the store does not hold is refused with the fields that differ."""
+    out = _output_path(out)  # an impossible --out is refused before anything is read
     if dataset is not None:
         from .selection import find_features
 
@@ -64,7 +97,7 @@ def export_h5(store: Store, out: str | os.PathLike, *, entry_key: str | None = N
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
-        with h5py.File(tmp, "w") as f:
+        with _create_h5(tmp, out) as f:
             f.create_dataset("sample_ids", data=np.array([record["ids"][i] for i in keep], dtype=h5py.string_dtype()))
             f.create_dataset("labels", data=np.array([-1 if record["labels"][i] is None else record["labels"][i]
                                                       for i in keep], dtype=np.int64))
@@ -81,7 +114,9 @@ def export_h5(store: Store, out: str | os.PathLike, *, entry_key: str | None = N
                 if isinstance(v, (int, float, str)):
                     f.attrs[f"about.{k}"] = v
         os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as exc:
+        _remove(tmp)
+        if isinstance(exc, OSError):  # ENOSPC, EIO, EACCES while writing or renaming: the output's fault
+            raise VermouthError(f"cannot write {out}: {_reason(exc)} (nothing written)") from None
         raise
     return {"entry": entry.key, "samples": len(keep), "excluded": len(excluded), "taps": taps, "path": str(out)}

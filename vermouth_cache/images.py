@@ -19,6 +19,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import ImageError
 
 MAX_PIXELS = 100_000_000  # decompression-bomb guard: larger images are refused, not decoded
+# Longer side / shorter side above this is refused before decoding: resizing the shorter side to
+# the resolution scales the longer one by the same factor, so a 1x400000 strip (a few hundred
+# bytes as PNG, well under MAX_PIXELS) would otherwise become a ~20 GB resize buffer. 50:1 is far
+# beyond any photograph or panorama a centre crop could use (the crop keeps 1/50 of it).
+MAX_ASPECT = 50
 
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 _ALPHA = {"RGBA", "RGBa", "LA", "La", "PA"}
@@ -28,7 +33,7 @@ def decode_image(path: Path, sample_id: str) -> Image.Image:
     """Decode `path` to a fully loaded RGB image, EXIF orientation applied.
 
     Raises ImageError(sample_id, reason) for empty, truncated, unidentifiable, unreadable or
-    oversized files.
+    oversized files, and for images more elongated than MAX_ASPECT:1.
     """
     try:
         data = Path(path).read_bytes()
@@ -45,6 +50,9 @@ def decode_image(path: Path, sample_id: str) -> Image.Image:
         w, h = img.size
         if w * h > MAX_PIXELS:  # checked before load(), i.e. before any pixel memory exists
             raise ImageError(sample_id, f"image too large: {w}x{h} exceeds {MAX_PIXELS} pixels")
+        if max(w, h) > MAX_ASPECT * min(w, h):  # also before load(); covers a 0-pixel side
+            raise ImageError(sample_id, f"image too elongated: {w}x{h} exceeds the aspect ratio "
+                                        f"{MAX_ASPECT}:1")
         img.load()  # decodes everything now, so truncation raises here and not later
     except ImageError:
         raise

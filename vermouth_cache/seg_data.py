@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .datasets import Dataset, Sample, _abspath
+from .datasets import Dataset, Sample, _abspath, _inside
 from .errors import VermouthError
 
 MAX_PIXELS = 100_000_000  # images.MAX_PIXELS, not imported: that module pulls in torch
@@ -159,8 +159,8 @@ def load_seg_dataset(root: str | Path, layout: str | None, split: str | None,
         raise VermouthError(f"{root}: {len(classnames)} class names, but label rule "
                             f"{rule.name} holds at most {rule.ignore}")
 
-    images = _scan(image_dir, lay.image_suffixes, lay.recursive, "image")
-    masks = _scan(mask_dir, lay.mask_suffixes, lay.recursive, "mask")
+    images = _scan(image_dir, lay.image_suffixes, lay.recursive, "image", root)
+    masks = _scan(mask_dir, lay.mask_suffixes, lay.recursive, "mask", root)
     pairs = []  # (image, mask)
     if lay.walk == "images":
         for stem, img in images.items():
@@ -211,9 +211,13 @@ def _first_dir(root: Path, lay: SegLayout, templates, split, what: str) -> Path:
                         + (f" (splits present: {', '.join(present)})" if present else ""))
 
 
-def _scan(d: Path, suffixes, recursive: bool, what: str) -> dict[str, Path]:
-    """{relative POSIX path without suffix: file}; suffixes earlier in the list win."""
+def _scan(d: Path, suffixes, recursive: bool, what: str, root: Path) -> dict[str, Path]:
+    """{relative POSIX path without suffix: file}; suffixes earlier in the list win.
+
+    A symbolic link among the files is refused if it is broken or leads out of `root` (the
+    dataset root), as in image folders."""
     rank = {s: i for i, s in enumerate(suffixes)}
+    root_real = os.path.realpath(root)
     found: dict[str, Path] = {}
     for dirpath, dirnames, filenames in os.walk(d):
         dirnames[:] = sorted(n for n in dirnames if not n.startswith(".")) if recursive else []
@@ -222,6 +226,8 @@ def _scan(d: Path, suffixes, recursive: bool, what: str) -> dict[str, Path]:
             if f.startswith(".") or ext.lower() not in rank:
                 continue
             p = Path(dirpath) / f
+            if os.path.islink(p):
+                _inside(root_real, p, str(root), what)
             key = p.relative_to(d).with_suffix("").as_posix()
             if key in found:
                 if what == "image":

@@ -3,6 +3,7 @@ over cached splits, and batched inference."""
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -70,6 +71,17 @@ class RunOptions:
     memory_gb: float = 8.0  # features up to this size are held in (GPU) memory, else streamed
     progress: bool = True
     overwrite: bool = False
+
+    def __post_init__(self):
+        from ..errors import VermouthError
+
+        m = self.memory_gb
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m < 0:
+            raise VermouthError(f"--memory-gb must be a finite number of GiB >= 0, got {m!r}")
+        if self.out is not None:
+            from .runs import check_run_dir
+
+            check_run_dir(self.out)
 
     @property
     def torch_device(self) -> torch.device:

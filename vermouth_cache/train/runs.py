@@ -27,11 +27,26 @@ from .loop import FitResult, History
 FILES = ("config.json", "metrics.json", "head.safetensors", "curve.png")
 
 
-def prepare_run_dir(out: str | os.PathLike, overwrite: bool) -> Path:
+def check_run_dir(out: str | os.PathLike) -> Path:
+    """`out` as a Path, refused if it (or a parent) exists and is not a directory."""
     out = Path(out)
+    for p in (out, *out.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                what = "is" if p == out else f"is inside {p}, which is"
+                raise VermouthError(f"run directory {out} {what} not a directory")
+            break
+    return out
+
+
+def prepare_run_dir(out: str | os.PathLike, overwrite: bool) -> Path:
+    out = check_run_dir(out)
     if (out / "config.json").exists() and not overwrite:
         raise VermouthError(f"run directory {out} already holds a run (give --overwrite to replace it)")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise VermouthError(f"cannot create run directory {out}: {e.strerror or e}") from None
     return out
 
 
