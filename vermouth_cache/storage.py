@@ -146,8 +146,8 @@ class Location(abc.ABC):
         data = self.read_bytes(_check_key(key))  # FileNotFoundError when absent
         try:
             return json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise VermouthError(f"corrupt store file {self.url}/{key}: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, or nested past Python's limit
+            raise VermouthError(f"corrupt store file {self.url}/{key}: {str(exc)[:200]}") from None
 
     def write_json(self, key: str, obj) -> None:
         self.write_bytes(key, _json_bytes(obj))
