@@ -152,8 +152,9 @@ def run_taps(
     return {tp: outputs[tp] for tp in taps}
 
 
-def predict_noise(unet, latents: torch.Tensor, t: int, cond: torch.Tensor) -> torch.Tensor:
-    """The full U-net's epsilon prediction (used by DDIM inversion)."""
+def unet_output(unet, latents: torch.Tensor, t: int, cond: torch.Tensor) -> torch.Tensor:
+    """The full U-net's output, epsilon, v or x0 by the scheduler's prediction_type (DDIM inversion
+    converts it: `noise.eps_and_x0`)."""
     p = next(unet.parameters())
     timesteps = torch.full((latents.shape[0],), t, dtype=torch.long, device=p.device)
     with torch.inference_mode():
