@@ -82,7 +82,7 @@ def check_supported_pipeline(spec: str, directory: Path) -> None:
         reasons.append("its U-net needs added conditions (" + ", ".join(conds) + ")")
     vae_channels = _json(directory / "vae" / "config.json").get("latent_channels", 4)
     if unet and unet.get("in_channels", 4) != vae_channels:
-        reasons.append(f"its U-net takes {unet['in_channels']} input channels, not the VAE's {vae_channels}")
+        reasons.append(f"its U-net takes {unet.get('in_channels', 4)} input channels, not the VAE's {vae_channels}")
     text_width = _json(directory / "text_encoder" / "config.json").get("hidden_size")
     cross = unet.get("cross_attention_dim")
     cross = set(cross) if isinstance(cross, list) else {cross}
