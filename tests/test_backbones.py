@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import make_images
 from vermouth_cache.cli import run
 from vermouth_cache.errors import VermouthError
 from vermouth_cache.extract import extract
@@ -32,6 +33,12 @@ BLOCKS = [f"down_blocks.{i}" for i in range(4)] + ["mid_block"] + [f"up_blocks.{
 def rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture
+def two(tmp_path):
+    """Two 96x80 images: enough for per-sample parity, half the U-net passes of `folder`."""
+    return make_images(tmp_path / "two", {"cat": 1, "dog": 1})
 
 
 @pytest.fixture(scope="module")
@@ -163,25 +170,25 @@ def test_tiny_sd2_is_sd2_shaped(sd2, tiny):
     assert all((sd2 / f).read_bytes() == (again / f).read_bytes() for f in files)
 
 
-def test_sd2_ddpm_and_none_match_reference(sd2, ref2, request_for, folder):
+def test_sd2_ddpm_and_none_match_reference(sd2, ref2, request_for, two):
     """fp32 features of the SD 2-shaped pipeline, DDPM noise and --noise none, equal a plain
     diffusers forward with hooks within relative L2 1e-5; the text condition (padded with "!")
     and the latents within 1e-6; cross-attention maps of the per-block head counts within 1e-5."""
     from diffusers.models.attention_processor import Attention
 
     text = "a red dog"
-    rep = extract(request_for(folder, sd_model=str(sd2), t=(T,), stages="down,mid,up", dtype="fp32",
+    rep = extract(request_for(two, sd_model=str(sd2), t=(T,), stages="down,mid,up", dtype="fp32",
                               prompt=f"text:{text}", attn_maps="up"))
-    rep_none = extract(request_for(folder, sd_model=str(sd2), t=(T,), stages="mid,up", dtype="fp32",
+    rep_none = extract(request_for(two, sd_model=str(sd2), t=(T,), stages="mid,up", dtype="fp32",
                                    prompt=f"text:{text}", noise="none"))
-    store = Store(request_for(folder).store)
+    store = Store(request_for(two).store)
     feats = store.find("features", rep.entries[f"features t={T}"])
     clean = store.find("features", rep_none.entries[f"features t={T}"])
     ids = _ids(store, feats)
     c = ref2.cond(text)
     assert rel_err(store.find("text", rep.entries["text"]).read("cond", [0]), c.numpy()) < 1e-6
-    for i in (0, 3):
-        z0 = ref2.latent(folder / ids[i])
+    for i in (0, 1):
+        z0 = ref2.latent(two / ids[i])
         assert rel_err(store.find("latents", rep.entries["latents"]).read("latent", [i]), z0.numpy()) < 1e-6
         zt = ref2.sched.add_noise(z0, ref2.noise(0, ids[i], T, z0.shape[1:])[None], torch.tensor([T]))
         for tap, want in ref2.blocks(zt, T, c).items():
@@ -199,7 +206,7 @@ def test_sd2_ddpm_and_none_match_reference(sd2, ref2, request_for, folder):
         k = mod.to_k(ctx).view(b, ctx.shape[1], mod.heads, -1).transpose(1, 2)
         probs.append(torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1).mean(1))
 
-    z0 = ref2.latent(folder / ids[1])
+    z0 = ref2.latent(two / ids[1])
     zt = ref2.sched.add_noise(z0, ref2.noise(0, ids[1], T, z0.shape[1:])[None], torch.tensor([T]))
     attns = [m for name, m in ref2.unet.get_submodule("up_blocks.1").named_modules()
              if name.endswith("attn2") and isinstance(m, Attention)]
@@ -218,20 +225,20 @@ def test_sd2_ddpm_and_none_match_reference(sd2, ref2, request_for, folder):
 
 
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "sample", "epsilon"])
-def test_ddim_inversion_matches_ddim_inverse_scheduler(prediction_type, sd2, request_for, folder, tmp_path):
+def test_ddim_inversion_matches_ddim_inverse_scheduler(prediction_type, sd2, request_for, two, tmp_path):
     """Stored fp32 features after --noise ddim-inversion equal hooks on the U-net at the latent
     diffusers' DDIMInverseScheduler reaches, within relative L2 1e-5, for every prediction type."""
     sd = sd2 if prediction_type == "v_prediction" else variant(sd2, tmp_path / "sd", prediction_type=prediction_type)
     ref = Ref(sd)
     text = "a small boat"
-    rep = extract(request_for(folder, sd_model=str(sd), t=(T,), stages="mid,up", dtype="fp32", prompt=f"text:{text}",
+    rep = extract(request_for(two, sd_model=str(sd), t=(T,), stages="mid,up", dtype="fp32", prompt=f"text:{text}",
                               noise="ddim-inversion", inversion_steps=STEPS))
-    store = Store(request_for(folder).store)
+    store = Store(request_for(two).store)
     feats = store.find("features", rep.entries[f"features t={T}"])
     ids = _ids(store, feats)
     c = ref.cond(text)
-    for i in (0, 4):
-        z0 = ref.latent(folder / ids[i])
+    for i in (0, 1):
+        z0 = ref.latent(two / ids[i])
         want = ref.blocks(ref.invert(z0, c, T, STEPS), T, c)
         for tap in ("mid_block", "up_blocks.1", "up_blocks.3"):
             assert rel_err(feats.read(tap, [i]), want[tap].numpy()) < TOL, (tap, rel_err(feats.read(tap, [i]), want[tap].numpy()))
@@ -258,13 +265,13 @@ def test_ddim_invert_latent_matches_ddim_inverse_scheduler(sd2, ref2):
 # ----------------------------------------------------------------------------- the key
 
 
-def test_scheduler_fields_that_change_features_are_in_the_key(sd2, request_for, folder, tmp_path):
+def test_scheduler_fields_that_change_features_are_in_the_key(sd2, request_for, two, tmp_path):
     """prediction_type keys inverted features (not DDPM ones, which it cannot change); the beta
     schedule keys both; timestep_spacing / steps_offset / clip_sample, which no code path reads,
     leave the key, and the stored bytes, as they are."""
     def keys(sd, noise):
         kw = {"noise": noise, **({"inversion_steps": 2} if noise == "ddim-inversion" else {})}
-        rep = extract(request_for(folder, sd_model=str(sd), t=(T,), stages="mid", prompt="null",
+        rep = extract(request_for(two, sd_model=str(sd), t=(T,), stages="mid", prompt="null",
                                   store=str(tmp_path / "store"), **kw))
         return rep.entries
 
