@@ -375,3 +375,18 @@ def test_unsupported_schedule_refused_before_any_work(sd2, request_for, folder, 
     with pytest.raises(VermouthError, match=r"timestep 600 is outside the SD model's schedule \(0-499\)"):
         extract(request_for(folder, sd_model=str(short), t=(600,), stages="mid", prompt="null"))
     assert _no_work(tmp_path / "store")
+
+
+def test_taps_the_unet_lacks_refused_before_any_work(tiny, request_for, folder, tmp_path):
+    """A U-net with three down and three up blocks and no mid block (configs only: nothing loads)."""
+    sd = tmp_path / "sd"
+    shutil.copytree(tiny["sd"], sd)
+    cfg_path = sd / "unet" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(down_block_types=cfg["down_block_types"][1:], up_block_types=cfg["up_block_types"][:3],
+               block_out_channels=cfg["block_out_channels"][1:], mid_block_type=None)
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(VermouthError, match=r"its U-net has no mid_block, up_blocks\.3 \(its blocks: down_blocks\.0, "
+                                            r"down_blocks\.1, down_blocks\.2, up_blocks\.0, up_blocks\.1, up_blocks\.2\)"):
+        extract(request_for(folder, sd_model=str(sd), t=(T,), stages="mid,up", prompt="null"))
+    assert _no_work(tmp_path / "store")

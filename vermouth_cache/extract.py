@@ -80,7 +80,8 @@ def _plan(req: ExtractRequest, ds: Dataset, make_entry, sd: StableDiffusion, cap
           ds_key: str) -> _Plan:
     """Every entry `req` needs, through `make_entry(kind, recipe, n_samples=, shard_size=, about=)`:
     `Store.entry` (creates them) for `extract`, a read-only lookup for `survey`."""
-    sd.check_timesteps(req.t)  # the scheduler refuses before any entry is made
+    sd.check_timesteps(req.t)  # the scheduler and the U-net refuse before any entry is made
+    sd.check_taps(req.block_taps)
     schedule = sd.schedule_recipe(req.noise)
     ident = ds.identity()
     n = len(ds)

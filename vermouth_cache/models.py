@@ -314,6 +314,18 @@ class StableDiffusion:
                                 f"--noise ddim-inversion (supported: {', '.join(PREDICTION_TYPES)})")
         return kind
 
+    def check_taps(self, taps) -> None:
+        """Every block tap asked for exists in this U-net (a U-net with fewer blocks than SD's
+        four down, one mid and four up ones, say), checked from its config before any work."""
+        from .unet_taps import unet_blocks
+
+        have = unet_blocks(self.config("unet"))
+        missing = [tp for tp in taps if tp not in have]
+        if missing:
+            listed = ", ".join(have) if have else "none"
+            raise VermouthError(f"SD model {self.spec!r}: its U-net has no {', '.join(missing)} (its blocks: {listed}); "
+                                f"choose --stages/--taps among those")
+
     def check_timesteps(self, ts) -> None:
         n = self.scheduler.config.num_train_timesteps
         bad = [t for t in ts if t >= n]

@@ -57,8 +57,16 @@ def attn_taps_for(unet_blocks_with_attn: Iterable[str], stages: str | Iterable[s
     return tuple(ATTN_PREFIX + b for s in parse_stages(stages) for b in STAGES[s] if b in have)
 
 
+def unet_blocks(config: dict) -> tuple[str, ...]:
+    """The tap names a U-net of this config has, in execution order (SD 1.x/2.x: all nine)."""
+    return (tuple(f"down_blocks.{i}" for i in range(len(config.get("down_block_types", ()))))
+            + (("mid_block",) if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") is not None else ())
+            + tuple(f"up_blocks.{i}" for i in range(len(config.get("up_block_types", ())))))
+
+
 def blocks_with_cross_attention(unet) -> tuple[str, ...]:
-    return tuple(b for b in BLOCK_ORDER if _cross_attentions(unet.get_submodule(b)))
+    have = set(unet_blocks(unet.config))
+    return tuple(b for b in BLOCK_ORDER if b in have and _cross_attentions(unet.get_submodule(b)))
 
 
 def _cross_attentions(block) -> list:
