@@ -24,7 +24,7 @@ from PIL import Image
 from .images import resize_center_crop, to_model_tensor
 from .noise import batch_noise, ddim_invert, ddpm_noised
 from .request import CLASSNAME_TEMPLATE
-from .unet_taps import predict_noise, run_taps
+from .unet_taps import run_taps, unet_output
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 RANDOM_PROMPT_WORDS = 8
@@ -168,8 +168,8 @@ def _noised(unet, scheduler, z0, c, ids, *, t, draw, noise, seed, steps) -> torc
     if noise == "ddpm":
         eps = batch_noise(seed, ids, t, draw, z0.shape[1:])
         return ddpm_noised(scheduler, z0, eps, t)
-    predict: Callable = lambda z, s: predict_noise(unet, z, s, c).float().cpu()  # noqa: E731
-    return ddim_invert(scheduler, z0, t, steps, predict)
+    output: Callable = lambda z, s: unet_output(unet, z, s, c).float().cpu()  # noqa: E731
+    return ddim_invert(scheduler, z0, t, steps, output, scheduler.config.prediction_type)
 
 
 # -- expert -----------------------------------------------------------------------------------

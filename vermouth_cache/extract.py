@@ -80,6 +80,9 @@ def _plan(req: ExtractRequest, ds: Dataset, make_entry, sd: StableDiffusion, cap
           ds_key: str) -> _Plan:
     """Every entry `req` needs, through `make_entry(kind, recipe, n_samples=, shard_size=, about=)`:
     `Store.entry` (creates them) for `extract`, a read-only lookup for `survey`."""
+    sd.check_timesteps(req.t)  # the scheduler and the U-net refuse before any entry is made
+    sd.check_taps(req.block_taps)
+    schedule = sd.schedule_recipe(req.noise)
     ident = ds.identity()
     n = len(ds)
     size = min(req.shard_size, n)  # a small dataset gets one chunk of its own size, not a padded one
@@ -104,7 +107,7 @@ def _plan(req: ExtractRequest, ds: Dataset, make_entry, sd: StableDiffusion, cap
     feats = {}
     for t in req.t:
         r = features_recipe(req, t, latents_key=lat.key, text_key=txt.key, unet_id=sd.identity("unet"),
-                            schedule=sd.schedule_recipe())
+                            schedule=schedule)
         feats[t] = make_entry("features", r, n_samples=n, shard_size=size, about={
             **cap_about, "sd_model": req.sd_model, "t": t, "resolution": req.resolution, "noise": req.noise,
             "text_layer": req.text_layer, "dtype": req.dtype, "captions": cap.key, "text": txt.key,
@@ -298,8 +301,8 @@ def extract(req: ExtractRequest, *, only: dict | None = None) -> ExtractReport:
     wall0 = time.perf_counter()
     ds = load_dataset(req.dataset, image_root=req.image_root, split=req.split, shots=req.shots,
                       shot_seed=req.shot_seed, layout=req.layout)
+    models = Models.of(req)  # refuses an unsupported SD model before the store is touched
     store = Store(req.store, create=True)
-    models = Models.of(req)
     ds_key = store.put_dataset(dataset_record(ds))
     plan = _plan(req, ds, store.entry, models.sd, models.captioner, models.expert, ds_key)
     report = ExtractReport(

@@ -40,6 +40,60 @@ _VARIANT_PATTERNS = ("*.fp16.*", "*.non_ema.*", "*.ema.*", "*.bf16.*", "*.msgpac
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
+# Scheduler fields that define alphas_cumprod (DDPMScheduler.__init__); with prediction_type, the
+# only scheduler facts a feature can depend on.
+SCHEDULE_FIELDS = ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "trained_betas",
+                   "rescale_betas_zero_snr")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+_CONFIG_PATTERNS = ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json"]
+# U-net conditionings besides the text states and the timestep: each needs inputs this tool never makes
+_EXTRA_CONDITIONS = ("addition_embed_type", "encoder_hid_dim", "encoder_hid_dim_type", "class_embed_type",
+                     "num_class_embeds")
+SUPPORTED_PIPELINES = ("vermouth-cache supports Stable Diffusion 1.x/2.x pipelines: one CLIP text encoder and a "
+                       "UNet2DConditionModel conditioned on its text states and the timestep alone (epsilon, "
+                       "v_prediction or sample prediction); SDXL, unCLIP, upscaling, inpainting and depth "
+                       "U-nets are not")
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def check_supported_pipeline(spec: str, directory: Path) -> None:
+    """Refuse, from the configs alone, a pipeline whose U-net needs inputs other than the latent,
+    the timestep and one CLIP text encoder's states (SDXL's added text/time embeddings and second
+    text encoder, class or image embeddings, extra input channels). Called before any work."""
+    index = _json(directory / "model_index.json")
+    unet = _json(directory / "unet" / "config.json")
+    reasons = []
+    extra = [k for k, v in index.items()
+             if k in ("text_encoder_2", "tokenizer_2", "image_encoder", "image_normalizer", "image_noising_scheduler",
+                      "low_res_scheduler", "prior", "depth_estimator")
+             and isinstance(v, list) and v and v[0] is not None]
+    if extra:
+        reasons.append("it has " + ", ".join(extra))
+    if unet.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+        reasons.append(f"its U-net is a {unet['_class_name']}")
+    conds = [f"{k}={unet[k]!r}" for k in _EXTRA_CONDITIONS if unet.get(k) is not None]
+    if conds:
+        reasons.append("its U-net needs added conditions (" + ", ".join(conds) + ")")
+    vae_channels = _json(directory / "vae" / "config.json").get("latent_channels", 4)
+    if unet and unet.get("in_channels", 4) != vae_channels:
+        reasons.append(f"its U-net takes {unet.get('in_channels', 4)} input channels, not the VAE's {vae_channels}")
+    text_width = _json(directory / "text_encoder" / "config.json").get("hidden_size")
+    cross = unet.get("cross_attention_dim")
+    cross = set(cross) if isinstance(cross, list) else {cross}
+    if text_width is not None and unet and cross != {text_width} and "text_encoder_2" not in extra:
+        reasons.append(f"its U-net attends to {'/'.join(map(str, sorted(cross, key=str)))}-wide text states, "
+                       f"its text encoder gives {text_width}")
+    if reasons:
+        kind = "an SDXL pipeline" if unet.get("addition_embed_type") == "text_time" or "text_encoder_2" in extra \
+            else "not a pipeline this tool can run"
+        raise VermouthError(f"SD model {spec!r} is {kind}: {'; '.join(reasons)}. {SUPPORTED_PIPELINES}")
+
 
 def resolve_model_dir(spec: str, *, role: str, hub_patterns: list[str]) -> Path:
     """A local directory for `spec`: the directory itself, or a hub snapshot of the files needed."""
@@ -175,6 +229,10 @@ class StableDiffusion:
         self.spec = spec
         self.placement = placement
         self._identities: dict[str, str] = {}
+        if not Path(spec).expanduser().exists() and _HUB_ID.match(spec):
+            # a hub pipeline: its configs first, so an unsupported one (SDXL, ...) is refused
+            # before gigabytes of weights are fetched
+            check_supported_pipeline(spec, resolve_model_dir(spec, role="SD model", hub_patterns=_CONFIG_PATTERNS))
         self.dir = resolve_model_dir(
             spec,
             role="SD model",
@@ -185,6 +243,7 @@ class StableDiffusion:
         for comp in SD_COMPONENTS:
             if not (self.dir / comp).is_dir():
                 raise VermouthError(f"SD model {spec!r} has no {comp}/ folder")
+        check_supported_pipeline(spec, self.dir)
 
     def identity(self, component: str) -> str:
         # a per-instance memo: functools.cache on a method would keep every instance (and its
@@ -228,18 +287,50 @@ class StableDiffusion:
 
     @functools.cached_property
     def scheduler(self):
-        # SD 1.5 ships a PNDM config; only its beta schedule matters for one forward-noising step.
+        # SD 1.5 ships a PNDM config, SD 2.x a DDIM one: whatever the class, only the fields that
+        # define alphas_cumprod (forward noising, inversion) and prediction_type (what the U-net's
+        # output means, read by DDIM inversion) are used, and DDPMScheduler reads them all.
         from diffusers import DDPMScheduler
 
         return _load(DDPMScheduler, self.dir, subfolder="scheduler")
 
-    def schedule_recipe(self) -> dict:
+    def schedule_recipe(self, noise: str) -> dict:
+        """The scheduler fields that can change a feature under noise mode `noise`: those that
+        define alphas_cumprod, plus prediction_type when DDIM inversion reads the U-net's output.
+        (timestep_spacing, steps_offset, clip_sample, thresholding, variance_type: never used, as
+        the inversion builds its own timesteps and never clips its x0.)"""
         cfg = self.scheduler.config
-        return {
-            k: cfg[k]
-            for k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "trained_betas")
-            if k in cfg
-        }
+        recipe = {k: cfg[k] for k in SCHEDULE_FIELDS if k in cfg}
+        if noise == "ddim-inversion":
+            recipe["prediction_type"] = self.prediction_type
+        return recipe
+
+    @property
+    def prediction_type(self) -> str:
+        """What the U-net predicts (epsilon, v_prediction or sample), from the scheduler config."""
+        kind = self.scheduler.config.get("prediction_type", "epsilon")
+        if kind not in PREDICTION_TYPES:
+            raise VermouthError(f"SD model {self.spec!r}: scheduler prediction_type {kind!r} is not supported by "
+                                f"--noise ddim-inversion (supported: {', '.join(PREDICTION_TYPES)})")
+        return kind
+
+    def check_taps(self, taps) -> None:
+        """Every block tap asked for exists in this U-net (a U-net with fewer blocks than SD's
+        four down, one mid and four up ones, say), checked from its config before any work."""
+        from .unet_taps import unet_blocks
+
+        have = unet_blocks(self.config("unet"))
+        missing = [tp for tp in taps if tp not in have]
+        if missing:
+            listed = ", ".join(have) if have else "none"
+            raise VermouthError(f"SD model {self.spec!r}: its U-net has no {', '.join(missing)} (its blocks: {listed}); "
+                                f"choose --stages/--taps among those")
+
+    def check_timesteps(self, ts) -> None:
+        n = self.scheduler.config.num_train_timesteps
+        bad = [t for t in ts if t >= n]
+        if bad:
+            raise VermouthError(f"timestep {bad[0]} is outside the SD model's schedule (0-{n - 1})")
 
 
 class Captioner:

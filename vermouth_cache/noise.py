@@ -47,26 +47,47 @@ def inversion_timesteps(t: int, steps: int) -> list[int]:
     return sorted({round(i * t / k) for i in range(k + 1)}) if k > 0 else [0]
 
 
+def eps_and_x0(output: torch.Tensor, z: torch.Tensor, a: float, prediction_type: str):
+    """The noise and the clean sample a U-net output `output` at a sample `z` of noise level
+    a = alphas_cumprod[s] stands for, by the scheduler's prediction_type (as diffusers' DDIM
+    schedulers read it; x0 is never clipped or thresholded):
+
+        epsilon:       eps = o,                                x0 = (z - sqrt(1 - a) eps) / sqrt(a)
+        v_prediction:  eps = sqrt(a) o + sqrt(1 - a) z,        x0 = sqrt(a) z - sqrt(1 - a) o
+        sample:        eps = (z - sqrt(a) o) / sqrt(1 - a),    x0 = o
+    """
+    if prediction_type == "epsilon":
+        return output, (z - (1 - a) ** 0.5 * output) / a**0.5
+    if prediction_type == "v_prediction":
+        return a**0.5 * output + (1 - a) ** 0.5 * z, a**0.5 * z - (1 - a) ** 0.5 * output
+    if prediction_type == "sample":
+        return (z - a**0.5 * output) / (1 - a) ** 0.5, output
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")  # refused with a VermouthError before any work
+
+
 def ddim_invert(
     scheduler,
     z0: torch.Tensor,
     t: int,
     steps: int,
-    predict_noise: Callable[[torch.Tensor, int], torch.Tensor],
+    unet_output: Callable[[torch.Tensor, int], torch.Tensor],
+    prediction_type: str = "epsilon",
 ) -> torch.Tensor:
     """Deterministic DDIM inversion of z0 to timestep t in `steps` U-net calls.
 
-    With a_s = alphas_cumprod[s] and the clean latent taken as the sample at s_0 = 0:
-        eps = predict_noise(z_{k-1}, s_{k-1})
-        z_k = sqrt(a_{s_k}) * (z_{k-1} - sqrt(1 - a_{s_{k-1}}) eps) / sqrt(a_{s_{k-1}}) + sqrt(1 - a_{s_k}) eps
-    The arithmetic is float32; `predict_noise` may run the U-net in any dtype.
+    With a_s = alphas_cumprod[s], the clean latent taken as the sample at s_0 = 0, and
+    `eps_and_x0` reading the U-net's output by `prediction_type`:
+        o = unet_output(z_{k-1}, s_{k-1});  eps, x0 = eps_and_x0(o, z_{k-1}, a_{s_{k-1}})
+        z_k = sqrt(a_{s_k}) * x0 + sqrt(1 - a_{s_k}) * eps
+    (for epsilon prediction: z_k = sqrt(a_{s_k}) (z_{k-1} - sqrt(1 - a_{s_{k-1}}) eps) / sqrt(a_{s_{k-1}})
+    + sqrt(1 - a_{s_k}) eps). The arithmetic is float32; `unet_output` may run the U-net in any dtype.
     """
     abar = scheduler.alphas_cumprod.to(torch.float64)
     z = z0.float()
     seq = inversion_timesteps(t, steps)
     for prev, cur in zip(seq[:-1], seq[1:]):
-        eps = predict_noise(z, prev).float()
+        out = unet_output(z, prev).float()
         a_prev, a_cur = float(abar[prev]), float(abar[cur])
-        x0 = (z - (1 - a_prev) ** 0.5 * eps) / a_prev**0.5
+        eps, x0 = eps_and_x0(out, z, a_prev, prediction_type)
         z = a_cur**0.5 * x0 + (1 - a_cur) ** 0.5 * eps
     return z

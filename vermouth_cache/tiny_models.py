@@ -64,6 +64,9 @@ _SEED_OFFSETS = {
     "dino": 5,
     "dinov2": 6,
     "clip": 7,
+    "sd2_unet": 8,
+    "sd2_vae": 9,
+    "sd2_text_encoder": 10,
 }
 
 
@@ -196,15 +199,17 @@ def _dump_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _write_clip_tokenizer(d: Path, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
+def _write_clip_tokenizer(d: Path, vocab: dict[str, int], merges: list[tuple[str, str]], *,
+                          pad_token: str = CLIP_EOS) -> None:
     # The four files the SD 1.5 / OpenAI CLIP repos ship; "#version" header as OpenAI's merges.txt.
+    # SD 2.x's OpenCLIP tokenizer pads with "!" instead of <|endoftext|>.
     _dump_json(d / "vocab.json", vocab)
     (d / "merges.txt").write_text(
         "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
     )
     _dump_json(
         d / "special_tokens_map.json",
-        {"bos_token": CLIP_BOS, "eos_token": CLIP_EOS, "pad_token": CLIP_EOS, "unk_token": CLIP_EOS},
+        {"bos_token": CLIP_BOS, "eos_token": CLIP_EOS, "pad_token": pad_token, "unk_token": CLIP_EOS},
     )
     _dump_json(
         d / "tokenizer_config.json",
@@ -215,7 +220,7 @@ def _write_clip_tokenizer(d: Path, vocab: dict[str, int], merges: list[tuple[str
             "eos_token": CLIP_EOS,
             "errors": "replace",
             "model_max_length": CLIP_MAX_LENGTH,
-            "pad_token": CLIP_EOS,
+            "pad_token": pad_token,
             "tokenizer_class": "CLIPTokenizer",
             "unk_token": CLIP_EOS,
         },
@@ -328,6 +333,118 @@ def _write_sd(d: Path, seed: int, vocab: dict[str, int], merges: list[tuple[str,
     cfg = json.loads(sched_cfg.read_text())
     cfg["clip_sample"] = False
     _dump_json(sched_cfg, cfg)
+
+
+# ----------------------------------------------------------------------------- Stable Diffusion 2.x
+
+SD2_TEXT_HIDDEN = 48  # SD 2.x's 1024 scaled down; differs from the SD 1.5 tiny model's 32 on purpose
+
+
+def write_tiny_sd2(out_dir: str | Path, seed: int = 0, *, words_file: str | Path | None = None) -> Path:
+    """Write a tiny SD 2.1-shaped diffusers pipeline to `out_dir` (replaced if it exists); return it.
+
+    What differs from the SD 1.5 one, as in stabilityai/stable-diffusion-2-1: the U-net's
+    attention_head_dim is a per-block list, its transformers use linear projections
+    (`use_linear_projection`) and upcast attention, its cross_attention_dim is the OpenCLIP text
+    width (1024 there, 48 here); the text encoder is OpenCLIP's converted to CLIPTextModel (gelu,
+    already cut before its last layer, so last_hidden_state is the penultimate layer SD 2 uses),
+    its tokenizer pads with "!"; the scheduler is a DDIM config with prediction_type v_prediction.
+    Same seed, same bytes.
+    """
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    vocab, merges = build_clip_bpe(load_words(words_file))
+    with torch.random.fork_rng(devices=[]), _quiet_libraries():
+        _write_sd2(out, seed, vocab, merges)
+    return out
+
+
+def _write_sd2(d: Path, seed: int, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed + _SEED_OFFSETS["sd2_unet"])
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64, 64, 64),
+        layers_per_block=2,
+        norm_num_groups=8,
+        cross_attention_dim=SD2_TEXT_HIDDEN,
+        attention_head_dim=(2, 4, 8, 8),  # heads per block, as SD 2's [5, 10, 20, 20]
+        use_linear_projection=True,
+        upcast_attention=True,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        downsample_padding=1,
+        act_fn="silu",
+    )
+
+    torch.manual_seed(seed + _SEED_OFFSETS["sd2_vae"])
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 32, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=128,
+        scaling_factor=0.18215,
+    )
+
+    torch.manual_seed(seed + _SEED_OFFSETS["sd2_text_encoder"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=SD2_TEXT_HIDDEN,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=CLIP_MAX_LENGTH,
+        hidden_act="gelu",  # OpenCLIP ViT-H; OpenAI CLIP (SD 1.5) uses quick_gelu
+        projection_dim=SD2_TEXT_HIDDEN,
+        bos_token_id=vocab[CLIP_BOS],
+        eos_token_id=vocab[CLIP_EOS],
+        pad_token_id=vocab["!"],
+    ))
+
+    tok_dir = d / "tokenizer"
+    tok_dir.mkdir()
+    _write_clip_tokenizer(tok_dir, vocab, merges, pad_token="!")
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+
+    # stabilityai/stable-diffusion-2-1's scheduler_config.json
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction",
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(d, safe_serialization=True)
+    shutil.rmtree(tok_dir)  # back to the hub layout, as for SD 1.5
+    tok_dir.mkdir()
+    _write_clip_tokenizer(tok_dir, vocab, merges, pad_token="!")
 
 
 # ----------------------------------------------------------------------------- BLIP

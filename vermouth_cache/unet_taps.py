@@ -57,8 +57,16 @@ def attn_taps_for(unet_blocks_with_attn: Iterable[str], stages: str | Iterable[s
     return tuple(ATTN_PREFIX + b for s in parse_stages(stages) for b in STAGES[s] if b in have)
 
 
+def unet_blocks(config: dict) -> tuple[str, ...]:
+    """The tap names a U-net of this config has, in execution order (SD 1.x/2.x: all nine)."""
+    return (tuple(f"down_blocks.{i}" for i in range(len(config.get("down_block_types", ()))))
+            + (("mid_block",) if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") is not None else ())
+            + tuple(f"up_blocks.{i}" for i in range(len(config.get("up_block_types", ())))))
+
+
 def blocks_with_cross_attention(unet) -> tuple[str, ...]:
-    return tuple(b for b in BLOCK_ORDER if _cross_attentions(unet.get_submodule(b)))
+    have = set(unet_blocks(unet.config))
+    return tuple(b for b in BLOCK_ORDER if b in have and _cross_attentions(unet.get_submodule(b)))
 
 
 def _cross_attentions(block) -> list:
@@ -152,8 +160,9 @@ def run_taps(
     return {tp: outputs[tp] for tp in taps}
 
 
-def predict_noise(unet, latents: torch.Tensor, t: int, cond: torch.Tensor) -> torch.Tensor:
-    """The full U-net's epsilon prediction (used by DDIM inversion)."""
+def unet_output(unet, latents: torch.Tensor, t: int, cond: torch.Tensor) -> torch.Tensor:
+    """The full U-net's output, epsilon, v or x0 by the scheduler's prediction_type (DDIM inversion
+    converts it: `noise.eps_and_x0`)."""
     p = next(unet.parameters())
     timesteps = torch.full((latents.shape[0],), t, dtype=torch.long, device=p.device)
     with torch.inference_mode():
