@@ -35,6 +35,9 @@ class OnlineTaps(nn.Module):
         sd = StableDiffusion(sd_model, Placement(device, torch.float32))
         if sd.identity("unet") != recipe["unet"]:
             raise VermouthError(f"--sd-model {sd_model} is not the U-net the cached features were made with")
+        if sd.schedule_recipe(noise["mode"]) != recipe["schedule"]:  # the noise schedule changes every feature
+            raise VermouthError(f"--sd-model {sd_model}: its scheduler ({sd.schedule_recipe(noise['mode'])}) is not the "
+                                f"one the cached features were made with ({recipe['schedule']})")
         self.unet, self.scheduler = sd.unet, sd.scheduler
         self.t, self.mode, self.seed = recipe["t"], noise["mode"], noise.get("seed", 0)
         self.taps = list(split.tap_names)
