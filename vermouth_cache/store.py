@@ -349,6 +349,8 @@ class Entry:
         except FileNotFoundError:
             return None
         rec = parse(Record, body, where).model_dump()
+        if rec.pop("seal") != digest({k: v for k, v in body.items() if k != "seal"}):
+            raise VermouthError(f"shard record {where} was edited after it was written (its seal does not match)")
         return ShardRecord(**rec)
 
     def checked_record(self, name: str, shard: int) -> ShardRecord | None:
@@ -428,7 +430,8 @@ class Entry:
         rec = ShardRecord(shard, start, stop, list(status), values, run, chunk, self.manifest_digest)
         if before_commit:
             before_commit()
-        self.loc.write_json(self.record_key(name, shard), rec.to_json())
+        body = rec.to_json()
+        self.loc.write_json(self.record_key(name, shard), {**body, "seal": digest(body)})
 
     def invalidate(self, name: str, shard: int) -> None:
         """Forget shard `shard` of `name` (its record, then its chunk): the next extraction redoes it."""

@@ -8,7 +8,9 @@ the file, never a KeyError three calls later. Beyond shape, the files vouch for 
 - a dataset record must hash to its own key (rotated ids or labels are not served);
 - every shard record carries the sha256 of the manifest and of the array metadata (`zarr.json`)
   it was written under, and the size and CRC32C of its chunk, so an edit of either, or a chunk
-  swapped for another well-formed one, is refused by every read (see `store.Entry.read`).
+  swapped for another well-formed one, is refused by every read (see `store.Entry.read`);
+- every shard record is sealed with the sha256 of its own fields, so a status edited from an
+  error to "ok" (which would serve the NaN fill of a failed sample) is refused.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class Record(_File):
     run: dict[str, Any] | None = None
     chunk: ChunkFacts | None = None
     manifest: StrictStr  # sha256 (`digest`) of the entry's manifest when the record was written
+    seal: StrictStr  # sha256 (`digest`) of every other field: an edited status or value is refused
 
 
 class DatasetRecord(_File):
