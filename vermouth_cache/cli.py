@@ -108,6 +108,8 @@ def extract(dataset, store, image_root, split, layout, shots, shot_seed, t, stag
     )
     report = run_extract(req)
     ds = report.dataset
+    for note in report.notes:
+        click.echo(f"note: {note}")
     click.echo(f"dataset {ds['name']}: {ds['n_samples']} samples, identity {ds['identity'][:16]}")
     for name, key in report.entries.items():
         click.echo(f"  {name:<16} {key}")
