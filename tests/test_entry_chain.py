@@ -5,11 +5,113 @@ selected, one extraction's entries share one shard size, and repair works from a
 from __future__ import annotations
 
 import json
+import shutil
+import time
+
+import pytest
 
 from test_errors import cli
 from vermouth_cache.check import repair, verify
+from vermouth_cache.errors import VermouthError
 from vermouth_cache.extract import extract
+from vermouth_cache.request import ExtractRequest
 from vermouth_cache.store import Store
+from vermouth_cache.synthetic import make_classification
+from vermouth_cache.train.common import RunOptions
+from vermouth_cache.train.settings import task_settings
+
+RES, T = 64, 10
+SPLITS = ("train", "val", "test")
+
+
+@pytest.fixture(scope="module")
+def cls(tiny, tmp_path_factory):
+    """A 3-class CoOp split (4/2/2 images a class) extracted at t=10, mid block, null prompt."""
+    root = tmp_path_factory.mktemp("chain")
+    split = make_classification(root / "cls", n_classes=3, per_class=(4, 2, 2), size=64)
+    base = _base(tiny, root / "store")
+    for part in SPLITS:
+        extract(ExtractRequest(dataset=str(split), split=part, **base))
+    return {"root": root, "store": root / "store", "split": split, "tiny": tiny, "base": base}
+
+
+def _base(tiny, store) -> dict:
+    return dict(store=str(store), sd_model=str(tiny["sd"]), captioner=str(tiny["blip"]), resolution=RES, t=(T,),
+                stages="mid", prompt="null", device="cpu", shard_size=4, progress=False)
+
+
+def _copy(cls, tmp_path) -> str:
+    store = tmp_path / "store"
+    shutil.copytree(cls["store"], store)
+    return str(store)
+
+
+def _train(cls, store: str, out, **settings) -> dict:
+    from vermouth_cache.train.fewshot import FewshotData, train_fewshot
+
+    s = task_settings("fewshot", **{"t": T, "resolution": RES, "stages": "mid", "prompt": "null", "expert": "none",
+                                    "attn_maps": "none", "epochs": 1, "batch_size": 4, **settings})
+    return train_fewshot(FewshotData(str(cls["split"]), shots=2), s,
+                         RunOptions(store=store, out=str(out), clip_model=str(cls["tiny"]["clip"]), device="cpu",
+                                    progress=False, overwrite=True))
+
+
+def _age(entry, days: float = 40) -> None:
+    entry.loc.write_json(f"{entry.prefix}/used.json", {"last_used": time.time() - days * 86400})
+
+
+def _short(entry) -> str:
+    return f"{entry.kind}/{entry.key[:12]}"
+
+
+# ---------------------------------------------------------------- 8: gc and the entry chain
+
+
+def test_training_marks_the_whole_chain_and_gc_keeps_what_kept_entries_need(cls, tmp_path, monkeypatch, capsys):
+    store = _copy(cls, tmp_path)
+    extract(ExtractRequest(dataset=str(cls["split"]), split="train", **{**cls["base"], "store": store, "t": (20,)}))
+    for e in Store(store).entries():
+        _age(e)  # nothing used for 40 days ...
+    first = _train(cls, store, tmp_path / "run1")  # ... then a run trains from t=10
+    used = {p for split in first["entries"].values() for p in (f"features/{split['features']}",)}
+    st = Store(store)
+    recent = {e.prefix for e in st.entries() if e.last_used() > time.time() - 600}
+    chains = {e.prefix for e in st.entries() if e.prefix not in recent}
+    t20 = _features(st, 20)[0]
+    assert chains == {t20.prefix}  # features, and the latents, text and captions behind them, are used
+    assert used < recent and {e.kind for e in st.entries() if e.prefix in recent} == {
+        "captions", "text", "latents", "features", "classtext"}
+    code, out, err = cli(monkeypatch, capsys, "gc", store, "--unused-days", "30", "--yes")
+    assert code == 0, err
+    assert "deleted 1 entry" in out and t20.prefix in out and "kept:" not in out
+    second = _train(cls, store, tmp_path / "run2")  # used to say "no features ... run extract first"
+    assert second["entries"] == first["entries"]
+
+    # a store whose upstream entries carry old use dates (an older vermouth-cache marked only the
+    # features): gc keeps them for the features that stay, and says so
+    test_feats = Store(store).find("features", first["entries"]["test"]["features"])
+    r = test_feats.manifest["recipe"]
+    lat, txt = st.find("latents", r["latents"]), st.find("text", r["text"])
+    cap = st.find("captions", txt.manifest["recipe"]["captions"])
+    for e in (lat, txt, cap):
+        _age(e)
+    code, out, err = cli(monkeypatch, capsys, "gc", store, "--unused-days", "30", "--yes")
+    assert code == 0, err
+    assert f"kept: {_short(lat)} needed by {_short(test_feats)}" in out
+    assert f"kept: {_short(txt)} needed by {_short(test_feats)}" in out
+    assert f"kept: {_short(cap)} needed by {_short(txt)}" in out and "nothing to remove" in out
+    # naming an upstream entry alone, while a staying entry needs it, is refused in one line
+    code, out, err = cli(monkeypatch, capsys, "gc", store, "--entry", _short(lat), "--yes")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert (f"{_short(lat)} is needed by {_short(test_feats)}, which stays: name it too "
+            f"(--entry {_short(test_feats)}) to remove both") in err
+    assert Store(store).loc.exists(f"{lat.prefix}/manifest.json")
+    _train(cls, store, tmp_path / "run3")
+    # named together, both go (the text and captions stay: nothing forces them out)
+    code, out, err = cli(monkeypatch, capsys, "gc", store, "--entry", _short(lat), "--entry", _short(test_feats),
+                         "--yes")
+    assert code == 0 and "deleted 2 entries" in out, err
+    assert verify(Store(store, read_only=True), progress=False).ok
 
 
 def _features(store: Store, t: int):

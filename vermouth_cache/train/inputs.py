@@ -13,6 +13,7 @@ import numpy as np
 
 from ..datasets import Dataset
 from ..errors import VermouthError
+from ..gc import mark_used
 from ..loader import Field
 from ..pyramid import taps_needed
 from ..selection import FeatureQuery, find_by_dataset, find_features, subset_indices
@@ -91,7 +92,7 @@ def open_split(store: Store, ds: Dataset, s: TaskSettings, *, unet_identity: str
     rows = subset_indices(record["ids"], ds) if source is not ds else list(range(len(ds)))
     for used in (feats, expert):
         if used is not None:
-            used.touch()  # for `gc --unused-days`
+            mark_used(store, used)  # for `gc --unused-days`: with the latents, text and captions behind it
     return _usable(ds, feats, expert, taps, rows)
 
 
