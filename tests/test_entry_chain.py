@@ -197,3 +197,110 @@ def test_repair_from_another_directory_finds_a_dataset_given_as_a_relative_path(
     assert out.repaired == {feats.prefix: {"mid_block": [1]}} and out.after.ok
     assert chunk.read_bytes() == good
     assert feats.manifest["about"]["request"]["dataset"] == str(folder)  # kept absolute
+
+
+# ---------------------------------------------------------------- 9: every recipe field can be selected
+
+
+@pytest.fixture(scope="module")
+def seeds(cls, tmp_path_factory):
+    """The module's store plus seed-1 extractions of every split, and a fp32 one of the test split."""
+    root = tmp_path_factory.mktemp("seeds")
+    store = root / "store"
+    shutil.copytree(cls["store"], store)
+    base = {**cls["base"], "store": str(store)}
+    for part in SPLITS:
+        extract(ExtractRequest(dataset=str(cls["split"]), split=part, **{**base, "seed": 1}))
+    extract(ExtractRequest(dataset=str(cls["split"]), split="test", **{**base, "dtype": "fp32"}))
+    st = Store(store)
+    by = {}
+    for e in st.entries("features"):
+        r = e.manifest["recipe"]
+        by[(e.manifest["about"]["dataset"], r["noise"]["seed"], r["dtype"])] = e.key
+    return {**cls, "root": root, "store": str(store), "keys": by}
+
+
+def _train_args(c, out, *extra):
+    return ["train", "fewshot", "--store", c["store"], "--dataset", c["split"], "--shots", "2", "--out", out,
+            "--t", str(T), "--resolution", str(RES), "--stages", "mid", "--prompt", "null", "--expert", "none",
+            "--attn-maps", "none", "--epochs", "1", "--batch-size", "4", "--clip-model", c["tiny"]["clip"],
+            "--device", "cpu", "--quiet", *extra]
+
+
+def test_train_selects_the_noise_seed_and_an_ambiguous_request_lists_the_candidates(seeds, tmp_path, monkeypatch,
+                                                                                   capsys):
+    keys = seeds["keys"]
+    s0, s1 = keys[("Synth/train", 0, "fp16")], keys[("Synth/train", 1, "fp16")]
+    # used to say "name the SD model (--sd-model) or --dtype", and neither could pick the entry
+    code, _, err = cli(monkeypatch, capsys, *_train_args(seeds, tmp_path / "run0"))
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    first, second = sorted([s0, s1])
+    seed_of = {s0: 0, s1: 1}
+    assert (f"2 features entries of Synth/train match: {first[:12]} (noise-seed {seed_of[first]}), "
+            f"{second[:12]} (noise-seed {seed_of[second]}); add --noise-seed") in err
+    code, out, err = cli(monkeypatch, capsys, *_train_args(seeds, tmp_path / "run1", "--noise-seed", "1"))
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "run1" / "metrics.json").read_text())
+    assert metrics["entries"]["train"]["features"] == s1
+    assert metrics["entries"]["val"]["features"] == keys[("Synth/val", 1, "fp16")]
+    assert json.loads((tmp_path / "run1" / "config.json").read_text())["select"] == {"noise_seed": 1}
+    # the test split also holds a fp32 copy of seed 0: seed 0 alone is still ambiguous, and says how to choose
+    code, _, err = cli(monkeypatch, capsys, *_train_args(seeds, tmp_path / "run2", "--noise-seed", "0"))
+    assert code == 1 and "2 features entries of Synth/test match" in err and "(dtype fp16)" in err
+    assert "(dtype fp32)" in err and err.strip().endswith("add --dtype")
+    code, _, err = cli(monkeypatch, capsys, *_train_args(seeds, tmp_path / "run2", "--noise-seed", "0",
+                                                         "--dtype", "fp16"))
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "run2" / "metrics.json").read_text())
+    assert metrics["entries"]["test"]["features"] == keys[("Synth/test", 0, "fp16")]
+    code, _, err = cli(monkeypatch, capsys, *_train_args(seeds, tmp_path / "run3", "--noise-seed", "7"))
+    assert code == 1 and "noise_seed (cached 0, requested 7)" in err
+
+
+def test_export_and_ls_tell_the_entries_apart(seeds, tmp_path, monkeypatch, capsys):
+    import h5py
+
+    keys = seeds["keys"]
+    ask = ["export", seeds["store"], "--out", tmp_path / "x.h5", "--dataset", seeds["split"], "--split", "test",
+           "--t", str(T), "--resolution", str(RES), "--prompt", "null"]
+    code, _, err = cli(monkeypatch, capsys, *ask)
+    assert code == 1 and "3 features entries of Synth/test match" in err
+    assert "(noise-seed 1, dtype fp16)" in err and "(noise-seed 0, dtype fp32)" in err
+    assert err.strip().endswith("add --noise-seed or --dtype")
+    code, out, err = cli(monkeypatch, capsys, *ask, "--noise-seed", "0", "--dtype", "fp32")
+    assert code == 0, err
+    with h5py.File(tmp_path / "x.h5") as f:
+        assert f.attrs["key"] == keys[("Synth/test", 0, "fp32")]
+        assert json.loads(f.attrs["recipe"])["noise"]["seed"] == 0 and f["features/mid_block"].dtype == "float32"
+    code, _, err = cli(monkeypatch, capsys, "export", seeds["store"], "--out", tmp_path / "y.h5", "--noise-seed", "1")
+    assert code == 1 and "go with --dataset" in err
+    code, out, _ = cli(monkeypatch, capsys, "ls", seeds["store"], "--kind", "features")
+    assert code == 0
+    rows = {line.split()[1]: line for line in out.splitlines()[1:]}
+    assert "ddpm seed 1" in rows[keys[("Synth/test", 1, "fp16")]] and " fp16 " in rows[keys[("Synth/test", 1, "fp16")]]
+    assert "ddpm seed 0" in rows[keys[("Synth/test", 0, "fp32")]] and " fp32 " in rows[keys[("Synth/test", 0, "fp32")]]
+
+
+def test_a_sweep_trains_from_the_features_its_extract_options_make(seeds, tmp_path):
+    from vermouth_cache.sweep import SweepOptions, load_recipe, run_sweep
+
+    store = tmp_path / "store"
+    shutil.copytree(seeds["store"], store)
+    recipe = tmp_path / "seed1.yaml"
+    recipe.write_text(f"""
+task: fewshot
+datasets:
+  synth: {{path: "{seeds['split']}", shots: 2}}
+models: tiny
+extract: {{seed: 1, dtype: fp16, shard_size: 4}}
+train: {{resolution: {RES}, t: {T}, stages: mid, prompt: "null", expert: none, attn_maps: none, epochs: 1,
+         batch_size: 4}}
+""")
+    res = run_sweep(load_recipe(recipe), SweepOptions(out=str(tmp_path / "out"), store=str(store), progress=False,
+                                                      workers=1))
+    (rec,) = res.records
+    assert rec["status"] == "done", rec
+    train = Store(store).find("features", rec["entries"]["features"])  # the sweep's own 2-shot extraction
+    assert train.manifest["recipe"]["noise"]["seed"] == 1
+    metrics = json.loads((tmp_path / "out" / rec["run"] / "metrics.json").read_text())
+    assert metrics["entries"]["test"]["features"] == seeds["keys"][("Synth/test", 1, "fp16")]
