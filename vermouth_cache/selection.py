@@ -136,16 +136,28 @@ def ambiguity(what: str, name: str, cands: list[tuple[Entry, dict]]) -> str:
     order = list(OPTION_OF)  # as declared: the SD model, then PINS
     keys = sorted({k for _, f in cands for k in f}, key=lambda k: (order.index(k) if k in order else len(order), k))
     differ = [k for k in keys if len({repr(f.get(k)) for _, f in cands}) > 1]
-    shown = [k for k in differ if k in OPTION_OF] or differ
-    parts = ", ".join(f"{e.key[:12]} ({', '.join(f'{OPTION_OF.get(k, k).lstrip(chr(45))} {_short(f.get(k))}' for k in shown)})"
-                      for e, f in cands)
-    opts = [OPTION_OF[k] for k in shown if k in OPTION_OF]
-    if opts:
-        fix = f"add {' or '.join(opts)}"
-    else:
-        fix = (f"they differ in {', '.join(differ) or 'nothing a request selects'}; remove the extra ones "
-               f"(`vermouth-cache gc --entry {cands[0][0].kind}/{cands[0][0].key[:12]}`)")
-    return f"{len(cands)} {what} entries of {name} match: {parts}; {fix}"
+
+    def label(k: str) -> str:
+        return OPTION_OF[k][2:] if k in OPTION_OF else k
+
+    parts = ", ".join(e.key[:12] + (f" ({', '.join(f'{label(k)} {_shown(f.get(k))}' for k in differ)})"
+                                    if differ else "") for e, f in cands)
+    fixes = []
+    if any(k in OPTION_OF for k in differ):
+        fixes.append(f"add {' or '.join(OPTION_OF[k] for k in differ if k in OPTION_OF)}")
+    loose = [k for k in differ if k not in OPTION_OF]
+    if loose or not differ:
+        why = f"no option selects {', '.join(loose)}" if loose else "they differ in nothing a request selects"
+        fixes.append(f"{why}: remove the extra ones (`vermouth-cache gc --entry "
+                     f"{cands[-1][0].kind}/{cands[-1][0].key[:12]}`)")
+    return f"{len(cands)} {what} entries of {name} match: {parts}; {'; '.join(fixes)}"
+
+
+def _shown(v) -> str:
+    s = str(v)
+    if len(s) in (16, 64) and all(c in "0123456789abcdef" for c in s):
+        return s[:12]  # a key or an identity
+    return s if len(s) <= 40 else s[:37] + "..."
 
 
 def _describe_dataset(ds: Dataset) -> str:
