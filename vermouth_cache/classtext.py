@@ -56,6 +56,7 @@ def class_text_features(store: Store, classnames: Sequence[str], templates: Sequ
         feats = encode_prompts(model_dir, classnames, templates, proj=proj, placement=placement)
         entry.ensure_array(ARRAY, (feats.shape[1],), "float32")
         entry.write_shard(ARRAY, 0, [OK] * n, data=feats, run={"clip_model": clip_model})
+    entry.touch()  # a training run used it (gc)
     return entry.read(ARRAY)
 
 

@@ -11,6 +11,7 @@ import click
 
 from .errors import VermouthError
 from .models import DEFAULT_CAPTIONER, DEFAULT_SD_MODEL, EXPERT_MODELS
+from .selection import pin_options
 from .store import KINDS
 
 
@@ -108,6 +109,8 @@ def extract(dataset, store, image_root, split, layout, shots, shot_seed, t, stag
     )
     report = run_extract(req)
     ds = report.dataset
+    for note in report.notes:
+        click.echo(f"note: {note}")
     click.echo(f"dataset {ds['name']}: {ds['n_samples']} samples, identity {ds['identity'][:16]}")
     for name, key in report.entries.items():
         click.echo(f"  {name:<16} {key}")
@@ -151,20 +154,34 @@ def ls_cmd(store, kind):
 @click.option("--prompt", default="blip", show_default=True, help="With --dataset: the caption source.")
 @click.option("--noise", default="ddpm", show_default=True, help="With --dataset: the noise mode.")
 @click.option("--text-layer", default="final", show_default=True, help="With --dataset: the text layer.")
-def export(store, out, entry, taps, dataset, split, image_root, layout, t, resolution, prompt, noise, text_layer):
+@click.option("--sd-model", help="With --dataset: only features of this SD model (hub id or directory) [any].")
+@pin_options
+def export(store, out, entry, taps, dataset, split, image_root, layout, t, resolution, prompt, noise, text_layer,
+           sd_model, **pins):
     """Export one feature entry of STORE to HDF5: /sample_ids, /labels, /captions, /features/<tap>."""
     from .export import export_h5
+    from .selection import pop_pins
     from .store import Store
 
     ds = query = None
+    pins = pop_pins(pins)
     if dataset:
         if entry:
             raise VermouthError("give --entry or --dataset, not both")
         from .datasets import load_dataset
-        from .selection import FeatureQuery
+        from .selection import FeatureQuery, resolve_pins
 
         ds = load_dataset(dataset, image_root=image_root, split=split, layout=layout)
-        query = FeatureQuery(t=t, resolution=resolution, prompt=prompt, noise=noise, text_layer=text_layer)
+        unet = None
+        if sd_model:
+            from .train.common import RunOptions, unet_identity
+
+            unet = unet_identity(RunOptions(store=store, sd_model=sd_model))
+        query = FeatureQuery(t=t, resolution=resolution, prompt=prompt, noise=noise, text_layer=text_layer, unet=unet,
+                             pins=resolve_pins(pins))
+    elif pins or sd_model:
+        raise VermouthError("--sd-model and the options that select features by recipe go with --dataset "
+                            "(--entry names the entry itself)")
     res = export_h5(Store(store), out, entry_key=entry, taps=[t.strip() for t in taps.split(",")] if taps else None,
                     dataset=ds, query=query)
     click.echo(f"wrote {res['path']}: {res['samples']} samples, taps {', '.join(res['taps'])}"

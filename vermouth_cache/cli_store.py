@@ -64,7 +64,10 @@ def gc(store, unused_days, entries, yes, dry_run):
     from .store import Store
 
     st = Store(store)
-    doomed = select(st, unused_days=unused_days, names=tuple(entries))
+    kept = []
+    doomed = select(st, unused_days=unused_days, names=tuple(entries), kept=kept)
+    for k in kept:
+        click.echo(k.line())
     if not doomed:
         click.echo("nothing to remove")
         return

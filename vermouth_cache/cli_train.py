@@ -57,7 +57,9 @@ def _setting_options(fn):
     ]
     for opt in reversed(opts):
         fn = opt(fn)
-    return fn
+    from .selection import pin_options
+
+    return pin_options(fn)  # --noise-seed, --dtype, --captioner, ...: the extraction options that select features
 
 
 _RUN_KEYS = ("store", "out", "sd_model", "clip_model", "device", "memory_gb", "overwrite")
@@ -65,10 +67,12 @@ _RUN_KEYS = ("store", "out", "sd_model", "clip_model", "device", "memory_gb", "o
 
 def _split(task: str, kw: dict):
     """(TaskSettings, RunOptions) from the shared options; removes them from kw."""
+    from .selection import pop_pins
     from .train.common import RunOptions
     from .train.settings import task_settings
 
     run = {k: kw.pop(k) for k in _RUN_KEYS}
+    run["select"] = tuple(pop_pins(kw).items())
     run["progress"] = not kw.pop("quiet")
     schedule = kw.pop("schedule")
     proj = kw.pop("text_proj")

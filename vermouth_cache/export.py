@@ -76,7 +76,9 @@ def export_h5(store: Store, out: str | os.PathLike, *, entry_key: str | None = N
         entry = find_features(store, dataset, query, arrays=taps)
     else:
         entry = select_features_entry(store, entry_key)
-    entry.touch()
+    from .gc import mark_used
+
+    mark_used(store, entry)  # and the captions it exports, the text and latents it was made from
     names = entry.array_names()
     taps = taps or names
     unknown = [t for t in taps if t not in names]

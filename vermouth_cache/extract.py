@@ -53,6 +53,7 @@ class ExtractReport:
     shards: list[int] = field(default_factory=list)  # shards this call computed (not found done or done by others)
     waited_seconds: float = 0.0  # spent waiting for shards other writers held
     error_rate: float | None = None  # failed images / all, when --max-error-rate is set
+    notes: list[str] = field(default_factory=list)  # decisions the log states (e.g. a shard size kept)
 
 
 def dataset_record(ds: Dataset) -> dict:
@@ -74,30 +75,43 @@ class _Plan:
     features: dict[int, Entry]
     taps: tuple[str, ...]
     expert: Entry | None
+    notes: list[str] = field(default_factory=list)  # said in the log (a shard size taken from the store)
 
 
 def _plan(req: ExtractRequest, ds: Dataset, make_entry, sd: StableDiffusion, captioner, expert,
-          ds_key: str) -> _Plan:
+          ds_key: str, shard_size_of=None) -> _Plan:
     """Every entry `req` needs, through `make_entry(kind, recipe, n_samples=, shard_size=, about=)`:
-    `Store.entry` (creates them) for `extract`, a read-only lookup for `survey`."""
+    `Store.entry` (creates them) for `extract`, a read-only lookup for `survey`.
+
+    The entries of one plan are read shard by shard together (the U-net reads its shard's text
+    and latents), so they share one shard size: that of the entries already stored
+    (`shard_size_of(kind, key)` -> int or None), else the request's."""
     sd.check_timesteps(req.t)  # the scheduler and the U-net refuse before any entry is made
     sd.check_taps(req.block_taps)
     schedule = sd.schedule_recipe(req.noise)
     ident = ds.identity()
     n = len(ds)
-    size = min(req.shard_size, n)  # a small dataset gets one chunk of its own size, not a padded one
     # the request travels in every manifest so that `repair` can recompute a bad shard
     about = {"dataset": ds.name, "dataset_record": ds_key, "n_samples": n, "request": req.to_json()}
     labels_key = recipe_key({"labels": [s.label for s in ds.samples], "classnames": list(ds.classnames)})
     cap_r = captions_recipe(req, ident, captioner_id=captioner.identity if captioner else None, labels_key=labels_key)
+    txt_r = text_recipe(recipe_key(cap_r), tokenizer_id=sd.identity("tokenizer"),
+                        text_encoder_id=sd.identity("text_encoder"), layer=req.text_layer)
+    lat_r = latents_recipe(ident, vae_id=sd.identity("vae"), resolution=req.resolution)
+    feat_rs = {t: features_recipe(req, t, latents_key=recipe_key(lat_r), text_key=recipe_key(txt_r),
+                                  unet_id=sd.identity("unet"), schedule=schedule) for t in req.t}
+    exp_r = None
+    if expert is not None:
+        exp_r = expert_recipe(req, ident, expert_id=expert.identity, image_stats=expert.image_stats)
+    chain = [("captions", cap_r), ("text", txt_r), ("latents", lat_r), *(("features", r) for r in feat_rs.values())]
+    chain += [("expert", exp_r)] if exp_r is not None else []
+    size, note = chain_shard_size(req, n, [(kind, recipe_key(r)) for kind, r in chain], shard_size_of)
+
     cap_about = {**about, "prompt": req.prompt, "captioner": req.captioner if captioner else None,
                  "uses_label": req.prompt == "classname"}
     cap = make_entry("captions", cap_r, n_samples=n, shard_size=size, about=cap_about)
-    txt_r = text_recipe(cap.key, tokenizer_id=sd.identity("tokenizer"), text_encoder_id=sd.identity("text_encoder"),
-                        layer=req.text_layer)
     txt = make_entry("text", txt_r, n_samples=n, shard_size=size,
                       about={**cap_about, "sd_model": req.sd_model, "text_layer": req.text_layer})
-    lat_r = latents_recipe(ident, vae_id=sd.identity("vae"), resolution=req.resolution)
     lat = make_entry("latents", lat_r, n_samples=n, shard_size=size,
                       about={**about, "sd_model": req.sd_model, "resolution": req.resolution})
     attn_taps = ()
@@ -105,19 +119,50 @@ def _plan(req: ExtractRequest, ds: Dataset, make_entry, sd: StableDiffusion, cap
         attn_taps = attn_taps_for(blocks_with_cross_attention(sd.unet_skeleton), req.attn_maps)
     taps = req.block_taps + attn_taps
     feats = {}
-    for t in req.t:
-        r = features_recipe(req, t, latents_key=lat.key, text_key=txt.key, unet_id=sd.identity("unet"),
-                            schedule=schedule)
+    for t, r in feat_rs.items():
         feats[t] = make_entry("features", r, n_samples=n, shard_size=size, about={
             **cap_about, "sd_model": req.sd_model, "t": t, "resolution": req.resolution, "noise": req.noise,
             "text_layer": req.text_layer, "dtype": req.dtype, "captions": cap.key, "text": txt.key,
             "latents": lat.key})
     exp = None
-    if expert is not None:
-        r = expert_recipe(req, ident, expert_id=expert.identity, image_stats=expert.image_stats)
-        exp = make_entry("expert", r, n_samples=n, shard_size=size, about={
+    if exp_r is not None:
+        exp = make_entry("expert", exp_r, n_samples=n, shard_size=size, about={
             **about, "expert": req.expert, "model": expert.spec, "resolution": req.resolution, "dtype": req.dtype})
-    return _Plan(cap, txt, lat, feats, taps, exp)
+    return _Plan(cap, txt, lat, feats, taps, exp, [note] if note else [])
+
+
+def chain_shard_size(req: ExtractRequest, n: int, chain: list[tuple[str, str]], shard_size_of) -> tuple[int, str | None]:
+    """(shard size of every entry of the plan, a note for the log or None). Entries already stored
+    fix it; stored entries that disagree (made by an older vermouth-cache) are refused, naming them."""
+    asked = min(req.shard_size, n)  # a small dataset gets one chunk of its own size, not a padded one
+    have = {}
+    if shard_size_of is not None:
+        for kind, key in chain:
+            size = shard_size_of(kind, key)
+            if size is not None:
+                have[f"{kind}/{key[:12]}"] = size
+    sizes = sorted(set(have.values()))
+    if not sizes:
+        return asked, None
+    if len(sizes) > 1:
+        first = next(iter(have.values()))  # the most upstream stored entry
+        odd = [p for p, s in have.items() if s != first]
+        raise VermouthError(
+            "the stored entries this request reads and writes have different shard sizes ("
+            + ", ".join(f"{p}: {s}" for p, s in have.items()) + "), so their shards cannot be computed together; "
+            f"remove {', '.join(odd)} (`vermouth-cache gc --entry {odd[0]}`) and extract again")
+    size = sizes[0]
+    if size == asked:
+        return size, None
+    upstream = next(iter(have))
+    return size, (f"shard size {size} kept: the entries of this dataset already stored ({upstream} ...) use it, "
+                  f"and every entry of one extraction shares one (asked {req.shard_size})")
+
+
+def _stored_shard_size(store: Store, kind: str, key: str) -> int | None:
+    if not store.loc.exists(f"{kind}/{key}/manifest.json"):
+        return None
+    return Entry(store.loc, kind, key).shard_size
 
 
 def plan_keys(plan: _Plan) -> dict:
@@ -304,7 +349,8 @@ def extract(req: ExtractRequest, *, only: dict | None = None) -> ExtractReport:
     models = Models.of(req)  # refuses an unsupported SD model before the store is touched
     store = Store(req.store, create=True)
     ds_key = store.put_dataset(dataset_record(ds))
-    plan = _plan(req, ds, store.entry, models.sd, models.captioner, models.expert, ds_key)
+    plan = _plan(req, ds, store.entry, models.sd, models.captioner, models.expert, ds_key,
+                 shard_size_of=lambda kind, key: _stored_shard_size(store, kind, key))
     report = ExtractReport(
         store=str(store.root),
         dataset={"name": ds.name, "n_samples": len(ds), "identity": ds.identity(), "record": ds_key},
@@ -312,6 +358,7 @@ def extract(req: ExtractRequest, *, only: dict | None = None) -> ExtractReport:
                  **{f"features t={t}": e.key for t, e in plan.features.items()},
                  **({"expert": plan.expert.key} if plan.expert else {})},
     )
+    report.notes = list(plan.notes)
     for _, entry, _ in _arrays_of(plan):
         entry.touch()
     if only is not None:

@@ -6,7 +6,7 @@ from .errors import VermouthError
 from .store import OK, Entry, Store
 from .unet_taps import summarize_taps
 
-COLUMNS = ("kind", "key", "dataset", "model", "t", "taps", "res", "prompt", "noise", "done/total", "size")
+COLUMNS = ("kind", "key", "dataset", "model", "t", "taps", "res", "prompt", "noise", "dtype", "done/total", "size")
 
 
 def entry_progress(entry: Entry) -> tuple[int, int, int]:
@@ -38,8 +38,9 @@ def entry_row(entry: Entry) -> dict[str, str]:
         "t": str(about.get("t", "")),
         "taps": summarize_taps(taps),
         "res": str(about.get("resolution", "")),
-        "prompt": str(about.get("prompt", "")),
-        "noise": str(about.get("noise", "")),
+        "prompt": _prompt(entry),
+        "noise": _noise(entry),
+        "dtype": str(about.get("dtype", "")) if entry.kind in ("features", "expert") else "",
         "done/total": f"{ok}/{total}" + (f" ({failed} failed)" if failed else ""),
         "size": human_bytes(entry.size_bytes()),
     }
@@ -49,6 +50,38 @@ def damaged_row(entry: Entry, exc: Exception) -> dict[str, str]:
     """A row that shows nothing the entry claims, only that it cannot be trusted."""
     return {c: "" for c in COLUMNS} | {"kind": entry.kind, "key": entry.key,
                                         "done/total": f"damaged: {str(exc)[:60]}... (run verify)"}
+
+
+def _prompt(entry: Entry) -> str:
+    """The caption source, with every setting that tells entries apart (`train`/`export` select by them)."""
+    about = entry.manifest.get("about", {})
+    prompt = str(about.get("prompt", ""))
+    req = about.get("request") or {}
+    if prompt == "blip" and req:
+        if req.get("caption_prefix"):
+            prompt += f" prefix={req['caption_prefix']!r}"
+        if (req.get("caption_min_tokens"), req.get("caption_max_tokens")) != (5, 20):
+            prompt += f" tokens {req.get('caption_min_tokens')}-{req.get('caption_max_tokens')}"
+    elif prompt == "random":
+        prompt += f" seed {req.get('seed')}"
+    if about.get("text_layer") not in (None, "final") and entry.kind in ("text", "features"):
+        prompt += f" ({about['text_layer']} layer)"
+    return prompt
+
+
+def _noise(entry: Entry) -> str:
+    """The noise of a features entry from its recipe: mode, seed and draws, or inversion steps."""
+    if entry.kind != "features":
+        return ""
+    noise = entry.manifest.get("recipe", {}).get("noise", {})
+    out = str(noise.get("mode", ""))
+    if "seed" in noise:
+        out += f" seed {noise['seed']}"
+    if noise.get("draws", 1) != 1:
+        out += f" x{noise['draws']} draws"
+    if "steps" in noise:
+        out += f" {noise['steps']} steps"
+    return out
 
 
 def table(store: Store, kind: str | None = None) -> str:

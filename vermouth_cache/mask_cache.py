@@ -60,6 +60,7 @@ def ensure_masks(store: Store, ds: Dataset, resolution: int, like: Entry, progre
     entry = store.entry("masks", masks_recipe(ds, resolution), n_samples=len(ds), shard_size=like.shard_size,
                         about=about)
     _fill(entry, ds, resolution, progress)
+    entry.touch()  # a training run used it (gc)
     return entry
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from .errors import VermouthError
@@ -121,6 +122,14 @@ class ExtractRequest:
         for k in (*self.RUN_ONLY, "block_taps"):
             d.pop(k, None)
         d["t"] = list(self.t)
+        # `repair` may run from any directory: keep the paths it needs absolute (a relative
+        # DATASET typed in one directory is another path, or none, in the next)
+        for k in ("dataset", "image_root"):
+            if d.get(k) is not None:
+                d[k] = _absolute(d[k])
+        for k in ("sd_model", "captioner", "expert_model"):  # hub ids stay as typed
+            if d.get(k) is not None and os.path.exists(os.path.expanduser(d[k])):
+                d[k] = _absolute(d[k])
         return d
 
     @classmethod
@@ -129,6 +138,14 @@ class ExtractRequest:
         kw = {k: v for k, v in d.items() if k in known}
         kw["t"] = tuple(kw.get("t", (200,)))
         return cls(**{**kw, **overrides})
+
+
+def _absolute(path: str) -> str:
+    """The absolute form of a local path, normalised lexically like `datasets.load_dataset` does
+    (symlinks kept); URLs (scheme://) as given."""
+    if "://" in str(path):
+        return str(path)
+    return os.path.abspath(os.path.expanduser(os.fspath(path)))
 
 
 def stage_names() -> tuple[str, ...]:

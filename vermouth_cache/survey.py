@@ -76,7 +76,13 @@ def survey(req: ExtractRequest) -> list[EntryPlan]:
             return Entry(store.loc, kind, key)
         return _Absent(kind, key, n_samples, shard_size)
 
-    plan = _plan(req, ds, lookup, sd, captioner, expert, recipe_key(dataset_record(ds)))
+    def stored_shard_size(kind, key):
+        if store is None or not store.loc.exists(f"{kind}/{key}/manifest.json"):
+            return None
+        return Entry(store.loc, kind, key).shard_size
+
+    plan = _plan(req, ds, lookup, sd, captioner, expert, recipe_key(dataset_record(ds)),
+                 shard_size_of=stored_shard_size)
     todo = _missing(plan)
     bounds = {s: min(len(ds), (s + 1) * plan.captions.shard_size) - s * plan.captions.shard_size
               for s in range(plan.captions.n_shards)}

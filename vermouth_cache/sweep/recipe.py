@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import VermouthError
+from ..selection import PINS
 from ..models import DEFAULT_CAPTIONER, DEFAULT_CLIP_MODEL, DEFAULT_SD_MODEL, EXPERT_MODELS
 from ..train.settings import TASKS, TaskSettings, task_settings
 
@@ -37,8 +38,10 @@ DATASET_KEYS = {
 }
 EVAL_KEYS = ("path", "layout", "split", "classnames")
 MODEL_KEYS = ("sd_model", "captioner", "clip_model", "experts")
-EXTRACT_KEYS = ("dtype", "batch_size", "shard_size", "seed", "noise_draws", "inversion_steps", "caption_prefix",
-                "caption_min_tokens", "caption_max_tokens", "precision", "on_error")
+# extraction-only options, fixed for the sweep: the recipe fields that select features
+# (selection.PINS; the captioner is `models:`), then how the extraction runs
+EXTRACT_KEYS = (*(p.extract for p in PINS if p.name != "captioner"), "batch_size", "shard_size", "precision",
+                "on_error")
 SETTING_KEYS = tuple(f.name for f in fields(TaskSettings))
 MAIN_METRIC = {"fewshot": "top1", "sbir": "mAP@all", "seg": "mIoU"}
 BUNDLED = Path(__file__).resolve().parents[2] / "data"

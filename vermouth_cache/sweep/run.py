@@ -92,7 +92,7 @@ def run_sweep(recipe: Recipe, opts: SweepOptions) -> SweepResult:
         result.seconds["extract"] = time.perf_counter() - t0
         groups = train_groups(todo)
         t1 = time.perf_counter()
-        _prepare(groups, models, opts)
+        _prepare(groups, models, opts, recipe)
         for rec in _train(recipe, groups, models, opts, out):
             done[rec["point"]] = rec
             result.trained += rec["status"] == "done"
@@ -110,9 +110,17 @@ def run_sweep(recipe: Recipe, opts: SweepOptions) -> SweepResult:
     return result
 
 
-def run_options(models: ResolvedModels, opts: SweepOptions, progress: bool) -> RunOptions:
+def run_options(models: ResolvedModels, opts: SweepOptions, progress: bool, recipe: Recipe | None = None) -> RunOptions:
+    """Training reads the features the sweep's extractions make: its SD model, and its `extract:`
+    options (else their defaults) for every field of `selection.PINS`."""
+    select = ()
+    if recipe is not None:
+        from ..selection import pins_of_extract
+
+        blip = any(p.settings.prompt == "blip" for p in recipe.points)  # the captioner is loaded only then
+        select = tuple(pins_of_extract(recipe.extract, captioner=models.captioner if blip else None).items())
     return RunOptions(store=opts.store_path, sd_model=models.sd_model, clip_model=models.clip_model,
-                      device=opts.device, memory_gb=opts.memory_gb, progress=progress, overwrite=True)
+                      device=opts.device, memory_gb=opts.memory_gb, progress=progress, overwrite=True, select=select)
 
 
 def task_data(ds: DatasetSpec):
@@ -133,13 +141,13 @@ def task_data(ds: DatasetSpec):
                          for _, ev in ds.evals()))
 
 
-def _prepare(groups: list[TrainGroup], models: ResolvedModels, opts: SweepOptions) -> None:
+def _prepare(groups: list[TrainGroup], models: ResolvedModels, opts: SweepOptions, recipe: Recipe | None = None) -> None:
     from ..train.fewshot import prepare_fewshot
     from ..train.sbir import prepare_sbir
     from ..train.seg import prepare_seg
 
     prepare = {"fewshot": prepare_fewshot, "sbir": prepare_sbir, "seg": prepare_seg}
-    ro = run_options(models, opts, opts.progress)
+    ro = run_options(models, opts, opts.progress, recipe)
     for g in groups:
         seen = set()
         for p in g.points:
@@ -172,7 +180,7 @@ def _train(recipe: Recipe, groups: list[TrainGroup], models: ResolvedModels, opt
     for g in groups:
         heads = tuple((p.name, p.settings, str(run_dir(out, p))) for p in g.points)
         recs = tuple(_base_record(recipe, p, models, out) for p in g.points)
-        jobs.append(GroupJob(g.dataset.task, task_data(g.dataset), heads, run_options(models, opts, False), recs,
+        jobs.append(GroupJob(g.dataset.task, task_data(g.dataset), heads, run_options(models, opts, False, recipe), recs,
                              threads))
     bar = tqdm(total=sum(len(g.points) for g in groups), unit="run", desc="sweep: train", disable=not opts.progress)
     try:

@@ -71,6 +71,7 @@ class RunOptions:
     memory_gb: float = 8.0  # features up to this size are held in (GPU) memory, else streamed
     progress: bool = True
     overwrite: bool = False
+    select: tuple = ()  # ((pin name, value), ...): extraction options the features must have (selection.PINS)
 
     def __post_init__(self):
         from ..errors import VermouthError
@@ -92,6 +93,14 @@ def unet_identity(opts: RunOptions) -> str | None:
     if opts.sd_model is None:
         return None
     return StableDiffusion(opts.sd_model, Placement(torch.device("cpu"), torch.float32)).identity("unet")
+
+
+def feature_pins(opts: RunOptions) -> dict:
+    """What the run pins its features to besides its settings: the SD model's U-net and the
+    extraction options of `selection.PINS` (`opts.select`), as recipe facts."""
+    from ..selection import resolve_pins
+
+    return {"unet": unet_identity(opts), **resolve_pins(dict(opts.select))}
 
 
 def class_text(store: Store, classnames, dataset_name: str, s: TaskSettings, opts: RunOptions) -> tuple[torch.Tensor, list[str]]:
@@ -159,6 +168,7 @@ def base_config(task: str, s: TaskSettings, opts: RunOptions, classifier: TextCl
         "settings": s.to_json(),
         "store": os.path.abspath(opts.store),
         "sd_model": opts.sd_model,
+        "select": dict(opts.select),  # extraction options the features were pinned to (selection.PINS)
         "clip_model": opts.clip_model,
         "device": str(opts.torch_device),
         "templates": templates,

@@ -18,7 +18,7 @@ from ..heads import TextClassifier
 from ..metrics import per_class_accuracy, top1
 from ..store import Store
 from .common import (HeadJob, RunOptions, base_config, build_head, ce_loss, class_text, head_facts, infer_many, loader_for,
-                     shared_settings, unet_identity)
+                     shared_settings, feature_pins)
 from .inputs import CachedSplit, open_split, union_split
 from .loop import Member, fit_many
 from .runs import finish_run, prepare_run_dir, raise_failed
@@ -61,12 +61,12 @@ def train_fewshot_heads(data: FewshotData, jobs: list[HeadJob], opts: RunOptions
     outs = [prepare_run_dir(j.out, opts.overwrite) for j in jobs]
     store = Store(opts.store)
     ds = _splits(data)
-    uid = unet_identity(opts)
+    pins = feature_pins(opts)
     per_job = []
     for j in jobs:
-        sp = {"train": open_split(store, ds["train"], j.settings, unet_identity=uid, superset=ds["full_train"]),
-              "val": open_split(store, ds["val"], j.settings, unet_identity=uid),
-              "test": open_split(store, ds["test"], j.settings, unet_identity=uid)}
+        sp = {"train": open_split(store, ds["train"], j.settings, pins=pins, superset=ds["full_train"]),
+              "val": open_split(store, ds["val"], j.settings, pins=pins),
+              "test": open_split(store, ds["test"], j.settings, pins=pins)}
         _same_features(sp["train"], sp["val"], sp["test"])
         per_job.append(sp)
     train, val, test = (union_split([sp[k] for sp in per_job]) for k in ("train", "val", "test"))

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..datasets import Dataset
 from ..errors import VermouthError
+from ..gc import mark_used
 from ..loader import Field
 from ..pyramid import taps_needed
 from ..selection import FeatureQuery, find_by_dataset, find_features, subset_indices
@@ -56,16 +57,20 @@ class CachedSplit:
         return out
 
 
-def feature_query(s: TaskSettings, unet_identity: str | None = None) -> FeatureQuery:
+def feature_query(s: TaskSettings, pins: dict | None = None) -> FeatureQuery:
+    """`pins`: {"unet": identity, and resolved `selection.PINS` facts} (`common.feature_pins`)."""
+    pins = dict(pins or {})
+    unet = pins.pop("unet", None)
     return FeatureQuery(t=s.t, resolution=s.resolution, prompt=s.prompt, noise=s.noise, text_layer=s.text_layer,
-                        unet=unet_identity)
+                        unet=unet, pins=pins)
 
 
-def open_split(store: Store, ds: Dataset, s: TaskSettings, *, unet_identity: str | None = None,
+def open_split(store: Store, ds: Dataset, s: TaskSettings, *, pins: dict | None = None,
                superset: Dataset | None = None) -> CachedSplit:
-    """The cached rows of `ds` for settings `s`; refuses a mismatched or incomplete cache."""
+    """The cached rows of `ds` for settings `s` (and the extraction options `pins` names); refuses a
+    mismatched, ambiguous or incomplete cache."""
     base_taps = taps_needed(s.stages)
-    query = feature_query(s, unet_identity)
+    query = feature_query(s, pins)
     source = ds
     try:
         feats = find_features(store, ds, query, base_taps)
@@ -85,13 +90,15 @@ def open_split(store: Store, ds: Dataset, s: TaskSettings, *, unet_identity: str
         taps += have
     expert = None
     if s.expert:
-        expert = find_by_dataset(store, "expert", source, {"expert": s.expert, "resolution": s.resolution},
-                                 f"{s.expert} expert features")
+        match = {"expert": s.expert, "resolution": s.resolution}
+        if query.pins.get("dtype"):
+            match["dtype"] = query.pins["dtype"]
+        expert = find_by_dataset(store, "expert", source, match, f"{s.expert} expert features")
     record = store.dataset(feats.manifest["about"]["dataset_record"])
     rows = subset_indices(record["ids"], ds) if source is not ds else list(range(len(ds)))
     for used in (feats, expert):
         if used is not None:
-            used.touch()  # for `gc --unused-days`
+            mark_used(store, used)  # for `gc --unused-days`: with the latents, text and captions behind it
     return _usable(ds, feats, expert, taps, rows)
 
 

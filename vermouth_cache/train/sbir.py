@@ -26,7 +26,7 @@ from ..sbir_data import find_sbir_trees, sbir_split
 from ..store import Store
 from ..vocab import read_name_list, unseen_classes
 from .common import (HeadJob, RunOptions, base_config, build_head, ce_loss, class_text, head_facts, infer_many, loader_for,
-                     shared_settings, unet_identity)
+                     shared_settings, feature_pins)
 from .inputs import CachedSplit, open_split, union_split
 from .loop import Member, fit_many
 from .runs import finish_run, prepare_run_dir, raise_failed
@@ -128,9 +128,9 @@ def train_sbir_heads(data: SbirData, jobs: list[HeadJob], opts: RunOptions) -> l
     outs = [prepare_run_dir(j.out, opts.overwrite) for j in jobs]
     store = Store(opts.store)
     tr = _trees(data)
-    uid = unet_identity(opts)
-    per_job = [(open_split(store, tr.photos, j.settings, unet_identity=uid),
-                open_split(store, tr.sketches, j.settings, unet_identity=uid)) for j in jobs]
+    pins = feature_pins(opts)
+    per_job = [(open_split(store, tr.photos, j.settings, pins=pins),
+                open_split(store, tr.sketches, j.settings, pins=pins)) for j in jobs]
     photos = union_split([p for p, _ in per_job])
     sketches = union_split([k for _, k in per_job])
     seen_p, seen_s = by_name(photos, tr.seen), by_name(sketches, tr.seen)

@@ -33,7 +33,7 @@ from ..metrics import confusion_matrix, miou
 from ..seg_data import crop_box, read_mask
 from ..store import Store
 from .common import (HeadJob, RunOptions, base_config, build_head, class_text, head_facts, loader_for, shared_settings,
-                     unet_identity)
+                     feature_pins)
 from .inputs import CachedSplit, open_split, union_split
 from .loop import Member, fit_many
 from .online import OnlineTaps
@@ -79,7 +79,7 @@ def prepare_seg(data: SegData, s: TaskSettings, opts: RunOptions) -> None:
     so that runs in parallel only read it."""
     store = Store(opts.store)
     train_ds = data.train.load()
-    train = open_split(store, train_ds, s, unet_identity=unet_identity(opts))
+    train = open_split(store, train_ds, s, pins=feature_pins(opts))
     ensure_masks(store, train_ds, s.resolution, like=train.features, progress=opts.progress)
     for ds in [train_ds] + [src.load() for src in data.evals]:
         class_text(store, ds.classnames, "segmentation", s, opts)
@@ -93,11 +93,11 @@ def train_seg_heads(data: SegData, jobs: list[HeadJob], opts: RunOptions) -> lis
     store = Store(opts.store)
     device = opts.torch_device
     train_ds = data.train.load()
-    uid = unet_identity(opts)
-    per_job = [open_split(store, train_ds, j.settings, unet_identity=uid) for j in jobs]
+    pins = feature_pins(opts)
+    per_job = [open_split(store, train_ds, j.settings, pins=pins) for j in jobs]
     train = union_split(per_job)
     eval_sets = [src.load() for src in data.evals]
-    evals = [union_split([open_split(store, ds, j.settings, unet_identity=uid) for j in jobs]) for ds in eval_sets]
+    evals = [union_split([open_split(store, ds, j.settings, pins=pins) for j in jobs]) for ds in eval_sets]
     masks = ensure_masks(store, train_ds, s0.resolution, like=train.features, progress=opts.progress)
     name = train_ds.name.split("/")[0]
 
