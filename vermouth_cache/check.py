@@ -137,6 +137,12 @@ def _verify_entry(store: Store, entry: Entry, v: Verification) -> None:
     except VermouthError as exc:
         v.problems.append(Problem(entry.prefix, None, None, str(exc)))
         return
+    ds_key = entry.manifest.get("about", {}).get("dataset_record")
+    if ds_key is not None:
+        try:
+            store.dataset(ds_key)
+        except VermouthError as exc:  # every reader of the entry would refuse it: damage, not a detail
+            v.problems.append(Problem(entry.prefix, None, None, f"its dataset record cannot be read: {exc}"))
     ids = _ids(store, entry)
     names = sorted(set(entry.record_names()) | set(specs) | set(entry.broken))
     failed = set()
