@@ -5,7 +5,8 @@
     loc.create("features/ab12/claims/000003.0.json", b"...")  # False if it already exists
 
 Every write is atomic: a reader sees the old object, the new one, or none, never a part. On a
-filesystem that is a temporary file in the same directory, fsynced, then renamed over the target;
+filesystem that is a temporary file in the same directory, fsynced, then renamed over the target
+(vermouth_cache.atomic);
 on an object store a single PUT. `create` is the one compare-and-set the claims need: `link(2)`
 of a finished temporary file on a filesystem (atomic on NFS too, unlike O_EXCL on NFSv2 and
 unlike `flock`, which NFS may ignore), a conditional PUT (`If-None-Match: *`) on S3.
@@ -20,9 +21,9 @@ import errno
 import json
 import os
 import posixpath
-import tempfile
 from pathlib import Path
 
+from .atomic import atomic_create, atomic_write
 from .errors import VermouthError
 
 SCHEMES_WITH_CREATE = ("s3", "s3a")  # object stores whose conditional PUT `create` relies on
@@ -180,46 +181,17 @@ class LocalLocation(Location):
         except (IsADirectoryError, NotADirectoryError):
             raise FileNotFoundError(key) from None
 
-    def _write_temp(self, key: str, data: bytes) -> Path:
-        """`data` in a finished, fsynced temporary file beside the target; OSError (a full disk) as is."""
-        target = self.path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        tmp = Path(tmp)
+    def _write(self, key: str, data: bytes) -> None:
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return tmp
-
-    def _temp_or_error(self, key: str, data: bytes) -> Path:
-        try:
-            return self._write_temp(key, data)
+            atomic_write(self.path(key), data)
         except OSError as exc:
             raise space_error(exc, f"{self.url}/{key}") from None
 
-    def _write(self, key: str, data: bytes) -> None:
-        tmp = self._temp_or_error(key, data)
-        try:
-            os.replace(tmp, self.path(key))
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-
     def _create(self, key: str, data: bytes) -> bool:
-        tmp = self._temp_or_error(key, data)
         try:
-            os.link(tmp, self.path(key))  # atomic, and fails if the target exists, on NFS too
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            tmp.unlink(missing_ok=True)
+            return atomic_create(self.path(key), data)
+        except OSError as exc:
+            raise space_error(exc, f"{self.url}/{key}") from None
 
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
