@@ -85,3 +85,180 @@ def test_atomic_helpers_keep_the_old_file_on_failure_and_create_only_once(umask,
     assert atomic_create(tmp_path / "a" / "c", b"1") and not atomic_create(tmp_path / "a" / "c", b"2")
     assert (tmp_path / "a" / "c").read_bytes() == b"1"
     assert sorted(p.name for p in target.parent.iterdir()) == ["c", "x.json"]
+
+
+# ---- 12: logs ---------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+STAGE_LINE = r"^{}: {}/{} {}, \d+\.\d s"
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env.pop("COLUMNS", None)
+    return env
+
+
+def test_demo_piped_to_a_file_logs_one_line_per_stage_and_team_readable_files(tmp_path):
+    """The README's main job with stdout and stderr to a file (not a terminal), umask 002: a few
+    lines, no carriage return, one per stage; every file it writes is 0664. Then --quiet: nothing
+    but the result."""
+    import re
+    import subprocess
+
+    out = tmp_path / "demo"
+    log = tmp_path / "demo.log"
+    with open(log, "wb") as f:
+        proc = subprocess.run([sys.executable, "-m", "vermouth_cache.cli", "demo", "--out", str(out)], stdout=f,
+                              stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path, umask=0o002, timeout=1200)
+    text = log.read_bytes()
+    assert proc.returncode == 0, text.decode()[-3000:]
+    assert b"\r" not in text and len(text) < 6000, (len(text), text[:3000])
+    lines = text.decode().splitlines()
+    for split, n in (("train", 24), ("val", 6), ("test", 6)):
+        stage = [ln for ln in lines if ln.startswith(f"extract Demo/{split}:")]
+        assert len(stage) == 1 and re.match(STAGE_LINE.format(f"extract Demo/{split}", n, n, "img"), stage[0]), lines
+    done = [ln for ln in lines if re.match(r"^train fewshot Demo: 50 epoch\(s\), 150/150 steps, loss \d\.\d+, "
+                                           r"best val top1 \d\.\d+ at step \d+, \d+\.\d s$", ln)]
+    assert len(done) == 1, lines
+    assert any(ln.startswith("few-shot U-head trained from the cache") for ln in lines)
+    assert not [ln for ln in lines if "debug:" in ln or "Traceback" in ln]
+    # the README's main job writes files the team can read: the umask decides, nothing is 0600
+    wrong = {k: oct(v) for k, v in modes(out).items() if v != 0o664}
+    assert not wrong, wrong
+
+    quiet = subprocess.run([sys.executable, "-m", "vermouth_cache.cli", "demo", "--out", str(out), "--quiet"],
+                           capture_output=True, env=_env(), cwd=tmp_path, timeout=1200)
+    assert quiet.returncode == 0 and quiet.stderr == b"", quiet.stderr.decode()[-3000:]
+    assert quiet.stdout.decode().splitlines()[0].startswith("kind ") and b"few-shot U-head trained" in quiet.stdout
+
+
+def test_quiet_and_verbose_on_the_command_line(monkeypatch, capsys, tiny, folder, tmp_path):
+    from test_errors import cli
+
+    args = ["extract", folder, "--store", tmp_path / "store", "--sd-model", tiny["sd"], "--captioner", tiny["blip"],
+            "--resolution", "128", "--device", "cpu", "--shard-size", "2", "--stages", "mid"]
+    code, out, err = cli(monkeypatch, capsys, *args, "--t", "100")
+    assert code == 0 and "computed:" in out
+    assert err.splitlines() == [next(ln for ln in err.splitlines() if ln.startswith("extract imgs: 5/5 img, "))], err
+    code, out, err = cli(monkeypatch, capsys, *args, "--t", "200", "--quiet")  # computes, says nothing
+    assert code == 0 and "features t=200" in out and err == ""
+    code, out, err = cli(monkeypatch, capsys, "--quiet", *args, "--t", "300")  # the group's option too
+    assert code == 0 and "features t=300" in out and err == ""
+    code, out, err = cli(monkeypatch, capsys, *args, "--t", "400", "-v")
+    assert code == 0 and any(ln.startswith("debug: store ") and "3 to compute" in ln for ln in err.splitlines()), err
+    assert "extract imgs: 5/5 img" in err
+    code, _, err = cli(monkeypatch, capsys, *args, "--quiet", "--verbose")
+    assert code == 2 and "give --quiet or --verbose, not both" in err
+    for command in (["ls"], ["export"], ["verify"], ["repair"], ["gc"], ["demo"], ["sweep"], ["models", "tiny"],
+                    ["train", "fewshot"], ["train", "seg"], ["extract"]):
+        code, out, _ = cli(monkeypatch, capsys, *command, "--help")
+        assert code == 0 and "--quiet" in out and "--verbose" in out, command
+
+
+def test_bars_only_on_a_terminal(tmp_path, monkeypatch):
+    """A pseudo-terminal gets a live bar ('\\r' redraws); a file gets one line at the end."""
+    import io
+    import logging
+    import pty
+
+    from vermouth_cache.progress import Progress, configure_logging
+
+    import fcntl
+    import re
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal 100 columns wide
+    term = io.TextIOWrapper(os.fdopen(slave, "wb", buffering=0), encoding="utf-8", write_through=True)
+    monkeypatch.setattr(sys, "stderr", term)
+    configure_logging(logging.INFO)
+    with Progress("extract imgs", total=4, unit="img") as bar:
+        for _ in range(4):
+            bar.update()
+    seen = os.read(master, 65536).decode()
+    os.close(master)
+    assert re.search("\r(?!\n)", seen) and "| 0/4 [" in seen and "img/s" in seen, seen  # tqdm's live bar, redrawn
+    assert "extract imgs: 4/4 img, " in seen  # and the stage's line when it ends
+
+    plain = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", plain)
+    with Progress("extract imgs", total=4, unit="img", every=0.0) as bar:
+        for _ in range(4):
+            bar.update()
+    lines = plain.getvalue().splitlines()
+    assert "\r" not in plain.getvalue() and lines[-1].startswith("extract imgs: 4/4 img, ")
+    assert len(lines) == 4  # every=0: one line per step while running (1/4 ... 3/4), then the end
+
+    plain.seek(0), plain.truncate()
+    configure_logging(logging.WARNING)  # --quiet
+    with pytest.raises(RuntimeError):
+        with Progress("extract imgs", total=4, unit="img") as bar:
+            raise RuntimeError("boom")
+    with Progress("verify", total=1, unit="entry") as bar:
+        bar.update()
+    assert plain.getvalue() == ""
+
+
+def test_training_reports_its_steps_so_a_sweep_bar_moves_within_a_point():
+    """fit_many reports every step to the work sink the sweep's dask task installs."""
+    import torch
+
+    from vermouth_cache.progress import report_work, work_sink
+    from vermouth_cache.train.loop import Member, fit_many
+
+    class Loader:
+        progress = None
+
+        def __len__(self):
+            return 3
+
+        def set_epoch(self, epoch):
+            pass
+
+        def __iter__(self):
+            for i in range(3):
+                yield {"x": torch.full((2, 4), float(i)), "y": torch.zeros(2, 1)}
+
+    model = torch.nn.Linear(4, 1)
+    loss = lambda b: torch.nn.functional.mse_loss(model(b["x"]), b["y"])  # noqa: E731
+    s = task_settings("fewshot", epochs=4, lr=1e-3)
+    seen = []
+    with work_sink(seen.append):
+        fit_many([Member(model, list(model.parameters()), loss, s)], Loader(), s)
+    assert seen == [k / 12 for k in range(1, 13)]
+    report_work(1, 2)  # no sink installed: nothing happens
+    assert len(seen) == 12
+
+
+def test_sweep_progress_events_travel_from_a_dask_task_to_the_client():
+    import threading
+    import time
+
+    from distributed import Client, LocalCluster
+
+    from vermouth_cache.progress import report_work, work_sink
+    from vermouth_cache.sweep.run import PROGRESS_TOPIC, _progress_events
+
+    def task(index):
+        with work_sink(_progress_events(index)):
+            for k in range(1, 5):
+                report_work(k, 4)
+                time.sleep(0.3)
+        return index
+
+    got, arrived = [], threading.Event()
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        def handler(event):
+            got.append(event[1])
+            if event[1]["done"] >= 1.0:
+                arrived.set()
+        client.subscribe_topic(PROGRESS_TOPIC, handler)
+        assert client.submit(task, 3).result() == 3
+        assert arrived.wait(10)
+    assert [m["job"] for m in got] == [3] * len(got) and len(got) >= 3
+    fractions = [m["done"] for m in got]
+    assert fractions == sorted(fractions) and fractions[0] < 1.0 and fractions[-1] == 1.0

@@ -23,7 +23,7 @@ import os
 import posixpath
 from pathlib import Path
 
-from .atomic import atomic_create, atomic_write
+from .atomic import temp_beside
 from .errors import VermouthError
 
 SCHEMES_WITH_CREATE = ("s3", "s3a")  # object stores whose conditional PUT `create` relies on
@@ -181,17 +181,34 @@ class LocalLocation(Location):
         except (IsADirectoryError, NotADirectoryError):
             raise FileNotFoundError(key) from None
 
-    def _write(self, key: str, data: bytes) -> None:
+    def _write_temp(self, key: str, data: bytes) -> Path:
+        """`data` in a finished, fsynced temporary file beside the target, mode 0666 less the
+        umask (vermouth_cache.atomic); OSError (a full disk) as is."""
+        return temp_beside(self.path(key), data)
+
+    def _temp_or_error(self, key: str, data: bytes) -> Path:
         try:
-            atomic_write(self.path(key), data)
+            return self._write_temp(key, data)
         except OSError as exc:
             raise space_error(exc, f"{self.url}/{key}") from None
 
-    def _create(self, key: str, data: bytes) -> bool:
+    def _write(self, key: str, data: bytes) -> None:
+        tmp = self._temp_or_error(key, data)
         try:
-            return atomic_create(self.path(key), data)
-        except OSError as exc:
-            raise space_error(exc, f"{self.url}/{key}") from None
+            os.replace(tmp, self.path(key))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def _create(self, key: str, data: bytes) -> bool:
+        tmp = self._temp_or_error(key, data)
+        try:
+            os.link(tmp, self.path(key))  # atomic, and fails if the target exists, on NFS too
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
