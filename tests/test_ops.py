@@ -4,9 +4,14 @@ that stay small and readable when piped to a file (progress bars only on a termi
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import socket
 import stat
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -262,3 +267,158 @@ def test_sweep_progress_events_travel_from_a_dask_task_to_the_client():
     assert [m["job"] for m in got] == [3] * len(got) and len(got) >= 3
     fractions = [m["done"] for m in got]
     assert fractions == sorted(fractions) and fractions[0] < 1.0 and fractions[-1] == 1.0
+
+
+# ---- 10 (S3): remote errors are one line naming the store and what failed ------------------------
+
+from test_remote import CREDENTIALS, _free_port, _objects, s3_server  # noqa: E402,F401  (the moto fixture)
+
+SHORT = json.dumps({"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2, "read_timeout": 10}})
+
+
+def _one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", ["unreachable", "no credentials", "unknown option", "malformed options"])
+def test_s3_setup_errors_are_one_line(monkeypatch, capsys, case):
+    from test_errors import cli
+
+    port = _free_port()  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("VERMOUTH_STORAGE_OPTIONS", SHORT)
+    for k, v in CREDENTIALS.items():
+        monkeypatch.setenv(k, v)
+    if case == "no credentials":
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+            monkeypatch.delenv(k, raising=False)
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
+        monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    if case == "unknown option":
+        monkeypatch.setenv("VERMOUTH_STORAGE_OPTIONS", json.dumps({"endpoint": "http://127.0.0.1:1"}))
+    if case == "malformed options":
+        monkeypatch.setenv("VERMOUTH_STORAGE_OPTIONS", "{endpoint_url: http://127.0.0.1:1}")
+    code, _, err = cli(monkeypatch, capsys, "ls", "s3://vc-bucket/cache")
+    line = _one_error_line(err)
+    assert code == 1 and "s3://vc-bucket/cache" in line, line
+    expected = {
+        "unreachable": f"cannot reach s3://vc-bucket/cache (endpoint http://127.0.0.1:{port} refused the connection, "
+                       "reading vermouth-store.json)",
+        "no credentials": "no credentials for s3://vc-bucket/cache (reading vermouth-store.json): set AWS_ACCESS_KEY_ID",
+        "unknown option": "unknown storage option 'endpoint' in VERMOUTH_STORAGE_OPTIONS",
+        "malformed options": "VERMOUTH_STORAGE_OPTIONS is not JSON",
+    }[case]
+    assert expected in line, line
+
+
+class CuttableProxy:
+    """A TCP proxy on loopback in front of the S3 server that drops dead (closes its port and every
+    connection) when the S3 client sends its `cut_after`-th chunk, and can come back on the same port."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream = upstream_port
+        self.port = _free_port()
+        self.puts = 0
+        self.cut_after: int | None = None
+        self.conns: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.listener = None
+
+    def start(self) -> None:
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", self.port))
+        self.listener.listen(64)
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        with self.lock:
+            if self.listener is not None:
+                self.listener.close()
+                self.listener = None
+            for c in self.conns:
+                with contextlib.suppress(OSError):
+                    c.shutdown(socket.SHUT_RDWR)
+                c.close()
+            self.conns.clear()
+
+    def _accept(self, listener) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream))
+            with self.lock:
+                self.conns += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, src, dst, requests: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if requests and data.startswith(b"PUT ") and b"/c/" in data.split(b"\r\n", 1)[0]:  # a chunk
+                    with self.lock:
+                        self.puts += 1
+                        over = self.cut_after is not None and self.puts >= self.cut_after
+                    if over:
+                        self.cut()
+                        return
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.close()
+
+
+def test_s3_server_gone_mid_run_is_one_line_and_the_store_resumes(s3_server, tiny, folder, tmp_path):
+    """An extraction into s3:// whose server vanishes after a few writes: one line naming the store,
+    exit 1; with the server back, the same command finishes the store with the bytes of a
+    local, uninterrupted run."""
+    import subprocess
+
+    import s3fs
+
+    proxy = CuttableProxy(int(s3_server.rsplit(":", 1)[1]))
+    proxy.start()
+    name = f"vc-{time.time_ns()}"
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+    fs.mkdir(name)
+    url = f"s3://{name}/cache"
+    args = ["extract", str(folder), "--sd-model", str(tiny["sd"]), "--captioner", str(tiny["blip"]), "--resolution",
+            "128", "--device", "cpu", "--shard-size", "2", "--t", "100", "--stages", "mid"]
+    extract(ExtractRequest(dataset=str(folder), store=str(tmp_path / "local"), sd_model=str(tiny["sd"]),
+                           captioner=str(tiny["blip"]), resolution=128, device="cpu", shard_size=2, t=(100,),
+                           stages="mid", progress=False))
+    env = {**_env(), **CREDENTIALS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}",
+           "VERMOUTH_STORAGE_OPTIONS": SHORT}
+    proxy.cut_after = 4  # after the store marker, dataset record, manifests, array metadata and 3 chunks
+    t0 = time.perf_counter()
+    run = subprocess.run([sys.executable, "-m", "vermouth_cache.cli", *args, "--store", url], capture_output=True,
+                         env=env, timeout=300, text=True)
+    assert run.returncode == 1, (run.returncode, run.stderr[-3000:])
+    line = _one_error_line(run.stderr)
+    assert line.startswith(f"error: cannot reach {url} (endpoint http://127.0.0.1:{proxy.port} ")
+    assert "run the same command again" in line
+    assert time.perf_counter() - t0 < 120
+    written = _objects(fs, url)
+    assert written and len(written) < len(_objects_local(tmp_path / "local"))  # it stopped part-way
+
+    proxy.cut_after = None
+    proxy.start()  # the server is back
+    again = subprocess.run([sys.executable, "-m", "vermouth_cache.cli", *args, "--store", url], capture_output=True,
+                           env=env, timeout=300, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _objects(fs, url) == _objects_local(tmp_path / "local")
+    proxy.cut()
+
+
+def _objects_local(root: Path) -> dict[str, bytes]:
+    from conftest import store_bytes
+
+    return store_bytes(root)
