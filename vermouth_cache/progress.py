@@ -152,7 +152,8 @@ class Progress:
             self.bar.set_postfix(postfix)
 
     def _count(self) -> str:
-        fmt = (lambda v: f"{v:.0f}") if float(self.n).is_integer() else (lambda v: f"{v:.1f}")
+        def fmt(v: float) -> str:  # 24, or 1.4 (points, some of them part-way)
+            return f"{v:.0f}" if float(v).is_integer() else f"{v:.1f}"
         return f"{fmt(self.n)}/{fmt(self.total)} {self.unit}" if self.total is not None else f"{fmt(self.n)} {self.unit}"
 
     def _line(self, end: str = "") -> None:
