@@ -21,6 +21,20 @@ def _isolated_cache_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("VERMOUTH_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "cache-home"))
 
 
+@pytest.fixture(autouse=True)
+def _unconfigured_logging():
+    """A CLI call configures the package logger (level, a stderr handler); the next test starts
+    as the Python API does, with it unconfigured."""
+    yield
+    import logging
+
+    log = logging.getLogger("vermouth_cache")
+    for h in list(log.handlers):
+        log.removeHandler(h)
+    log.setLevel(logging.NOTSET)
+    log.propagate = True
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     from vermouth_cache.tiny_models import write_tiny_models

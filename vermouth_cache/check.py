@@ -22,9 +22,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from tqdm import tqdm
-
 from .errors import VermouthError
+from .progress import track
 from .store import KINDS, OK, Entry, ShardDamage, Store
 
 EXTRACT_KINDS = ("captions", "text", "latents", "features", "expert")
@@ -105,7 +104,7 @@ def verify(store: Store, *, deep: bool = False, progress: bool = True) -> Verifi
     """Check every entry of `store`; nothing is written."""
     v = Verification(str(store.root), deep)
     prefixes = [(k, key) for k in KINDS for key in store.loc.list(k)]
-    for kind, key in tqdm(prefixes, desc="verify", unit="entry", disable=not progress, leave=False):
+    for kind, key in track(prefixes, "verify", "entry", enabled=progress):
         entry = Entry(store.loc, kind, key)
         if not store.loc.exists(f"{entry.prefix}/manifest.json"):
             v.problems.append(Problem(entry.prefix, None, None, "no manifest (left over from a removal; "

@@ -258,6 +258,10 @@ class Claims:
         self.start()
         try:
             yield self
-        finally:
+        except BaseException:
             self.stop()
-            self.release_all()
+            with contextlib.suppress(Exception):  # best effort: the error that stopped the work is the one to see
+                self.release_all()
+            raise
+        self.stop()
+        self.release_all()

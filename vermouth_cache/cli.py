@@ -5,11 +5,13 @@ Errors the user can fix print as one line on stderr with exit status 1; no trace
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import click
 
 from .errors import VermouthError
+from .progress import configure_logging
 from .models import DEFAULT_CAPTIONER, DEFAULT_SD_MODEL, EXPERT_MODELS
 from .selection import pin_options
 from .store import KINDS
@@ -24,8 +26,15 @@ def _ints(value: str, name: str) -> tuple[int, ...]:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="vermouth-cache")
-def main():
-    """Stable Diffusion features for perception, computed once and cached in Zarr."""
+@click.pass_context
+def main(ctx):
+    """Stable Diffusion features for perception, computed once and cached in Zarr.
+
+    Progress goes to stderr: bars on a terminal, one line per stage otherwise (a log file).
+    Every command takes --quiet (warnings and errors only) and --verbose (debug messages).
+    """
+    if not ctx.find_root().meta.get("vermouth_cache.verbosity"):
+        configure_logging(logging.INFO)
 
 
 @main.command()
@@ -233,6 +242,52 @@ from .cli_store import gc, repair, verify  # noqa: E402
 
 for _command in (verify, repair, gc):
     main.add_command(_command)
+
+
+# ---- --quiet / --verbose on every command (and on the group: `vermouth-cache --quiet demo`) ----------
+
+QUIET_HELP = "Warnings and errors only: no progress bars or progress lines."
+VERBOSE_HELP = "Also debug messages (per-epoch lines, store and model details)."
+
+
+def _verbosity(ctx: click.Context, param: click.Parameter, value):
+    """Set the package logger's level from --quiet / --verbose as soon as one is parsed."""
+    if value:
+        chosen = ctx.find_root().meta.setdefault("vermouth_cache.verbosity", set())
+        chosen.add(param.name)
+        if len(chosen) > 1:
+            raise click.UsageError("give --quiet or --verbose, not both", ctx=ctx)
+        configure_logging(logging.WARNING if param.name == "quiet" else logging.DEBUG)
+    return value
+
+
+def _chain(callback):
+    def both(ctx, param, value):
+        value = callback(ctx, param, value) if callback else value
+        return _verbosity(ctx, param, value)
+    return both
+
+
+def add_verbosity_options(command: click.Command) -> None:
+    """Give `command` and every subcommand -q/--quiet and -v/--verbose. A command's own `--quiet`
+    (its function takes `quiet`, to switch its progress off) keeps working and sets the level too."""
+    names = {p.name: p for p in command.params}
+    if "quiet" in names:
+        names["quiet"].callback = _chain(names["quiet"].callback)
+        names["quiet"].help = QUIET_HELP
+        if "-q" not in names["quiet"].opts:
+            names["quiet"].opts.insert(0, "-q")
+    else:
+        command.params.append(click.Option(["-q", "--quiet"], is_flag=True, expose_value=False, is_eager=True,
+                                           callback=_verbosity, help=QUIET_HELP))
+    if "verbose" not in names:
+        command.params.append(click.Option(["-v", "--verbose"], is_flag=True, expose_value=False, is_eager=True,
+                                           callback=_verbosity, help=VERBOSE_HELP))
+    for sub in getattr(command, "commands", {}).values():
+        add_verbosity_options(sub)
+
+
+add_verbosity_options(main)
 
 
 def run() -> None:

@@ -19,9 +19,9 @@ import logging
 import time
 from dataclasses import dataclass
 
-from tqdm import tqdm
 
 from .errors import VermouthError
+from .progress import Progress
 
 
 def client_for(workers: int | None, scheduler: str | None):
@@ -120,9 +120,8 @@ def extract_on_cluster(req, ds, plan, todo: dict, report, only: dict | None) -> 
     shards = sorted(todo)
     tasks = [ShardTask(req.with_(workers=None, scheduler=None, progress=False), keys,
                        ds.samples[slice(*plan.captions.shard_bounds(s))], s, only) for s in shards]
-    bar = tqdm(total=sum(min(len(ds), (s + 1) * size) - s * size for s in todo), unit="img",
-               desc=f"extract {ds.name} on {len(client.scheduler_info().get('workers', {}))} dask worker(s)",
-               disable=not req.progress, leave=False)
+    bar = Progress(f"extract {ds.name} on {len(client.scheduler_info().get('workers', {}))} dask worker(s)",
+                   sum(min(len(ds), (s + 1) * size) - s * size for s in todo), "img", enabled=req.progress)
     t0 = time.perf_counter()
     try:
         from distributed import as_completed

@@ -17,6 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .atomic import commit, temp_beside
 from .errors import VermouthError
 from .store import OK, Entry, Store
 
@@ -97,7 +98,7 @@ def export_h5(store: Store, out: str | os.PathLike, *, entry_key: str | None = N
     excluded = [record["ids"][i] for i in range(entry.n_samples) if i not in set(keep)]
     captions = store.find("captions", about["captions"]).values("captions")
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = temp_beside(out)  # mode 0666 less the umask, like the file open() would make
     try:
         with _create_h5(tmp, out) as f:
             f.create_dataset("sample_ids", data=np.array([record["ids"][i] for i in keep], dtype=h5py.string_dtype()))
@@ -115,7 +116,7 @@ def export_h5(store: Store, out: str | os.PathLike, *, entry_key: str | None = N
             for k, v in about.items():
                 if isinstance(v, (int, float, str)):
                     f.attrs[f"about.{k}"] = v
-        os.replace(tmp, out)
+        commit(tmp, out)
     except BaseException as exc:
         _remove(tmp)
         if isinstance(exc, OSError):  # ENOSPC, EIO, EACCES while writing or renaming: the output's fault

@@ -23,7 +23,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-from tqdm import tqdm
 
 from . import compute
 from .datasets import Dataset, load_dataset
@@ -31,11 +30,14 @@ from .errors import ImageError, VermouthError
 from .hashing import recipe_key
 from .images import decode_image
 from .claims import Claims
+from .progress import Progress, get_logger
 from .models import Captioner, Expert, Placement, StableDiffusion, resolve_device, resolve_precision
 from .recipes import captions_recipe, expert_recipe, features_recipe, latents_recipe, text_recipe
 from .request import ExtractRequest
 from .store import OK, STORAGE_DTYPES, Entry, Store
 from .unet_taps import attn_taps_for, blocks_with_cross_attention
+
+log = get_logger(__name__)
 
 CAPTIONS, TEXT, LATENTS = "captions", "cond", "latent"
 EXPERT_LEVELS = [f"expert.level{i}" for i in range(4)]
@@ -364,6 +366,9 @@ def extract(req: ExtractRequest, *, only: dict | None = None) -> ExtractReport:
     if only is not None:
         _invalidate(plan, only)
     todo = _missing(plan, only)
+    log.debug(f"store {store.root}: {ds.name}, {len(ds)} samples, {plan.captions.n_shards} shard(s) of "
+              f"{plan.captions.shard_size}; {len(todo)} to compute; entries "
+              + ", ".join(f"{name} {key}" for name, key in report.entries.items()))
     # CPU kernels round differently with another thread count: fix it for every process and worker
     req = req.with_(cpu_threads=req.cpu_threads or os.cpu_count() or 1)
     if todo and (req.workers or req.scheduler):
@@ -388,7 +393,7 @@ def _extract_here(req, ds, store: Store, plan: _Plan, models: Models, todo: dict
                          only)
     pending = sorted(todo)
     size = {s: min(len(ds), (s + 1) * plan.captions.shard_size) - s * plan.captions.shard_size for s in pending}
-    bar = tqdm(total=sum(size.values()), unit="img", desc=f"extract {ds.name}", disable=not req.progress, leave=False)
+    bar = Progress(f"extract {ds.name}", sum(size.values()), "img", enabled=req.progress)
     try:
         with claims.heartbeat():
             while pending:

@@ -31,6 +31,7 @@ Every selected index is served exactly once per epoch; drop_last drops only the 
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,9 +40,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .errors import VermouthError
+from .progress import Progress
 from .store import OK, Entry
 
 MODES = ("memory", "stream", "auto")
@@ -74,7 +75,7 @@ class CacheLoader:
         self.drop_last, self.prefetch, self.shuffle_window, self.progress = drop_last, prefetch, shuffle_window, progress
         self.device = torch.device(device)
         self.epoch = 0
-        self.bar: tqdm | None = None
+        self.bar: Progress | None = None
         self._check_fields()
         self.indices = self._check_indices(indices)  # sorted: memory row r holds dataset index indices[r]
         self.shards = np.unique(self.indices // self.shard_size)
@@ -178,7 +179,8 @@ class CacheLoader:
         served = {"index": torch.from_numpy(order).to(self.device)}
         served.update({k: torch.from_numpy(v[order]).to(self.device) for k, v in self.extra.items()})
         feats = self._memory_batches(order) if self._mode == "memory" else self._stream_batches(windows)
-        self.bar = tqdm(total=len(self), desc=self.progress, unit="batch", leave=False) if self.progress else None
+        # one epoch: a bar on a terminal, a debug line otherwise (the training loop logs the run)
+        self.bar = Progress(self.progress, len(self), "batch", level=logging.DEBUG) if self.progress else None
         try:
             for b0, batch in zip(self._starts(), feats):
                 batch.update({k: v[b0:b0 + self.batch_size] for k, v in served.items()})

@@ -16,11 +16,11 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-from tqdm import tqdm
 
 from . import SCHEMA_VERSION
 from .datasets import Dataset
 from .errors import VermouthError
+from .progress import track
 from .hashing import canonical_json, file_sha256
 from .seg_data import LABEL_RULES, mask_for_training, read_mask
 from .store import OK, Entry, Store
@@ -68,7 +68,7 @@ def _fill(entry: Entry, ds: Dataset, resolution: int, progress: bool) -> None:
     rule = label_rule(ds)
     dtype = "float16" if LABEL_RULES[rule].dtype == np.uint8 else "float32"
     todo = [s for s in range(entry.n_shards) if s not in entry.done_shards(ARRAY)]
-    for shard in tqdm(todo, desc=f"masks {ds.name}", unit="shard", disable=not progress or not todo, leave=False):
+    for shard in track(todo, f"masks {ds.name}", "shard", enabled=progress):
         start, stop = entry.shard_bounds(shard)
         block = np.stack([mask_for_training(read_mask(s.mask, rule, n_classes=len(ds.classnames)), resolution)
                           for s in ds.samples[start:stop]])

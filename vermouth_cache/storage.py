@@ -5,7 +5,8 @@
     loc.create("features/ab12/claims/000003.0.json", b"...")  # False if it already exists
 
 Every write is atomic: a reader sees the old object, the new one, or none, never a part. On a
-filesystem that is a temporary file in the same directory, fsynced, then renamed over the target;
+filesystem that is a temporary file in the same directory, fsynced, then renamed over the target
+(vermouth_cache.atomic);
 on an object store a single PUT. `create` is the one compare-and-set the claims need: `link(2)`
 of a finished temporary file on a filesystem (atomic on NFS too, unlike O_EXCL on NFSv2 and
 unlike `flock`, which NFS may ignore), a conditional PUT (`If-None-Match: *`) on S3.
@@ -20,9 +21,9 @@ import errno
 import json
 import os
 import posixpath
-import tempfile
 from pathlib import Path
 
+from .atomic import temp_beside
 from .errors import VermouthError
 
 SCHEMES_WITH_CREATE = ("s3", "s3a")  # object stores whose conditional PUT `create` relies on
@@ -181,21 +182,9 @@ class LocalLocation(Location):
             raise FileNotFoundError(key) from None
 
     def _write_temp(self, key: str, data: bytes) -> Path:
-        """`data` in a finished, fsynced temporary file beside the target; OSError (a full disk) as is."""
-        target = self.path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        tmp = Path(tmp)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return tmp
+        """`data` in a finished, fsynced temporary file beside the target, mode 0666 less the
+        umask (vermouth_cache.atomic); OSError (a full disk) as is."""
+        return temp_beside(self.path(key), data)
 
     def _temp_or_error(self, key: str, data: bytes) -> Path:
         try:
@@ -267,7 +256,12 @@ class LocalLocation(Location):
 
 class FsspecLocation(Location):
     """An object store (s3://, gs://, ...) through fsspec. Listings are never cached: another
-    writer's new shard must be seen by the next look."""
+    writer's new shard must be seen by the next look.
+
+    Every operation, and every read or write zarr makes through `zarr_store`, turns the errors of
+    botocore, aiohttp and fsspec (no credentials, an endpoint that refuses or does not answer, a
+    server gone mid-run, access denied) into one VermouthError naming the store and what failed
+    (`remote_error`)."""
 
     def __init__(self, url: str, *, read_only: bool = False, storage_options: dict | None = None):
         import fsspec
@@ -275,11 +269,12 @@ class FsspecLocation(Location):
         self.url = url.rstrip("/")
         self.read_only = read_only
         self.protocol = url.split("://", 1)[0]
-        self.options = {**_env_storage_options(), **(storage_options or {})}
+        self.options = {**_env_storage_options(self.url), **(storage_options or {})}
+        _check_options(self.url, self.protocol, self.options)
         try:
             self.fs, self.base = fsspec.core.url_to_fs(self.url, use_listings_cache=False, skip_instance_cache=True,
                                                        **self.options)
-        except (ImportError, ValueError) as exc:
+        except (ImportError, ValueError, TypeError) as exc:
             raise VermouthError(f"cannot open store {url}: {exc}") from None
         self.base = self.base.rstrip("/")
         if not read_only and self.protocol not in SCHEMES_WITH_CREATE:
@@ -290,93 +285,260 @@ class FsspecLocation(Location):
     def _p(self, key: str) -> str:
         return f"{self.base}/{_check_key(key)}" if key else self.base
 
+    @property
+    def endpoint(self) -> str | None:
+        return _endpoint(self.options)
+
+    def _remote(self, action: str, key: str):
+        return _remote_errors(self.url, self.endpoint, action, key)
+
     def read_bytes(self, key: str) -> bytes:
-        try:
-            return self.fs.cat_file(self._p(key))
-        except FileNotFoundError:
-            raise
-        except OSError as exc:
-            if _is_missing(exc):
-                raise FileNotFoundError(key) from None
-            raise VermouthError(f"cannot read {self.url}/{key}: {exc}") from None
+        with self._remote("reading", key):
+            try:
+                return self.fs.cat_file(self._p(key))
+            except FileNotFoundError:
+                raise
+            except OSError as exc:
+                if _is_missing(exc):
+                    raise FileNotFoundError(key) from None
+                raise VermouthError(f"cannot read {self.url}/{key}: {_one_line(exc)}") from None
 
     def _write(self, key: str, data: bytes) -> None:
-        try:
-            self.fs.pipe_file(self._p(key), data)
-        except OSError as exc:
-            raise space_error(exc, f"{self.url}/{key}") from None
+        with self._remote("writing", key):
+            try:
+                self.fs.pipe_file(self._p(key), data)
+            except OSError as exc:
+                raise _remote_error(exc, self.url, self.endpoint, "writing", key) or space_error(
+                    exc, f"{self.url}/{key}") from None
 
     def _create(self, key: str, data: bytes) -> bool:
-        try:
-            self.fs.pipe_file(self._p(key), data, mode="create")
-            return True
-        except FileExistsError:
-            return False
-        except OSError as exc:
-            if "PreconditionFailed" in str(exc) or "412" in str(exc):
+        with self._remote("creating", key):
+            try:
+                self.fs.pipe_file(self._p(key), data, mode="create")
+                return True
+            except FileExistsError:
                 return False
-            raise space_error(exc, f"{self.url}/{key}") from None
+            except OSError as exc:
+                if "PreconditionFailed" in str(exc) or "412" in str(exc):
+                    return False
+                raise _remote_error(exc, self.url, self.endpoint, "creating", key) or space_error(
+                    exc, f"{self.url}/{key}") from None
 
     def exists(self, key: str) -> bool:
-        try:
-            return self.fs.isfile(self._p(key))
-        except FileNotFoundError:
-            return False
+        # info, not isfile: isfile answers False when the server cannot be reached
+        with self._remote("looking up", key):
+            try:
+                return self.fs.info(self._p(key)).get("type") == "file"
+            except FileNotFoundError:
+                return False
 
     def list(self, prefix: str) -> list[str]:
         path = self._p(prefix)
-        try:
-            items = self.fs.ls(path, detail=False, refresh=True)
-        except FileNotFoundError:
-            return []
+        with self._remote("listing", prefix):
+            try:
+                items = self.fs.ls(path, detail=False, refresh=True)
+            except FileNotFoundError:
+                return []
         names = {posixpath.basename(str(p).rstrip("/")) for p in items}
         return sorted(n for n in names if n and not n.startswith(".") and n != posixpath.basename(path))
 
     def size(self, key: str) -> int | None:
-        try:
-            return int(self.fs.info(self._p(key))["size"])
-        except FileNotFoundError:
-            return None
+        with self._remote("looking up", key):
+            try:
+                return int(self.fs.info(self._p(key))["size"])
+            except FileNotFoundError:
+                return None
 
     def du(self, prefix: str) -> int:
-        try:
-            return int(self.fs.du(self._p(prefix), total=True))
-        except FileNotFoundError:
-            return 0
+        with self._remote("sizing", prefix):
+            try:
+                return int(self.fs.du(self._p(prefix), total=True))
+            except FileNotFoundError:
+                return 0
 
     def _delete(self, key: str) -> None:
-        try:
-            self.fs.rm_file(self._p(key))
-        except FileNotFoundError:
-            pass
+        with self._remote("deleting", key):
+            try:
+                self.fs.rm_file(self._p(key))
+            except FileNotFoundError:
+                pass
 
     def _delete_prefix(self, prefix: str) -> None:
-        try:
-            self.fs.rm(self._p(prefix), recursive=True)
-        except FileNotFoundError:
-            pass
+        with self._remote("deleting", prefix):
+            try:
+                self.fs.rm(self._p(prefix), recursive=True)
+            except FileNotFoundError:
+                pass
 
     def zarr_store(self, prefix: str):
         from zarr.storage import FsspecStore
 
-        return FsspecStore.from_url(self.join(prefix), storage_options={**self.options, "use_listings_cache": False},
-                                    read_only=self.read_only)
+        with self._remote("opening", prefix):
+            plain = FsspecStore.from_url(self.join(prefix),
+                                         storage_options={**self.options, "use_listings_cache": False},
+                                         read_only=self.read_only)
+        return _guarded_zarr_store(plain, self.url, self.endpoint, prefix)
+
+
+# ---- remote errors: one line naming the store and what failed ---------------------------------------
+
+def _endpoint(options: dict) -> str | None:
+    return (options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url")
+            or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _remote_error(exc: BaseException, url: str, endpoint: str | None, action: str, key: str) -> VermouthError | None:
+    """`exc` of botocore, aiohttp or fsspec as a one-line VermouthError, or None if it is none of
+    theirs (a bug, a full local disk, ...: left as it is)."""
+    if isinstance(exc, VermouthError):
+        return exc
+    what = f"{action} {key}" if key else action
+    try:
+        from botocore import exceptions as bx
+    except ImportError:  # another fsspec backend: only the generic cases below
+        bx = None
+    chain = list(_chain(exc))
+    names = {type(e).__name__ for e in chain}
+    text = " ".join(str(e) for e in chain)
+    where = f"endpoint {endpoint}" if endpoint else "the endpoint"
+    if bx is not None and isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError)):
+        return VermouthError(f"no credentials for {url} ({what}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                             "(or AWS_PROFILE), or key and secret in VERMOUTH_STORAGE_OPTIONS")
+    if isinstance(exc, TypeError) and "unexpected keyword argument" in str(exc):
+        return VermouthError(f"store {url}: bad storage option ({_one_line(exc)}); check VERMOUTH_STORAGE_OPTIONS")
+    timeout = (names & {"ConnectTimeoutError", "ReadTimeoutError", "TimeoutError", "ServerTimeoutError",
+                        "FSTimeoutError", "ConnectTimeout", "socket.timeout"}) or isinstance(exc, TimeoutError)
+    refused = any(isinstance(e, ConnectionRefusedError) for e in chain) or "Connection refused" in text \
+        or "Could not connect to the endpoint URL" in text
+    closed = names & {"ConnectionClosedError", "ServerDisconnectedError", "ClientOSError", "ClientPayloadError",
+                      "IncompleteRead", "ConnectionResetError", "RemoteDisconnected"}
+    if timeout or refused or closed or any(isinstance(e, ConnectionError) for e in chain) \
+            or names & {"EndpointConnectionError", "ClientConnectorError", "HTTPClientError"}:
+        how = ("did not answer in time" if timeout else "closed the connection" if closed and not refused
+               else "refused the connection")
+        return VermouthError(f"cannot reach {url} ({where} {how}, {what}); shards already written are kept: run "
+                             "the same command again when the store is reachable")
+    if isinstance(exc, PermissionError) or "AccessDenied" in text or "403" in text:
+        return VermouthError(f"access to {url} denied ({what}): check the credentials and the bucket's policy")
+    if (bx is not None and isinstance(exc, bx.BotoCoreError)) or names & {"ClientError", "ClientResponseError"} \
+            or type(exc).__module__.split(".")[0] in ("aiohttp", "botocore", "aiobotocore", "s3fs", "fsspec"):
+        return VermouthError(f"store {url}: {what} failed: {_one_line(exc)}")
+    return None
+
+
+class _remote_errors:
+    """`with _remote_errors(url, endpoint, action, key):` turns remote errors into VermouthError;
+    FileNotFoundError and FileExistsError, which callers handle, pass as they are."""
+
+    def __init__(self, url: str, endpoint: str | None, action: str, key: str):
+        self.args = (url, endpoint, action, key)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None or isinstance(exc, (FileNotFoundError, FileExistsError, VermouthError)) \
+                or not isinstance(exc, Exception):
+            return False
+        url, endpoint, action, key = self.args
+        err = _remote_error(exc, url, endpoint, action, key)
+        if err is None:
+            return False
+        raise err from None
+
+
+def _guarded_zarr_store(plain, url: str, endpoint: str | None, prefix: str):
+    """`plain` (a zarr FsspecStore) whose reads and writes raise `_remote_error`s."""
+    from zarr.storage import FsspecStore
+
+    class GuardedFsspecStore(FsspecStore):
+        def _guard(self, action: str, key: str):
+            return _remote_errors(url, endpoint, action, f"{prefix}/{key}" if key else prefix)
+
+        async def get(self, key, *a, **k):
+            with self._guard("reading", key):
+                return await super().get(key, *a, **k)
+
+        async def get_partial_values(self, prototype, key_ranges):
+            with self._guard("reading", prefix):
+                return await super().get_partial_values(prototype, key_ranges)
+
+        async def set(self, key, value, *a, **k):
+            with self._guard("writing", key):
+                return await super().set(key, value, *a, **k)
+
+        async def delete(self, key):
+            with self._guard("deleting", key):
+                return await super().delete(key)
+
+        async def exists(self, key):
+            with self._guard("looking up", key):
+                return await super().exists(key)
+
+        async def getsize(self, key):
+            with self._guard("looking up", key):
+                return await super().getsize(key)
+
+        def with_read_only(self, read_only: bool = False):
+            return _guarded_zarr_store(super().with_read_only(read_only), url, endpoint, prefix)
+
+    return GuardedFsspecStore(plain.fs, read_only=plain.read_only, path=plain.path,
+                              allowed_exceptions=plain.allowed_exceptions)
+
+
+def _check_options(url: str, protocol: str, options: dict) -> None:
+    """Refuse an option the filesystem would only choke on at its first request (s3fs passes
+    unknown ones on to botocore's session), naming it and the store."""
+    if protocol not in ("s3", "s3a"):
+        return
+    try:
+        import inspect
+
+        import s3fs
+        from aiobotocore.session import AioSession
+        from fsspec.asyn import AsyncFileSystem
+    except ImportError:
+        return
+    known = set()
+    for fn in (s3fs.S3FileSystem.__init__, AioSession.__init__, AsyncFileSystem.__init__):
+        known |= {p.name for p in inspect.signature(fn).parameters.values()
+                  if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self"}
+    known |= {"use_listings_cache", "listings_expiry_time", "max_paths", "skip_instance_cache", "batch_size"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise VermouthError(f"store {url}: unknown storage option {unknown[0]!r} in VERMOUTH_STORAGE_OPTIONS (s3 "
+                            f"takes {', '.join(sorted(known - {'asynchronous', 'loop', 'session'}))})")
 
 
 def _is_missing(exc: OSError) -> bool:
     return getattr(exc, "errno", None) == errno.ENOENT or "NoSuchKey" in str(exc) or "Not Found" in str(exc)
 
 
-def _env_storage_options() -> dict:
+def _env_storage_options(url: str = "") -> dict:
     """VERMOUTH_STORAGE_OPTIONS: a JSON object passed to fsspec (e.g. an S3 endpoint_url)."""
     raw = os.environ.get("VERMOUTH_STORAGE_OPTIONS")
     if not raw:
         return {}
+    store = f"store {url}: " if url else ""
     try:
         opts = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise VermouthError(f"VERMOUTH_STORAGE_OPTIONS is not JSON: {exc}") from None
+        raise VermouthError(f"{store}VERMOUTH_STORAGE_OPTIONS is not JSON: {exc}") from None
     if not isinstance(opts, dict):
-        raise VermouthError("VERMOUTH_STORAGE_OPTIONS must be a JSON object")
+        raise VermouthError(f"{store}VERMOUTH_STORAGE_OPTIONS must be a JSON object, e.g. "
+                            '{"endpoint_url": "http://host:9000"}')
     return opts
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
 
 from . import SCHEMA_VERSION, __version__
+from .atomic import atomic_write_json
 from .errors import VermouthError
 from .hashing import canonical_json, recipe_key
 from .storage import Location, LocalLocation, open_location, space_error
@@ -63,17 +63,7 @@ TOUCH_EVERY = 3600.0  # seconds between two `used.json` updates of one entry by 
 
 def write_json_atomic(path: Path, obj) -> None:
     """Write a local file to a temporary name in the same directory, fsync, then rename it over the target."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_json(path, obj)
 
 
 class ShardDamage(VermouthError):

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from .atomic import honour_umask
+
 DEFAULT_WORDS_FILE = Path(__file__).resolve().parent.parent / "data" / "words.txt"
 
 # OpenAI CLIP normalisation (BLIP reuses it) and ImageNet normalisation (ResNet, DINO, DINOv2),
@@ -100,6 +102,7 @@ def write_tiny_models(
                 shutil.rmtree(d)
             d.mkdir(parents=True)
             write(d)
+            honour_umask(d)  # save_pretrained's safetensors files come out 0600
             paths[name] = d
     return paths
 

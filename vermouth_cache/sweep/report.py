@@ -24,10 +24,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..atomic import atomic_write
 
 _MISSING = object()
 
@@ -205,7 +206,7 @@ def write_plots(records: list[dict], plots: Path) -> list[Path]:
             continue
         path = plots / plot_name(key)
         fig = (_timestep_figure if key == "t" else _ablation_figure)(series, key)
-        _atomic(path, lambda tmp: fig.savefig(tmp, format="png", metadata={"Software": None}))
+        atomic_write(path, write=lambda tmp: fig.savefig(tmp, format="png", metadata={"Software": None}))
         written.append(path)
     # A plot this sweep no longer draws would otherwise stay and contradict the tables.
     for stale in sorted(set(plots.glob("ablation_*.png")) | set(plots.glob("timestep.png"))):
@@ -285,19 +286,5 @@ def _ablation_figure(series: list[Series], key: str):
 
 # ---- files -------------------------------------------------------------------------------------
 
-def _atomic(path: Path, write) -> None:
-    # A plain temporary name (not mkstemp) so the file gets the usual umask permissions, not 0600.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _atomic_text(path: Path, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-    _atomic(path, write)
+    atomic_write(path, text)

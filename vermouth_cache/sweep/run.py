@@ -17,24 +17,28 @@ Order of work, and why:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
 from ..errors import VermouthError
 from ..extract import extract
 from ..listing import human_bytes
+from ..progress import Progress, get_logger, work_sink
 from ..store import write_json_atomic
 from ..train.common import HeadJob, RunOptions
 from ..train.settings import TaskSettings
 from .plan import (POINT_FILE, ResolvedModels, TrainGroup, extraction_requests, fingerprint, finished, run_dir,
                    train_groups)
 from .recipe import MAIN_METRIC, DatasetSpec, Point, Recipe
+
+log = get_logger(__name__)
+PROGRESS_TOPIC = "vermouth-sweep-progress"  # dask events: how far each training task is
 
 
 @dataclass(frozen=True)
@@ -167,6 +171,7 @@ class GroupJob:
     options: RunOptions
     records: tuple[dict, ...]  # the point records to complete, one per head
     threads: int
+    index: int = 0  # the task's number in its sweep, for progress events
 
 
 def _train(recipe: Recipe, groups: list[TrainGroup], models: ResolvedModels, opts: SweepOptions, out: Path):
@@ -177,21 +182,45 @@ def _train(recipe: Recipe, groups: list[TrainGroup], models: ResolvedModels, opt
     client, cluster = client_for(opts.workers, opts.scheduler)
     n_workers = max(1, len(client.scheduler_info().get("workers", {})) or 1)
     threads = max(1, (os.cpu_count() or 1) // n_workers) if opts.scheduler is None else 0
-    for g in groups:
+    for i, g in enumerate(groups):
         heads = tuple((p.name, p.settings, str(run_dir(out, p))) for p in g.points)
         recs = tuple(_base_record(recipe, p, models, out) for p in g.points)
         jobs.append(GroupJob(g.dataset.task, task_data(g.dataset), heads, run_options(models, opts, False, recipe), recs,
-                             threads))
-    bar = tqdm(total=sum(len(g.points) for g in groups), unit="run", desc="sweep: train", disable=not opts.progress)
+                             threads, i))
+    n_points = sum(len(g.points) for g in groups)
+    bar = Progress("sweep: train", n_points, "points", enabled=opts.progress)
+    # Each task reports its steps (train_group's work_sink): the bar counts points done plus the
+    # fractions of those in training, so it moves while a point trains, not only when it ends.
+    done_of = [0.0] * len(jobs)
+    lock = threading.Lock()
+
+    def progressed(event) -> None:
+        msg = event[1] if isinstance(event, tuple) else event
+        with lock:
+            i = int(msg["job"])
+            done_of[i] = max(done_of[i], float(msg["done"]))
+            bar.set(sum(f * len(j.heads) for f, j in zip(done_of, jobs)))
+
+    client.subscribe_topic(PROGRESS_TOPIC, progressed)
+    finished_points = 0
     try:
         from distributed import as_completed
 
         futures = client.map(train_group, jobs, pure=False)
+        index_of = {f.key: j.index for f, j in zip(futures, jobs)}
         for fut in as_completed(futures):
-            for rec in fut.result():
-                bar.update(1)
+            records = fut.result()
+            with lock:
+                done_of[index_of[fut.key]] = 1.0
+                bar.set(sum(f * len(j.heads) for f, j in zip(done_of, jobs)))
+            for rec in records:
+                finished_points += 1
+                log.info(f"sweep: point {rec['point']} {rec['status']} ({finished_points}/{n_points}, "
+                         f"{rec['seconds']:.1f} s)")
                 yield rec
     finally:
+        with contextlib.suppress(Exception):
+            client.unsubscribe_topic(PROGRESS_TOPIC)
         bar.close()
         client.close()
         if cluster is not None:
@@ -217,7 +246,8 @@ def train_group(job: GroupJob) -> list[dict]:
     train = {"fewshot": train_fewshot_heads, "sbir": train_sbir_heads, "seg": train_seg_heads}[job.task]
     t0 = time.perf_counter()
     try:
-        all_metrics = train(job.data, [HeadJob(s, d) for _, s, d in job.heads], opts)
+        with work_sink(_progress_events(job.index)):
+            all_metrics = train(job.data, [HeadJob(s, d) for _, s, d in job.heads], opts)
     except Exception as exc:  # noqa: BLE001 - recorded per point, the sweep goes on
         why = str(exc) if isinstance(exc, VermouthError) else "".join(
             traceback.format_exception_only(type(exc), exc)).strip()
@@ -237,6 +267,25 @@ def train_group(job: GroupJob) -> list[dict]:
         write_json_atomic(Path(directory) / POINT_FILE, rec)
         records.append(rec)
     return records
+
+
+def _progress_events(index: int):
+    """A work sink sending this task's progress to the sweep's client as dask events, at most
+    twice a second; outside a dask worker, one that drops it."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return lambda done: None
+    last = [0.0]
+
+    def send(done: float) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 0.5 or done >= 1.0:
+            last[0] = now
+            worker.log_event(PROGRESS_TOPIC, {"job": index, "done": done})
+    return send
 
 
 def scores(task: str, label: str, metrics: dict, eval_labels: list[str]) -> list[dict]:

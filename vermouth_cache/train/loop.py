@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -16,7 +17,10 @@ import torch
 
 from ..errors import VermouthError
 from ..loader import CacheLoader
+from ..progress import LOG_EVERY, get_logger, report_work
 from .settings import TaskSettings
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -85,6 +89,8 @@ def fit_many(members: list[Member], loader: CacheLoader, s: TaskSettings, *,
             opt, lambda k, ms=m.settings: lr_factor(ms, k, total, steps_per_epoch))
         states.append(_State(opt, sched))
     step, epoch = 0, 0
+    desc = _desc(loader)  # a training run logs one line when done (one per epoch at debug level)
+    t0 = last = time.perf_counter()
     for m in members:
         m.model.train()
     while step < total:
@@ -112,11 +118,19 @@ def fit_many(members: list[Member], loader: CacheLoader, s: TaskSettings, *,
                     m.model.train()
                     if st.error is None:
                         st.record(mt, step, select, m.model)
+            report_work(step, total)  # a sweep's bar moves with its points' steps
             if step >= total:
                 break
         if not any(st.error is None for st in states):
             break
         epoch += 1
+        if desc and time.perf_counter() - last >= LOG_EVERY and step < total:
+            last = time.perf_counter()
+            log.info(f"{desc}: epoch {epoch}, step {step}/{total}{_status(members, states, select)}, "
+                     f"{last - t0:.0f} s")
+    if desc:
+        log.info(f"{desc}: {epoch} epoch(s), {step}/{total} steps"
+                 f"{_status(members, states, select)}, {time.perf_counter() - t0:.1f} s")
     out = []
     for m, st in zip(members, states):
         if st.best_state is not None:
@@ -124,6 +138,23 @@ def fit_many(members: list[Member], loader: CacheLoader, s: TaskSettings, *,
         m.model.eval()
         out.append(FitResult(st.history, st.steps, st.best_step, st.best, st.error))
     return out
+
+
+def _desc(loader) -> str | None:
+    """The name the loader's progress goes by (a paired loader's first half), None when quiet."""
+    return getattr(loader, "progress", None) or getattr(getattr(loader, "a", None), "progress", None)
+
+
+def _status(members: list[Member], states: list["_State"], select: str | None) -> str:
+    live = [st for st in states if st.error is None]
+    if not live:
+        return f", every head failed ({states[0].error})"
+    text = f", loss {live[0].history.loss[-1]:.4f}" if live[0].history.loss else ""
+    if len(members) > 1:
+        return text + f", {len(live)} of {len(members)} heads"
+    if live[0].best is not None and select:
+        text += f", best val {select} {live[0].best[select]:.4f} at step {live[0].best_step}"
+    return text
 
 
 @dataclass

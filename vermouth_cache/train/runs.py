@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from ..atomic import atomic_write
 from ..errors import VermouthError
 from ..heads import HeadSpec, VermouthHead
 from ..store import read_json, write_json_atomic
@@ -50,26 +50,16 @@ def prepare_run_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     return out
 
 
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_run(out: Path, *, config: dict, metrics: dict, model: VermouthHead, history: History,
               select: str | None, extra_weights: dict[str, torch.Tensor] | None = None) -> None:
     tensors = {f"head.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors.update({f"extra.{k}": v.detach().cpu().contiguous() for k, v in (extra_weights or {}).items()})
     meta = {"head_spec": json.dumps(model.spec.to_json()), "out_dim": str(config["out_dim"])}
-    _atomic(out / "head.safetensors", lambda p: save_file(tensors, p, metadata=meta))
+    # bytes, not save_file: safetensors writes a file of its own with mode 0600 and renames it
+    atomic_write(out / "head.safetensors", save(tensors, metadata=meta))
     write_json_atomic(out / "config.json", config)
     write_json_atomic(out / "metrics.json", {**metrics, "history": history.to_json()})
-    _atomic(out / "curve.png", lambda p: plot_curve(history, select, p, title=config.get("title", "")))
+    atomic_write(out / "curve.png", write=lambda p: plot_curve(history, select, p, title=config.get("title", "")))
 
 
 def finish_run(out: Path, config: dict, metrics: dict, model: VermouthHead, result: FitResult, *,
