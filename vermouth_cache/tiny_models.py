@@ -254,14 +254,12 @@ def _clip_text_config(vocab: dict[str, int], projection_dim: int):
 # ----------------------------------------------------------------------------- Stable Diffusion
 
 
-def _write_sd(d: Path, seed: int, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+def _tiny_unet(**width):
+    """SD's exact block layout (so block names and feature taps match the real U-net), with the
+    widths cut: 32/64/64/64 channels, 8 norm groups; `width` sets the text width and heads."""
+    from diffusers import UNet2DConditionModel
 
-    torch.manual_seed(seed + _SEED_OFFSETS["unet"])
-    # SD 1.5's exact block layout (so block names and feature taps match the real UNet),
-    # with the widths cut: 32/64/64/64 channels, 8 norm groups.
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=16,
         in_channels=4,
         out_channels=4,
@@ -271,17 +269,19 @@ def _write_sd(d: Path, seed: int, vocab: dict[str, int], merges: list[tuple[str,
         block_out_channels=(32, 64, 64, 64),
         layers_per_block=2,
         norm_num_groups=8,
-        cross_attention_dim=CLIP_HIDDEN,
-        attention_head_dim=4,  # diffusers reads this as the number of heads, as SD 1.5's "8" is
         flip_sin_to_cos=True,
         freq_shift=0,
         downsample_padding=1,
         act_fn="silu",
+        **width,
     )
 
-    torch.manual_seed(seed + _SEED_OFFSETS["vae"])
-    # Four encoder blocks = three downsamplings = factor 8, so 128 px images give 16x16 latents.
-    vae = AutoencoderKL(
+
+def _tiny_vae():
+    """Four encoder blocks = three downsamplings = factor 8, so 128 px images give 16x16 latents."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -293,6 +293,17 @@ def _write_sd(d: Path, seed: int, vocab: dict[str, int], merges: list[tuple[str,
         sample_size=128,
         scaling_factor=0.18215,
     )
+
+
+def _write_sd(d: Path, seed: int, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed + _SEED_OFFSETS["unet"])
+    unet = _tiny_unet(cross_attention_dim=CLIP_HIDDEN,
+                      attention_head_dim=4)  # diffusers reads this as the number of heads, as SD 1.5's "8" is
+    torch.manual_seed(seed + _SEED_OFFSETS["vae"])
+    vae = _tiny_vae()
 
     torch.manual_seed(seed + _SEED_OFFSETS["text_encoder"])
     text_encoder = CLIPTextModel(_clip_text_config(vocab, projection_dim=CLIP_HIDDEN))
@@ -365,43 +376,15 @@ def write_tiny_sd2(out_dir: str | Path, seed: int = 0, *, words_file: str | Path
 
 
 def _write_sd2(d: Path, seed: int, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed + _SEED_OFFSETS["sd2_unet"])
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        mid_block_type="UNetMidBlock2DCrossAttn",
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64, 64, 64),
-        layers_per_block=2,
-        norm_num_groups=8,
-        cross_attention_dim=SD2_TEXT_HIDDEN,
-        attention_head_dim=(2, 4, 8, 8),  # heads per block, as SD 2's [5, 10, 20, 20]
-        use_linear_projection=True,
-        upcast_attention=True,
-        flip_sin_to_cos=True,
-        freq_shift=0,
-        downsample_padding=1,
-        act_fn="silu",
-    )
-
+    unet = _tiny_unet(cross_attention_dim=SD2_TEXT_HIDDEN,
+                      attention_head_dim=(2, 4, 8, 8),  # heads per block, as SD 2's [5, 10, 20, 20]
+                      use_linear_projection=True, upcast_attention=True)
     torch.manual_seed(seed + _SEED_OFFSETS["sd2_vae"])
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 32, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=128,
-        scaling_factor=0.18215,
-    )
+    vae = _tiny_vae()
 
     torch.manual_seed(seed + _SEED_OFFSETS["sd2_text_encoder"])
     text_encoder = CLIPTextModel(CLIPTextConfig(
