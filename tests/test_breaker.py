@@ -1,0 +1,100 @@
+"""Regression tests for bugs found by hostile testing (branch `breaker`). Each fails on the commit it
+was written against; see the docstrings for the reproduction."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_images
+from vermouth_cache.check import verify
+from vermouth_cache.cli import run
+from vermouth_cache.errors import VermouthError
+from vermouth_cache.extract import extract
+from vermouth_cache.lazy import open_tap
+from vermouth_cache.loader import CacheLoader, Field
+from vermouth_cache.request import ExtractRequest
+from vermouth_cache.store import Store
+
+TAP = "mid_block"
+
+
+def cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """The real entry point (`vermouth-cache ...`), in process: exit code, stdout, stderr."""
+    monkeypatch.setattr(sys, "argv", ["vermouth-cache", *map(str, args)])
+    with pytest.raises(SystemExit) as exc:
+        run()
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def pristine(tiny, tmp_path_factory):
+    """5 ids, shards of 2; cat/01b.png is empty, so shard 1 holds a failed sample (#2) beside an ok one (#3)."""
+    base = tmp_path_factory.mktemp("breaker")
+    imgs = make_images(base / "imgs", {"cat": 3, "dog": 1})
+    (imgs / "cat" / "01b.png").write_bytes(b"")
+    req = ExtractRequest(dataset=str(imgs), store=str(base / "store"), sd_model=str(tiny["sd"]),
+                         captioner=str(tiny["blip"]), resolution=64, device="cpu", shard_size=2, batch_size=2,
+                         progress=False, taps=TAP, prompt="null", dtype="fp32", on_error="skip",
+                         max_error_rate=0.5)
+    rep = extract(req)
+    feats = Store(req.store).find("features", rep.entries["features t=200"])
+    assert feats.statuses(TAP)[2].startswith("error")
+    return {"root": Path(req.store), "key": feats.key}
+
+
+@pytest.fixture
+def copy(pristine, tmp_path):
+    root = tmp_path / "store"
+    shutil.copytree(pristine["root"], root)
+    return root, Store(root).find("features", pristine["key"])
+
+
+def test_a_failed_sample_whose_status_is_edited_to_ok_never_reads_as_nan(copy):
+    """Edit shard 1's record of a features tap: status "error: empty file (0 bytes)" -> "ok".
+    Found: Entry.read, the lazy view, both loader modes return the NaN fill row for the failed
+    sample and `verify --deep` says "no damage found". The record's statuses are not covered by any
+    digest, so the commit can be rewritten to serve a number that was never computed."""
+    root, entry = copy
+    path = entry.loc.path(entry.record_key(TAP, 1))
+    rec = json.loads(path.read_text())
+    assert rec["status"][0].startswith("error") and rec["status"][1] == "ok"
+    rec["status"][0] = "ok"
+    path.write_text(json.dumps(rec))
+    entry = Store(root, read_only=True).find("features", entry.key)
+
+    def served(fn):
+        try:
+            x = np.asarray(fn())
+        except VermouthError:
+            return None
+        return x
+
+    readers = {
+        "Entry.read": lambda: entry.read(TAP, [2, 3]),
+        "lazy": lambda: open_tap(root, f"features/{entry.key}", TAP).data.compute(),
+        "loader memory": lambda: next(iter(CacheLoader({"x": Field(entry, TAP)}, [2, 3], 2, mode="memory")))["x"],
+        "loader stream": lambda: next(iter(CacheLoader({"x": Field(entry, TAP)}, [2, 3], 2, mode="stream")))["x"],
+    }
+    for name, fn in readers.items():
+        x = served(fn)
+        assert x is None or not bool(np.isnan(x).any()), f"{name} served NaN for a sample that was never computed"
+    assert verify(Store(root, read_only=True), deep=True).problems, "verify --deep found nothing"
+
+
+def test_verify_reports_an_entry_whose_dataset_record_is_missing(copy, monkeypatch, capsys):
+    """Delete datasets/<key>.json. Found: `verify --deep` prints "no damage found" and exits 0,
+    while `export`, lazy views and training all refuse the entry ("has no dataset record")."""
+    root, entry = copy
+    for p in (root / "datasets").glob("*.json"):
+        p.unlink()
+    assert cli(monkeypatch, capsys, "export", root, "--out", root.parent / "x.h5", "--entry", entry.key)[0] == 1
+    code, out, err = cli(monkeypatch, capsys, "verify", "--deep", root)
+    assert code == 1, out + err
