@@ -98,3 +98,50 @@ def test_verify_reports_an_entry_whose_dataset_record_is_missing(copy, monkeypat
     assert cli(monkeypatch, capsys, "export", root, "--out", root.parent / "x.h5", "--entry", entry.key)[0] == 1
     code, out, err = cli(monkeypatch, capsys, "verify", "--deep", root)
     assert code == 1, out + err
+
+
+def test_an_edited_caption_in_a_committed_record_is_not_served(copy, monkeypatch, capsys, tmp_path):
+    """Edit the captions entry's shard 0 record: values[0] "" -> "a photo of a dog" (status stays ok).
+    Found: the lazy view's `captions` and `export`'s /captions serve the edited text (the features
+    were computed from the original caption) and `verify --deep` says "no damage found"."""
+    root, entry = copy
+    cap = Store(root).entries("captions")[0]
+    path = cap.loc.path(cap.record_key("captions", 0))
+    rec = json.loads(path.read_text())
+    rec["values"][0] = "a photo of a dog"
+    path.write_text(json.dumps(rec))
+    try:
+        captions = open_tap(root, f"features/{entry.key}", TAP).captions
+    except VermouthError:
+        captions = None
+    assert captions is None or "a photo of a dog" not in captions, "lazy view served an edited caption"
+    code, out, err = cli(monkeypatch, capsys, "export", root, "--out", tmp_path / "x.h5", "--entry", entry.key)
+    if code == 0:
+        import h5py
+
+        with h5py.File(tmp_path / "x.h5") as f:
+            assert b"a photo of a dog" not in list(f["captions"][:]), "export wrote an edited caption"
+    assert verify(Store(root, read_only=True), deep=True).problems, "verify --deep found nothing"
+
+
+def test_a_huge_chunk_is_refused_before_it_is_read_into_memory(copy):
+    """Grow shard 0's chunk of a features tap to 512 MiB (sparse: `truncate -s 512M`; a symlink to
+    /dev/zero is the unbounded case). Found: Entry.read (so export, lazy, loader) reads the whole
+    file into memory before comparing its size with the record (`Path.read_bytes`): 512 MiB here,
+    a MemoryError traceback under `ulimit -v`, or the machine's memory for /dev/zero. Shallow
+    `verify` refuses it from `stat` alone; reads should too."""
+    import tracemalloc
+
+    root, entry = copy
+    path = entry.loc.path(entry.chunk_key(TAP, 0))
+    with open(path, "r+b") as f:
+        f.truncate(512 << 20)
+    entry = Store(root, read_only=True).find("features", entry.key)
+    tracemalloc.start()
+    try:
+        with pytest.raises(VermouthError, match="shard 0"):
+            entry.read(TAP, [0])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20, f"read allocated {peak >> 20} MiB for a {entry.chunk_nbytes(TAP)}-byte chunk"
