@@ -145,3 +145,21 @@ def test_a_huge_chunk_is_refused_before_it_is_read_into_memory(copy):
     finally:
         tracemalloc.stop()
     assert peak < 64 << 20, f"read allocated {peak >> 20} MiB for a {entry.chunk_nbytes(TAP)}-byte chunk"
+
+
+@pytest.mark.parametrize("what", ["chunk", "record"])
+def test_repair_mends_a_directory_standing_where_a_chunk_or_record_should_be(copy, monkeypatch, capsys, what):
+    """Replace shard 0's chunk (or record) of a features tap with an empty directory of the same
+    name, then `vermouth-cache repair STORE`. Found: a Python traceback (IsADirectoryError from
+    `unlink` in `Entry.invalidate`), exit 1, nothing repaired. `verify` names the shard; `repair`
+    should remove the directory and recompute the exact bytes."""
+    root, entry = copy
+    before = entry.read(TAP, [0, 1])
+    key = entry.chunk_key(TAP, 0) if what == "chunk" else entry.record_key(TAP, 0)
+    path = entry.loc.path(key)
+    path.unlink()
+    path.mkdir()
+    code, out, err = cli(monkeypatch, capsys, "repair", root)
+    assert "Traceback" not in err
+    assert code == 0, err
+    np.testing.assert_array_equal(Store(root).find("features", entry.key).read(TAP, [0, 1]), before)
