@@ -47,7 +47,7 @@ def pristine(tiny, tmp_path_factory):
     rep = extract(req)
     feats = Store(req.store).find("features", rep.entries["features t=200"])
     assert feats.statuses(TAP)[2].startswith("error")
-    return {"root": Path(req.store), "key": feats.key}
+    return {"root": Path(req.store), "key": feats.key, "req": req}
 
 
 @pytest.fixture
@@ -163,3 +163,21 @@ def test_repair_mends_a_directory_standing_where_a_chunk_or_record_should_be(cop
     assert "Traceback" not in err
     assert code == 0, err
     np.testing.assert_array_equal(Store(root).find("features", entry.key).read(TAP, [0, 1]), before)
+
+
+def test_a_rerun_does_not_call_a_shard_cached_when_its_record_is_a_directory(pristine, copy):
+    """Replace shard 0's record of a features tap with an empty directory, then run the same
+    extraction again. Found: extract prints "computed: nothing (all cached)" and exits 0 (its
+    listing counts the name), while every reader says samples #0-1 were "never computed" and
+    `export` says "run extract again to finish it": the user is sent in a circle."""
+    import dataclasses
+
+    root, entry = copy
+    path = entry.loc.path(entry.record_key(TAP, 0))
+    path.unlink()
+    path.mkdir()
+    try:
+        extract(dataclasses.replace(pristine["req"], store=str(root)))
+    except VermouthError:
+        return  # refusing, naming the shard, is also honest
+    Store(root).find("features", entry.key).read(TAP, [0, 1])
