@@ -181,3 +181,16 @@ def test_a_rerun_does_not_call_a_shard_cached_when_its_record_is_a_directory(pri
     except VermouthError:
         return  # refusing, naming the shard, is also honest
     Store(root).find("features", entry.key).read(TAP, [0, 1])
+
+
+def test_a_directory_named_used_json_does_not_crash_a_read(copy, monkeypatch, capsys, tmp_path):
+    """Replace every entry's used.json (the gc use date) with a directory, then `export`. Found: a
+    Python traceback (IsADirectoryError from `os.replace` in `Entry.touch`, which only catches
+    VermouthError although "a full disk must not fail a read"); `extract` fails the same way."""
+    root, entry = copy
+    for used in root.glob("*/*/used.json"):
+        used.unlink()
+        used.mkdir()
+    code, out, err = cli(monkeypatch, capsys, "export", root, "--out", tmp_path / "x.h5", "--entry", entry.key)
+    assert "Traceback" not in err
+    assert code == 0, err
