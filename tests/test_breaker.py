@@ -194,3 +194,24 @@ def test_a_directory_named_used_json_does_not_crash_a_read(copy, monkeypatch, ca
     code, out, err = cli(monkeypatch, capsys, "export", root, "--out", tmp_path / "x.h5", "--entry", entry.key)
     assert "Traceback" not in err
     assert code == 0, err
+
+
+@pytest.mark.parametrize("body", ["[]", '{"expires": "soon"}'])
+def test_a_malformed_claim_file_is_one_line_not_a_traceback(pristine, copy, body):
+    """Delete shard 0's record of a features tap (an interrupted run), write `[]` (or an `expires`
+    that is text) to `claims/000000.0.json`, run the same extraction. Found: AttributeError /
+    TypeError traceback from `claims.ClaimManager.alive` (claim files are not validated like the
+    store's other JSON files). Expected: the damaged claim is taken over (as an unreadable one is)
+    or one line naming the file."""
+    import dataclasses
+
+    root, entry = copy
+    entry.loc.path(entry.record_key(TAP, 0)).unlink()
+    claim = root / entry.prefix / "claims" / "000000.0.json"
+    claim.parent.mkdir(exist_ok=True)
+    claim.write_text(body)
+    try:
+        extract(dataclasses.replace(pristine["req"], store=str(root)))
+    except VermouthError:
+        return
+    Store(root).find("features", entry.key).read(TAP, [0, 1])
