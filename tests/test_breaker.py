@@ -215,3 +215,18 @@ def test_a_malformed_claim_file_is_one_line_not_a_traceback(pristine, copy, body
     except VermouthError:
         return
     Store(root).find("features", entry.key).read(TAP, [0, 1])
+
+
+def test_gc_removes_the_damaged_entry_its_own_message_says_to_remove(copy, monkeypatch, capsys):
+    """Edit a features manifest's recipe (t 200 -> 201). Every reader refuses it: "...Remove it with
+    `vermouth-cache gc --entry features/KEY` and extract again". Found: that very command fails with
+    the same message (exit 1; `gc.Doomed.line` reads the checked manifest), and `gc --unused-days N`
+    fails for the whole store as soon as one entry is damaged: a damaged entry can never be removed."""
+    root, entry = copy
+    path = root / entry.prefix / "manifest.json"
+    body = json.loads(path.read_text())
+    body["recipe"]["t"] = 201
+    path.write_text(json.dumps(body))
+    code, out, err = cli(monkeypatch, capsys, "gc", root, "--entry", f"features/{entry.key}", "--yes")
+    assert code == 0, err
+    assert not (root / entry.prefix).exists()
