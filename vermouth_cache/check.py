@@ -150,6 +150,13 @@ def _verify_entry(store: Store, entry: Entry, v: Verification) -> None:
             v.problems.append(Problem(entry.prefix, name, None, why))
     for name in names:
         done = entry.done_shards(name)
+        folder = f"{entry.prefix}/shards/{name}"
+        for odd in sorted(set(store.loc.list(folder)) - set(store.loc.list_files(folder))):
+            shard = int(odd[:-5]) if odd.endswith(".json") and odd[:-5].isdigit() else None
+            if shard is not None and shard < entry.n_shards:
+                start, stop = entry.shard_bounds(shard)
+                v.problems.append(Problem(entry.prefix, name, shard, "a folder stands where its record should be",
+                                          ids[start:stop]))
         missing = entry.n_shards - len(done & set(range(entry.n_shards)))
         if missing:
             v.incomplete.setdefault(entry.prefix, {})[name] = missing

@@ -110,8 +110,9 @@ class Claims:
         return sorted(gens)
 
     def alive(self, body: dict) -> bool:
-        if body.get("expires", 0) <= time.time():
-            return False
+        expires = body.get("expires") if isinstance(body, dict) else None
+        if isinstance(expires, bool) or not isinstance(expires, (int, float)) or expires <= time.time():
+            return False  # expired, or damaged: a claim that cannot be read protects nothing
         same_machine = body.get("host") == self.host and body.get("boot_id") == self.boot and self.boot
         if same_machine and body.get("owner") != self.owner and isinstance(body.get("pid"), int):
             return not _process_gone(body["pid"], body.get("pid_start"))

@@ -26,7 +26,10 @@ _KEY = re.compile(r"[0-9a-f]{16}")  # a store key (`hashing.recipe_key`); longer
 
 def needs(entry: Entry) -> list[str]:
     """The entries (kind/key) that `entry`'s recipe names: features -> latents, text; text -> captions."""
-    r = entry.manifest.get("recipe", {})
+    try:
+        r = entry.manifest.get("recipe", {})
+    except VermouthError:
+        return []  # a damaged manifest vouches for nothing, not even what it needs
     return [f"{k}/{r[k]}" for k in KINDS if isinstance(r.get(k), str) and _KEY.fullmatch(r[k])]
 
 
@@ -56,10 +59,13 @@ class Doomed:
         from .listing import human_bytes
 
         age = (time.time() - self.last_used) / 86400 if self.last_used else float("inf")
-        about = self.entry.manifest.get("about", {})
-        what = about.get("dataset", "")
-        if self.entry.kind == "features":
-            what += f" t={about.get('t')}"
+        try:
+            about = self.entry.manifest.get("about", {})
+            what = about.get("dataset", "")
+            if self.entry.kind == "features":
+                what += f" t={about.get('t')}"
+        except VermouthError:
+            what = "(damaged manifest)"
         return f"{self.entry.prefix:<36} {what:<40} {human_bytes(self.bytes):>10}  unused {age:.1f} days"
 
 

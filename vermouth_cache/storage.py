@@ -21,11 +21,13 @@ import errno
 import json
 import os
 import posixpath
+import stat
 from pathlib import Path
 
 from .atomic import temp_beside
 from .errors import VermouthError
 
+MAX_JSON_BYTES = 1 << 30  # no store JSON file is larger (a 14M-image dataset record is ~0.6 GiB)
 SCHEMES_WITH_CREATE = ("s3", "s3a")  # object stores whose conditional PUT `create` relies on
 
 
@@ -72,8 +74,10 @@ class Location(abc.ABC):
 
     # -- implemented by subclasses -------------------------------------------------------------
     @abc.abstractmethod
-    def read_bytes(self, key: str) -> bytes:
-        """The object's bytes; FileNotFoundError when absent."""
+    def read_bytes(self, key: str, limit: int | None = None) -> bytes:
+        """The object's bytes; FileNotFoundError when absent. An object over `limit` bytes is refused
+        (VermouthError) or cut to `limit` + 1 bytes, never loaded whole: a caller that knows the
+        size an object must have never reads a huge one."""
 
     @abc.abstractmethod
     def _write(self, key: str, data: bytes) -> None:
@@ -90,6 +94,11 @@ class Location(abc.ABC):
     @abc.abstractmethod
     def list(self, prefix: str) -> list[str]:
         """Names directly below `prefix` (files and folders), sorted; [] when there is none."""
+        ...
+
+    @abc.abstractmethod
+    def list_files(self, prefix: str) -> list[str]:
+        """Names of the objects (not folders) directly below `prefix`, sorted."""
         ...
 
     @abc.abstractmethod
@@ -144,7 +153,9 @@ class Location(abc.ABC):
         self._delete_prefix(prefix)
 
     def read_json(self, key: str):
-        data = self.read_bytes(_check_key(key))  # FileNotFoundError when absent
+        data = self.read_bytes(_check_key(key), limit=MAX_JSON_BYTES)  # FileNotFoundError when absent
+        if len(data) > MAX_JSON_BYTES:  # an object store's ranged read stops one byte past the limit
+            raise VermouthError(f"corrupt store file {self.url}/{key}: over {MAX_JSON_BYTES >> 20} MiB")
         try:
             return json.loads(data)
         except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, or nested past Python's limit
@@ -175,11 +186,22 @@ class LocalLocation(Location):
     def path(self, key: str) -> Path:
         return self.root / _check_key(key) if key else self.root
 
-    def read_bytes(self, key: str) -> bytes:
-        try:
-            return self.path(key).read_bytes()
+    def read_bytes(self, key: str, limit: int | None = None) -> bytes:
+        try:  # O_NONBLOCK: a FIFO planted in a store must not hang the open
+            fd = os.open(self.path(key), os.O_RDONLY | os.O_NONBLOCK)
         except (IsADirectoryError, NotADirectoryError):
             raise FileNotFoundError(key) from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise FileNotFoundError(key)
+            raise VermouthError(f"store file {self.url}/{key} is not a regular file")  # /dev/zero, a FIFO ...
+        with os.fdopen(fd, "rb") as f:
+            size = st.st_size
+            if limit is not None and size > limit:
+                raise VermouthError(f"store file {self.url}/{key} is {size} bytes, more than the {limit} it may hold")
+            return f.read()
 
     def _write_temp(self, key: str, data: bytes) -> Path:
         """`data` in a finished, fsynced temporary file beside the target, mode 0666 less the
@@ -194,6 +216,8 @@ class LocalLocation(Location):
 
     def _write(self, key: str, data: bytes) -> None:
         tmp = self._temp_or_error(key, data)
+        if self.path(key).is_dir() and not self.path(key).is_symlink():
+            self._delete(key)  # a folder where the file goes is damage; the write replaces it
         try:
             os.replace(tmp, self.path(key))
         except BaseException:
@@ -220,18 +244,29 @@ class LocalLocation(Location):
         except (FileNotFoundError, NotADirectoryError):
             return []
 
+    def list_files(self, prefix: str) -> list[str]:
+        folder = self.path(prefix)
+        return [n for n in self.list(prefix) if (folder / n).is_file()]
+
     def size(self, key: str) -> int | None:
         try:
-            return self.path(key).stat().st_size
-        except FileNotFoundError:
+            st = self.path(key).stat()
+        except (FileNotFoundError, NotADirectoryError):
             return None
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
 
     def du(self, prefix: str) -> int:
         folder = self.path(prefix)
         return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
 
     def _delete(self, key: str) -> None:
-        self.path(key).unlink(missing_ok=True)
+        path = self.path(key)
+        if path.is_dir() and not path.is_symlink():  # a folder where a chunk or record should be
+            import shutil
+
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
     def _delete_prefix(self, prefix: str) -> None:
         import shutil
@@ -292,10 +327,10 @@ class FsspecLocation(Location):
     def _remote(self, action: str, key: str):
         return _remote_errors(self.url, self.endpoint, action, key)
 
-    def read_bytes(self, key: str) -> bytes:
+    def read_bytes(self, key: str, limit: int | None = None) -> bytes:
         with self._remote("reading", key):
             try:
-                return self.fs.cat_file(self._p(key))
+                return self.fs.cat_file(self._p(key), end=None if limit is None else limit + 1)
             except FileNotFoundError:
                 raise
             except OSError as exc:
@@ -341,6 +376,16 @@ class FsspecLocation(Location):
                 return []
         names = {posixpath.basename(str(p).rstrip("/")) for p in items}
         return sorted(n for n in names if n and not n.startswith(".") and n != posixpath.basename(path))
+
+    def list_files(self, prefix: str) -> list[str]:
+        path = self._p(prefix)
+        with self._remote("listing", prefix):
+            try:
+                items = self.fs.ls(path, detail=True, refresh=True)
+            except FileNotFoundError:
+                return []
+        names = {posixpath.basename(str(i["name"]).rstrip("/")) for i in items if i.get("type") == "file"}
+        return sorted(n for n in names if n and not n.startswith("."))
 
     def size(self, key: str) -> int | None:
         with self._remote("looking up", key):

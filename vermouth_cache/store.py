@@ -323,7 +323,7 @@ class Entry:
 
     def done_shards(self, name: str) -> set[int]:
         out = set()
-        for n in self.loc.list(f"{self.prefix}/shards/{name}"):
+        for n in self.loc.list_files(f"{self.prefix}/shards/{name}"):  # a directory named 000003.json is no record
             if n.endswith(".json"):
                 try:
                     out.add(int(n[:-5]))
@@ -377,10 +377,12 @@ class Entry:
             size = self.loc.size(key)
             data = None
         else:
-            try:
-                data = self.loc.read_bytes(key)
+            try:  # never more than one byte past the size it must have: a huge file is not loaded
+                data = self.loc.read_bytes(key, limit=expected)
             except FileNotFoundError:
                 data = None
+            except VermouthError as exc:
+                raise ShardDamage(self.prefix, name, shard, f"chunk is corrupt: {exc}") from None
             size = None if data is None else len(data)
         if size is None:
             raise ShardDamage(self.prefix, name, shard, "chunk missing although its record says it was committed")
@@ -492,14 +494,17 @@ class Entry:
         self._touched = now
         try:
             self.loc.write_json(f"{self.prefix}/used.json", {"last_used": now})
-        except VermouthError:
-            pass  # a full disk must not fail a read; gc then sees an older date
+        except (VermouthError, OSError):
+            pass  # a full disk (or a directory in its place) must not fail a read; gc then sees an older date
 
     def last_used(self) -> float:
         try:
             return float(self.loc.read_json(f"{self.prefix}/used.json")["last_used"])
         except (FileNotFoundError, KeyError, TypeError, ValueError, VermouthError):
-            created = self.manifest.get("created_unix")
+            try:
+                created = self.manifest.get("created_unix")
+            except VermouthError:
+                return 0.0  # damaged: as old as can be, so gc offers it
             return float(created) if created else 0.0
 
 
