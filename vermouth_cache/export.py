@@ -30,7 +30,7 @@ def select_features_entry(store: Store, key: str | None) -> Entry:
         return entries[0]
     if not entries:
         raise VermouthError(f"store {store.root} holds no feature entries")
-    keys = ", ".join(f"{e.key} (t={e.manifest['about'].get('t')})" for e in entries)
+    keys = ", ".join(f"{e.key} ({e.manifest['about'].get('dataset')}, t={e.manifest['about'].get('t')})" for e in entries)
     raise VermouthError(f"store {store.root} holds {len(entries)} feature entries; choose one with --entry: {keys}")
 
 

@@ -120,7 +120,8 @@ def select(store: Store, *, unused_days: float | None = None, names: tuple[str, 
             if prefix in named:
                 raise VermouthError(f"{short(prefix)} is needed by {', '.join(map(short, users))}, which "
                                     f"stay{'' if len(users) > 1 else 's'}: name {'them' if len(users) > 1 else 'it'} "
-                                    f"too (--entry {short(users[0])}) to remove both, or keep it")
+                                    f"too ({' '.join('--entry ' + short(u) for u in users)}) to remove "
+                                    f"{'them all' if len(users) > 1 else 'both'}, or keep it")
             if kept is not None:
                 kept.append(Kept(chosen[prefix], users))
             del chosen[prefix]

@@ -110,7 +110,8 @@ def resolve_model_dir(spec: str, *, role: str, hub_patterns: list[str]) -> Path:
         return Path(snapshot_download(spec, allow_patterns=hub_patterns, ignore_patterns=list(_VARIANT_PATTERNS)))
     except Exception as exc:  # hub errors come in many types; the user needs the id and the cause
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise VermouthError(f"{role} {spec!r}: cannot fetch it from the model hub ({first_line[:200]})") from None
+        raise VermouthError(f"{role} {spec!r}: no such local directory, and cannot fetch it from the model hub "
+                            f"({first_line[:200]})") from None
 
 
 def _files_read(directory: Path) -> list[Path]:

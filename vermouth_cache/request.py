@@ -72,7 +72,10 @@ class ExtractRequest:
             object.__setattr__(self, "stages", DEFAULT_STAGES)
         object.__setattr__(self, "block_taps", taps_for(self.stages, self.taps))
         if self.attn_maps:
-            parse_stages(self.attn_maps)
+            try:
+                parse_stages(self.attn_maps)
+            except VermouthError as exc:
+                raise VermouthError(f"--attn-maps: {exc}") from None
         if self.expert is not None and self.expert not in EXPERT_MODELS:
             raise VermouthError(f"unknown expert {self.expert!r} (choose from {', '.join(EXPERT_MODELS)})")
         if self.expert_model and not self.expert:
