@@ -7,10 +7,10 @@ import threading
 import numpy as np
 import pytest
 import torch
-from zarr.storage import LocalStore
 
 from vermouth_cache.errors import VermouthError
 from vermouth_cache.loader import CacheLoader, Field
+from vermouth_cache.storage import LocalLocation
 from vermouth_cache.store import Store
 
 N, S = 23, 4  # 6 shards, the last one short (3 samples)
@@ -127,14 +127,14 @@ def test_window_shuffle_keeps_each_window_within_its_shards(entry, good):
 @pytest.mark.parametrize("mode", ["memory", "stream"])
 def test_reads_whole_chunks_once_per_epoch(entry, good, mode, monkeypatch):
     gets = []
-    original = LocalStore.get
+    original = LocalLocation.read_bytes
 
-    async def counting_get(self, key, *args, **kwargs):
+    def counting_read(self, key, limit=None):
         if "/c/" in key:  # chunk keys, not metadata
-            gets.append((key, kwargs.get("byte_range")))
-        return await original(self, key, *args, **kwargs)
+            gets.append((key.split("/arrays/")[1], limit))
+        return original(self, key, limit)
 
-    monkeypatch.setattr(LocalStore, "get", counting_get)
+    monkeypatch.setattr(LocalLocation, "read_bytes", counting_read)
     loader = CacheLoader(fields(entry), good, 2, shuffle=True, mode=mode, shuffle_window=2)
     for epoch in range(2):
         loader.set_epoch(epoch)
@@ -143,7 +143,7 @@ def test_reads_whole_chunks_once_per_epoch(entry, good, mode, monkeypatch):
     per_epoch = 1 if mode == "memory" else 2  # memory mode reads once, at construction
     assert len(gets) == per_epoch * 2 * len(touched)
     assert sorted({k for k, _ in gets}) == sorted(f"{a}/c/{s}/0" + ("/0" if a == "a" else "") for a in "ab" for s in touched)
-    assert all(r is None for _, r in gets)  # whole chunks, never byte ranges
+    assert all(limit == entry.chunk_nbytes(k.split("/")[0]) for k, limit in gets)  # whole chunks, size-checked
 
 
 @pytest.mark.parametrize("bad, why", [(9, "sample #9 was never computed"), (17, "sample #17 error: oom"),

@@ -267,9 +267,10 @@ def test_fewshot_refuses_test_features_swapped_for_validation_ones(cache, tmp_pa
     shutil.copytree(cache["store"], store)
     st = Store(store)
     by_split = {}
-    for e in st.entries("features"):
-        split = st.dataset(e.manifest["about"]["dataset_record"])["source"].get("split")
-        by_split.setdefault(split, e)
+    for e in st.entries("features"):  # the classification splits' entries at the fixture's t (not seg's)
+        source = st.dataset(e.manifest["about"]["dataset_record"])["source"]
+        if source["spec"] == str(cache["split"]) and e.manifest["recipe"]["t"] == T:
+            by_split.setdefault(source["split"], e)
     val, test = by_split["val"], by_split["test"]
     tap = "mid_block"
     a, b = (st.loc.path(e.chunk_key(tap, 0)) for e in (val, test))

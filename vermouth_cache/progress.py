@@ -146,7 +146,9 @@ class Progress:
         else:
             self.logger.log(self.level, desc)
 
-    def set_postfix(self, postfix: dict) -> None:
+    def set_postfix(self, postfix: dict | None = None, **values) -> None:
+        """As tqdm's: `set_postfix({"loss": 0.5})` or `set_postfix(loss=0.5)`."""
+        postfix = {**(postfix or {}), **values}
         self.postfix = dict(postfix)
         if self.bar is not None:
             self.bar.set_postfix(postfix)
