@@ -197,11 +197,15 @@ class LocalLocation(Location):
             if stat.S_ISDIR(st.st_mode):
                 raise FileNotFoundError(key)
             raise VermouthError(f"store file {self.url}/{key} is not a regular file")  # /dev/zero, a FIFO ...
-        with os.fdopen(fd, "rb") as f:
+        with os.fdopen(fd, "rb", buffering=0) as f:
             size = st.st_size
             if limit is not None and size > limit:
                 raise VermouthError(f"store file {self.url}/{key} is {size} bytes, more than the {limit} it may hold")
-            return f.read()
+            buf = bytearray(size)  # read straight into a writable buffer: numpy views it without a copy
+            view, got = memoryview(buf), 0
+            while got < size and (n := f.readinto(view[got:])):
+                got += n
+            return buf if got == size else buf[:got]
 
     def _write_temp(self, key: str, data: bytes) -> Path:
         """`data` in a finished, fsynced temporary file beside the target, mode 0666 less the

@@ -390,7 +390,7 @@ class Entry:
             raise ShardDamage(self.prefix, name, shard, f"chunk is corrupt: {size} bytes, expected {expected} "
                                                         "(truncated or overwritten)")
         if data is not None:
-            crc = google_crc32c.value(data[:-4])
+            crc = google_crc32c.value(np.frombuffer(data, np.uint8)[:-4])  # a numpy view: no copy, any buffer
             if crc != int.from_bytes(data[-4:], "little"):
                 raise ShardDamage(self.prefix, name, shard, "checksum mismatch: the chunk's bytes are corrupt")
             if crc != rec.chunk["crc32c"]:
@@ -473,13 +473,23 @@ class Entry:
                 f"(sample #{i} {why})"
             )
         dtype = np.dtype(_zarr_dtype(spec["dtype"])).newbyteorder("<")
-        out = np.empty((len(idx), *spec["shape"]), dtype=dtype.newbyteorder("="))
+        blocks = {}
         for s, rec in records.items():
             data = self.checked_chunk(name, s, rec)
+            if isinstance(data, bytes):  # an object store's read: numpy needs a writable buffer to hand out
+                data = bytearray(data)
             block = np.frombuffer(data, dtype=dtype, count=(len(data) - 4) // dtype.itemsize)  # then the CRC32C
-            block = block.reshape(self.shard_size, *spec["shape"])
-            rows = shard_of == s
-            out[rows] = block[idx[rows] - s * self.shard_size]
+            blocks[s] = block.reshape(self.shard_size, *spec["shape"])
+        if len(blocks) == 1:  # the loader's case: rows of one shard, served from the chunk's own buffer
+            (s, block), = blocks.items()
+            return _from_storage(_rows(block, idx - s * self.shard_size), spec["dtype"])
+        out = np.empty((len(idx), *spec["shape"]), dtype=dtype.newbyteorder("="))
+        for s, block in blocks.items():
+            at = np.flatnonzero(shard_of == s)
+            if len(at) == at[-1] - at[0] + 1:
+                out[at[0]:at[-1] + 1] = _rows(block, idx[at] - s * self.shard_size)
+            else:
+                out[at] = block[idx[at] - s * self.shard_size]
         return _from_storage(out, spec["dtype"])
 
     def size_bytes(self) -> int:
@@ -506,6 +516,13 @@ class Entry:
             except VermouthError:
                 return 0.0  # damaged: as old as can be, so gc offers it
             return float(created) if created else 0.0
+
+
+def _rows(block: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """block[rows]: a view when the rows are consecutive and ascending, else a gathered copy."""
+    if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and (len(rows) < 2 or np.all(np.diff(rows) == 1)):
+        return block[rows[0]:rows[-1] + 1]
+    return block[rows]
 
 
 def _shape_dtype(spec: dict | None) -> dict | None:
