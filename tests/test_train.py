@@ -107,6 +107,7 @@ def test_mismatched_recipe_is_refused_naming_the_fields(cache):
         _fewshot(cache, "fs-bad2", noise="none")
     with pytest.raises(VermouthError, match="mid_block|up_blocks"):  # stages never extracted
         _fewshot(cache, "fs-bad3", stages="mid,up")
+    assert not [p for p in ("fs-bad", "fs-bad2", "fs-bad3") if (cache["root"] / p).exists()]  # no empty runs
 
 
 def test_sbir_retrieves_unseen_classes(cache):

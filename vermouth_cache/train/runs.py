@@ -40,9 +40,18 @@ def check_run_dir(out: str | os.PathLike) -> Path:
 
 
 def prepare_run_dir(out: str | os.PathLike, overwrite: bool) -> Path:
+    """Check, before training, that the run can be written; the folder itself is made only when the
+    run is (`make_run_dir`), so a run that fails leaves nothing behind."""
     out = check_run_dir(out)
     if (out / "config.json").exists() and not overwrite:
         raise VermouthError(f"run directory {out} already holds a run (give --overwrite to replace it)")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise VermouthError(f"cannot create run directory {out}: {existing} is not writable")
+    return out
+
+
+def make_run_dir(out: Path) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -66,6 +75,7 @@ def finish_run(out: Path, config: dict, metrics: dict, model: VermouthHead, resu
                select: str | None, extra_weights: dict[str, torch.Tensor] | None = None) -> dict:
     """Write a finished head's run; a head whose loss diverged gets its error written instead
     (config.json and metrics.json with "error", no weights) and returned."""
+    make_run_dir(out)
     if result.error:
         for name in ("head.safetensors", "curve.png"):
             (out / name).unlink(missing_ok=True)
