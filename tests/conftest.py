@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -95,3 +96,15 @@ def record_content(root: Path) -> dict[str, tuple]:
         out[str(p.relative_to(root))] = (rec["start"], rec["stop"], tuple(rec["status"]), tuple(rec.get("values") or ()),
                                          tuple(sorted((rec.get("chunk") or {}).items())))
     return out
+
+
+def cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """The real entry point (`vermouth-cache ...`), in process: exit code, stdout, stderr."""
+    from vermouth_cache.cli import run
+
+    monkeypatch.setattr(sys, "argv", ["vermouth-cache", *map(str, args)])
+    with pytest.raises(SystemExit) as exc:
+        run()
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err

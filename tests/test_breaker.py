@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import make_images
+from conftest import cli, make_images
 from vermouth_cache.check import verify
-from vermouth_cache.cli import run
 from vermouth_cache.errors import VermouthError
 from vermouth_cache.extract import extract
 from vermouth_cache.lazy import open_tap
@@ -22,16 +20,6 @@ from vermouth_cache.request import ExtractRequest
 from vermouth_cache.store import Store
 
 TAP = "mid_block"
-
-
-def cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """The real entry point (`vermouth-cache ...`), in process: exit code, stdout, stderr."""
-    monkeypatch.setattr(sys, "argv", ["vermouth-cache", *map(str, args)])
-    with pytest.raises(SystemExit) as exc:
-        run()
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import pytest
 
 from test_errors import cli
 from vermouth_cache.check import repair, verify
-from vermouth_cache.errors import VermouthError
 from vermouth_cache.extract import extract
 from vermouth_cache.request import ExtractRequest
 from vermouth_cache.store import Store

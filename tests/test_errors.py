@@ -9,21 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import DEMO_SPLIT
-from vermouth_cache.cli import run
+from conftest import DEMO_SPLIT, cli
 from vermouth_cache.errors import VermouthError
 from vermouth_cache.extract import extract
 from vermouth_cache.listing import table
 from vermouth_cache.store import Store
-
-
-def cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["vermouth-cache", *map(str, args)])
-    with pytest.raises(SystemExit) as exc:
-        run()
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 @pytest.fixture

@@ -7,27 +7,15 @@ from __future__ import annotations
 import errno
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import DEMO_SPLIT, make_images
-from vermouth_cache.cli import run
+from conftest import DEMO_SPLIT, cli, make_images
 from vermouth_cache.datasets import load_dataset
 from vermouth_cache.errors import ImageError, VermouthError
 from vermouth_cache.images import decode_image
-
-
-def cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """The real entry point (`vermouth-cache ...`), in process: exit code, stdout, stderr."""
-    monkeypatch.setattr(sys, "argv", ["vermouth-cache", *map(str, args)])
-    with pytest.raises(SystemExit) as exc:
-        run()
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 def one_line(code: int, err: str, *culprits: str) -> str:
@@ -122,7 +110,7 @@ def test_huge_coop_label_is_one_line(monkeypatch, capsys, tmp_path, models_args)
 
 
 def test_huge_manifest_label_is_one_line(monkeypatch, capsys, tmp_path, models_args):
-    root = make_images(tmp_path / "data", {"a": 2})
+    make_images(tmp_path / "data", {"a": 2})
     spec = tmp_path / "data" / "m.csv"
     spec.write_text(f"path,label\na/00.png,0\na/01.png,{10**11}\n")
     code, _, err = cli(monkeypatch, capsys, "extract", spec, *models_args)
@@ -136,7 +124,7 @@ def test_huge_manifest_label_is_one_line(monkeypatch, capsys, tmp_path, models_a
 
 
 def test_overlong_path_component_is_one_line(monkeypatch, capsys, tmp_path, models_args):
-    root = make_images(tmp_path / "data" / "images", {"a": 1})
+    make_images(tmp_path / "data" / "images", {"a": 1})
     long = "x" * 5000 + ".png"
     spec = write_coop(tmp_path / "data" / "split_zhou_X.json", {"train": [["a/00.png", 0, "a"], [f"a/{long}", 0, "a"]]})
     code, _, err = cli(monkeypatch, capsys, "extract", spec, "--split", "train", *models_args)

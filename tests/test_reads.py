@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import cli as run_cli
 from conftest import make_images
 from vermouth_cache.check import repair, verify
-from vermouth_cache.cli import run
 from vermouth_cache.errors import VermouthError
 from vermouth_cache.extract import extract
 from vermouth_cache.lazy import open_tap
@@ -59,14 +58,10 @@ def meta_path(entry, name) -> Path:
 
 
 def cli(monkeypatch, capsys, *args) -> tuple[int, str]:
-    """The real entry point; returns (exit code, stderr) and fails on a traceback."""
-    monkeypatch.setattr(sys, "argv", ["vermouth-cache", *map(str, args)])
-    with pytest.raises(SystemExit) as exc:
-        run()
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    assert "Traceback" not in out.err + out.out
-    return exc.value.code, out.err + out.out
+    """The real entry point; returns (exit code, stderr + stdout) and fails on a traceback."""
+    code, out, err = run_cli(monkeypatch, capsys, *args)
+    assert "Traceback" not in err + out
+    return code, err + out
 
 
 def every_reader_refuses(root: Path, key: str, name: str, match: str, monkeypatch, capsys, tmp_path) -> None:
