@@ -277,6 +277,14 @@ def _tiny_unet(**width):
     )
 
 
+def _save_pipeline(d: Path, **parts) -> None:
+    """An SD pipeline directory in diffusers' on-disk format (safetensors), no safety checker."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(d, safe_serialization=True)
+
+
 def _tiny_vae():
     """Four encoder blocks = three downsamplings = factor 8, so 128 px images give 16x16 latents."""
     from diffusers import AutoencoderKL
@@ -296,7 +304,7 @@ def _tiny_vae():
 
 
 def _write_sd(d: Path, seed: int, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from diffusers import PNDMScheduler
     from transformers import CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed + _SEED_OFFSETS["unet"])
@@ -322,17 +330,7 @@ def _write_sd(d: Path, seed: int, vocab: dict[str, int], merges: list[tuple[str,
         set_alpha_to_one=False,
         skip_prk_steps=True,
     )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(d, safe_serialization=True)
+    _save_pipeline(d, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
 
     # save_pretrained rewrote the tokenizer in transformers 5's own layout; put back the
     # hub layout so loading goes through vocab.json + merges.txt like runwayml's repo.
@@ -376,7 +374,7 @@ def write_tiny_sd2(out_dir: str | Path, seed: int = 0, *, words_file: str | Path
 
 
 def _write_sd2(d: Path, seed: int, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed + _SEED_OFFSETS["sd2_unet"])
@@ -417,17 +415,7 @@ def _write_sd2(d: Path, seed: int, vocab: dict[str, int], merges: list[tuple[str
         steps_offset=1,
         prediction_type="v_prediction",
     )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(d, safe_serialization=True)
+    _save_pipeline(d, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
     shutil.rmtree(tok_dir)  # back to the hub layout, as for SD 1.5
     tok_dir.mkdir()
     _write_clip_tokenizer(tok_dir, vocab, merges, pad_token="!")
