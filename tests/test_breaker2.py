@@ -83,3 +83,13 @@ def test_lazy_view_never_serves_none_for_a_caption_never_computed(copy, pristine
         assert "captions" in str(exc)
         return
     assert view.captions is None or None not in view.captions
+
+
+@pytest.mark.parametrize("ref", ["../884246f047e5c9a3", "/884"])
+def test_lazy_open_tap_with_a_dotdot_or_empty_kind_raises_vermouth_error(copy, ref):
+    """`open_tap(store, "../<key>", "mid_block")` or `open_tap(store, "/884", ...)`: found a bare
+    `ValueError: bad store key '../<key>/manifest.json'` (storage._check_key), the same unchecked
+    kind as `gc --entry`. Should be a VermouthError naming the bad entry reference."""
+    root, _ = copy
+    with pytest.raises(VermouthError):
+        open_tap(str(root), ref, TAP)
