@@ -23,8 +23,8 @@ from .store import OK, Entry, Store
 
 
 def select_features_entry(store: Store, key: str | None) -> Entry:
-    if key:
-        return store.find("features", key)
+    if key is not None:
+        return store.find("features", key)  # an empty key is refused there, never read as "not given"
     entries = store.entries("features")
     if len(entries) == 1:
         return entries[0]
@@ -96,7 +96,7 @@ def export_h5(store: Store, out: str | os.PathLike, *, entry_key: str | None = N
         )
     keep = [i for i in range(entry.n_samples) if all(st[i] == OK for st in statuses)]
     excluded = [record["ids"][i] for i in range(entry.n_samples) if i not in set(keep)]
-    captions = store.find("captions", about["captions"]).values("captions")
+    captions = dict(zip(keep, store.find("captions", about["captions"]).values("captions", keep)))
     out = Path(out)
     tmp = temp_beside(out)  # mode 0666 less the umask, like the file open() would make
     try:

@@ -92,6 +92,5 @@ def open_tap(store: str | os.PathLike, entry: str, tap: str, *, samples: str = "
     captions = None
     cap_key = e.manifest.get("about", {}).get("captions")
     if cap_key:
-        values = st.find("captions", cap_key).values("captions")
-        captions = [values[i] for i in rows]
+        captions = st.find("captions", cap_key).values("captions", rows)
     return TapView(e.prefix, tap, data, rows, [ids[i] for i in rows], labels, captions, skipped)

@@ -445,14 +445,24 @@ class Entry:
                 out.update(zip(range(rec.start, rec.stop), rec.status))
         return out
 
-    def values(self, name: str) -> list:
-        """Per-sample values kept in records (captions); None where not computed."""
+    def values(self, name: str, rows=None) -> list:
+        """Per-sample values kept in records (captions); None where not computed. With `rows`, those
+        samples' values, and a VermouthError naming the shard if one of them was never computed."""
         out: list = [None] * self.n_samples
-        for shard in self.done_shards(name):
+        done = self.done_shards(name)
+        for shard in done:
             rec = self.checked_record(name, shard)
             if rec is not None and rec.values is not None:
                 out[rec.start:rec.stop] = rec.values
-        return out
+        if rows is None:
+            return out
+        rows = [int(i) for i in rows]
+        missing = sorted({i // self.shard_size for i in rows if i // self.shard_size not in done})
+        if missing:
+            raise VermouthError(f"store entry {self.prefix} {name}: shard(s) {', '.join(map(str, missing))} were never "
+                                "committed, so the values of samples served beside them are unknown; run extract "
+                                "again (or `vermouth-cache repair`) to compute them")
+        return [out[i] for i in rows]
 
     def read(self, name: str, indices: np.ndarray | list[int] | slice | None = None) -> np.ndarray:
         """Rows of array `name`, in the order asked. Refuses any requested sample whose shard is not
@@ -623,6 +633,8 @@ class Store:
         return out
 
     def find(self, kind: str, key_prefix: str) -> Entry:
+        if kind not in KINDS:
+            raise VermouthError(f"store {self.root}: {str(kind)[:40]!r} is not an entry kind ({', '.join(KINDS)})")
         check_key(key_prefix, f"store {self.root}: {kind} entry reference")
         if key_prefix and self.loc.exists(f"{kind}/{key_prefix}/manifest.json"):  # a whole key: no scan
             return Entry(self.loc, kind, key_prefix)
