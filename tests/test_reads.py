@@ -133,12 +133,13 @@ def test_a_missing_chunk_with_a_record_is_damage_not_nan(damaged, monkeypatch, c
 
 def test_a_chunk_deleted_mid_training_stops_the_stream_naming_the_shard(damaged):
     _, feats = damaged
-    loader = CacheLoader({"x": Field(feats, TAP)}, range(5), 1, mode="stream", prefetch=1, shuffle_window=1)
-    batches = iter(loader)
-    next(batches)
-    chunk(feats, TAP, 2).unlink()  # the reader has not reached shard 2 yet
+    loader = CacheLoader({"x": Field(feats, TAP)}, range(5), 1, mode="stream", shuffle=True, prefetch=1,
+                         shuffle_window=1)
+    assert sum(len(b["x"]) for b in loader) == 5  # epoch 0 reads every shard
+    chunk(feats, TAP, 2).unlink()  # between two epochs: the loader checked the records when it was made
+    loader.set_epoch(1)
     with pytest.raises(VermouthError, match=f"array {TAP} shard 2: chunk missing"):
-        for _ in batches:
+        for _ in loader:
             pass
 
 
