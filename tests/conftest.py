@@ -38,7 +38,7 @@ def _unconfigured_logging():
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> dict[str, Path]:
-    from vermouth_cache.tiny_models import write_tiny_models
+    from vermouth_cache.models.tiny import write_tiny_models
 
     return write_tiny_models(tmp_path_factory.mktemp("models"), seed=0)
 
@@ -63,7 +63,7 @@ def folder(tmp_path) -> Path:
 @pytest.fixture
 def request_for(tiny, tmp_path):
     """ExtractRequest factory on the tiny models, CPU, quiet, small shards."""
-    from vermouth_cache.request import ExtractRequest
+    from vermouth_cache.extract.request import ExtractRequest
 
     def make(dataset, **kw):
         base = dict(dataset=str(dataset), store=str(tmp_path / "store"), sd_model=str(tiny["sd"]),
@@ -100,7 +100,7 @@ def record_content(root: Path) -> dict[str, tuple]:
 
 def cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
     """The real entry point (`vermouth-cache ...`), in process: exit code, stdout, stderr."""
-    from vermouth_cache.cli import run
+    from vermouth_cache.cli.main import run
 
     monkeypatch.setattr(sys, "argv", ["vermouth-cache", *map(str, args)])
     with pytest.raises(SystemExit) as exc:
@@ -108,3 +108,32 @@ def cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
         raise SystemExit(0)
     out = capsys.readouterr()
     return exc.value.code, out.out, out.err
+
+
+# ---- sweep point records, for report tests (tests/sweep) and the umask test (tests/store) ----
+
+BASE = {"t": 200, "stages": "up", "prompt": "blip", "noise": "ddpm", "attn_maps": "up", "expert": None,
+        "text_proj": False, "head": "uhead", "lr": 1e-05}
+
+
+def point(name, dataset, varied, scores, *, task="fewshot", paper=(), status="done", **settings):
+    return {
+        "point": name, "dataset": dataset, "task": task, "varied": varied,
+        "settings": {**BASE, **varied, **settings}, "status": status,
+        "scores": [{"dataset": d, "metric": m, "value": v} for d, m, v in scores],
+        "paper": [{"dataset": d, "metric": m, "value": v} for d, m, v in paper],
+        "entries": {"features": f"feat{name}" * 3, "expert": ""}, "seconds": 12.5, "heads_in_pass": 2,
+        "run": f"runs/{name}",
+    }
+
+
+def grid():
+    """A 2x2 cartesian grid over t and stages on two datasets."""
+    out = []
+    for ds, base in (("imagenet", 0.40), ("cub", 0.60)):
+        for t in (200, 100):  # deliberately not in numeric order
+            for stages in ("up", "down"):
+                value = base + t / 10000 + (0.01 if stages == "down" else 0.0)
+                out.append(point(f"{ds}-t_{t}-stages_{stages}", ds, {"t": t, "stages": stages},
+                                 [(ds, "top1", value)]))
+    return out

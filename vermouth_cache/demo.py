@@ -14,16 +14,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .extract import ExtractReport, extract
-from .listing import table
-from .request import ExtractRequest
-from .store import Store
-from .tiny_models import write_tiny_models
-from .train.common import RunOptions
-from .train.fewshot import FewshotData, train_fewshot
-from .train.settings import task_settings
+from vermouth_cache.data.bundled import bundled_file
+from vermouth_cache.extract.run import ExtractReport, extract
+from vermouth_cache.store.listing import table
+from vermouth_cache.extract.request import ExtractRequest
+from vermouth_cache.store.entries import Store
+from vermouth_cache.models.tiny import write_tiny_models
+from vermouth_cache.train.common import RunOptions
+from vermouth_cache.train.tasks.fewshot import FewshotData, train_fewshot
+from vermouth_cache.train.settings import task_settings
 
-DEMO_SPLIT = Path(__file__).resolve().parent.parent / "data" / "demo" / "split_zhou_Demo.json"
 
 
 @dataclass
@@ -43,7 +43,8 @@ def run_demo(out: str | Path, *, progress: bool = True, t: int = 10) -> DemoResu
     models = out / "models"
     if not (models / "sd" / "model_index.json").is_file():
         write_tiny_models(models)
-    base = ExtractRequest(dataset=str(DEMO_SPLIT), store=str(out / "store"), sd_model=str(models / "sd"),
+    demo_split = bundled_file("demo", "split_zhou_Demo.json")
+    base = ExtractRequest(dataset=str(demo_split), store=str(out / "store"), sd_model=str(models / "sd"),
                           captioner=str(models / "blip"), resolution=128, t=(t,), stages="mid,up",
                           attn_maps="up", expert="resnet18", expert_model=str(models / "resnet18"), device="cpu",
                           shard_size=16, batch_size=8, progress=progress)
@@ -51,5 +52,5 @@ def run_demo(out: str | Path, *, progress: bool = True, t: int = 10) -> DemoResu
     settings = task_settings("fewshot", t=t, resolution=128, stages="mid,up", lr=3e-4, epochs=50, batch_size=8)
     opts = RunOptions(store=str(out / "store"), out=str(out / "run"), clip_model=str(models / "clip"), device="cpu",
                       progress=progress, overwrite=True)
-    metrics = train_fewshot(FewshotData(str(DEMO_SPLIT), shots=8), settings, opts)
+    metrics = train_fewshot(FewshotData(str(demo_split), shots=8), settings, opts)
     return DemoResult(reports, table(Store(out / "store")), metrics, out / "run")

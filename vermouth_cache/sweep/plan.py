@@ -11,13 +11,13 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..hashing import canonical_json
-from ..request import ExtractRequest
-from ..sbir_data import find_sbir_trees
-from ..store import read_json
-from ..train.common import pass_key
-from ..unet_taps import STAGES, parse_stages
-from .recipe import DatasetSpec, Models, Point, Recipe
+from vermouth_cache.core.hashing import canonical_json
+from vermouth_cache.extract.request import ExtractRequest
+from vermouth_cache.data.sbir import find_sbir_trees
+from vermouth_cache.store.entries import read_json
+from vermouth_cache.train.common import pass_key
+from vermouth_cache.models.taps import STAGES, parse_stages
+from vermouth_cache.sweep.recipe import DatasetSpec, Models, Point, Recipe
 
 RUNS = "runs"
 POINT_FILE = "point.json"  # written last into a point's run directory: the point is finished

@@ -25,10 +25,11 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import VermouthError
-from ..selection import PINS
-from ..models import DEFAULT_CAPTIONER, DEFAULT_CLIP_MODEL, DEFAULT_SD_MODEL, EXPERT_MODELS
-from ..train.settings import TASKS, TaskSettings, task_settings
+from vermouth_cache.data.bundled import data_dir
+from vermouth_cache.core.errors import VermouthError
+from vermouth_cache.extract.selection import PINS
+from vermouth_cache.models.loading import DEFAULT_CAPTIONER, DEFAULT_CLIP_MODEL, DEFAULT_SD_MODEL, EXPERT_MODELS
+from vermouth_cache.train.settings import TASKS, TaskSettings, task_settings
 
 TOP_KEYS = ("name", "task", "datasets", "models", "extract", "train", "grid", "variants", "paper", "paper_scale")
 DATASET_KEYS = {
@@ -44,7 +45,6 @@ EXTRACT_KEYS = (*(p.extract for p in PINS if p.name != "captioner"), "batch_size
                 "on_error")
 SETTING_KEYS = tuple(f.name for f in fields(TaskSettings))
 MAIN_METRIC = {"fewshot": "top1", "sbir": "mAP@all", "seg": "mIoU"}
-BUNDLED = Path(__file__).resolve().parents[2] / "data"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -98,7 +98,7 @@ def load_recipe(path: str | os.PathLike, variables: dict[str, str] | None = None
     path = Path(path)
     if not path.is_file():
         raise VermouthError(f"recipe not found: {path}")
-    env = {**os.environ, "BUNDLED": str(BUNDLED), "RECIPE_DIR": str(path.resolve().parent)}
+    env = {**os.environ, "BUNDLED": str(data_dir()), "RECIPE_DIR": str(path.resolve().parent)}
     if config is not None:
         env.update({k: str(v) for k, v in _mapping(_read_yaml(Path(config)), f"config {config}").items()})
     env.update(variables or {})

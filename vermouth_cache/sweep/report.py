@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..atomic import atomic_write
+from vermouth_cache.core.atomic import atomic_write
 
 _MISSING = object()
 

@@ -26,16 +26,16 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import VermouthError
-from ..extract import extract
-from ..listing import human_bytes
-from ..progress import Progress, get_logger, work_sink
-from ..store import write_json_atomic
-from ..train.common import HeadJob, RunOptions
-from ..train.settings import TaskSettings
-from .plan import (POINT_FILE, ResolvedModels, TrainGroup, extraction_requests, fingerprint, finished, run_dir,
+from vermouth_cache.core.errors import VermouthError
+from vermouth_cache.extract.run import extract
+from vermouth_cache.store.listing import human_bytes
+from vermouth_cache.core.progress import Progress, get_logger, work_sink
+from vermouth_cache.store.entries import write_json_atomic
+from vermouth_cache.train.common import HeadJob, RunOptions
+from vermouth_cache.train.settings import TaskSettings
+from vermouth_cache.sweep.plan import (POINT_FILE, ResolvedModels, TrainGroup, extraction_requests, fingerprint, finished, run_dir,
                    train_groups)
-from .recipe import MAIN_METRIC, DatasetSpec, Point, Recipe
+from vermouth_cache.sweep.recipe import MAIN_METRIC, DatasetSpec, Point, Recipe
 
 log = get_logger(__name__)
 PROGRESS_TOPIC = "vermouth-sweep-progress"  # dask events: how far each training task is
@@ -69,7 +69,7 @@ def resolve_models(recipe: Recipe, out: Path) -> ResolvedModels:
     if recipe.models.tiny:
         d = out / "models"
         if not (d / "sd" / "model_index.json").is_file():
-            from ..tiny_models import write_tiny_models
+            from vermouth_cache.models.tiny import write_tiny_models
 
             write_tiny_models(d)
         return ResolvedModels.of(recipe.models, d)
@@ -85,7 +85,7 @@ def run_sweep(recipe: Recipe, opts: SweepOptions) -> SweepResult:
     todo = [p for p in recipe.points if done[p.name] is None]
     result = SweepResult(records=[], report={})
     if todo:
-        from ..store import Store
+        from vermouth_cache.store.entries import Store
 
         Store(opts.store_path, create=True)
         for req in extraction_requests(todo, models, recipe.extract, opts.store_path, opts.device, opts.progress,
@@ -104,7 +104,7 @@ def run_sweep(recipe: Recipe, opts: SweepOptions) -> SweepResult:
     # the recipe's order of varied keys (point.json stores them sorted)
     result.records = [{**done[p.name], "varied": _jsonable(p.varied)} if done[p.name] else _failed_record(p, "not run")
                       for p in recipe.points]
-    from .report import write_report
+    from vermouth_cache.sweep.report import write_report
 
     result.report = write_report(result.records, out, title=recipe.name)
     write_json_atomic(out / "sweep.json", {"recipe": recipe.source, "name": recipe.name, "store": opts.store_path,
@@ -119,7 +119,7 @@ def run_options(models: ResolvedModels, opts: SweepOptions, progress: bool, reci
     options (else their defaults) for every field of `selection.PINS`."""
     select = ()
     if recipe is not None:
-        from ..selection import pins_of_extract
+        from vermouth_cache.extract.selection import pins_of_extract
 
         blip = any(p.settings.prompt == "blip" for p in recipe.points)  # the captioner is loaded only then
         select = tuple(pins_of_extract(recipe.extract, captioner=models.captioner if blip else None).items())
@@ -131,14 +131,14 @@ def task_data(ds: DatasetSpec):
     """The train_* data object of a recipe dataset."""
     o = ds.options
     if ds.task == "fewshot":
-        from ..train.fewshot import FewshotData
+        from vermouth_cache.train.tasks.fewshot import FewshotData
 
         return FewshotData(ds.path, o.get("image_root"), int(o.get("shots", 16)), int(o.get("shot_seed", 0)))
     if ds.task == "sbir":
-        from ..train.sbir import SbirData
+        from vermouth_cache.train.tasks.sbir import SbirData
 
         return SbirData(ds.path, o.get("unseen"), o.get("name"))
-    from ..train.seg import SegData, SegSource
+    from vermouth_cache.train.tasks.seg import SegData, SegSource
 
     return SegData(SegSource(ds.path, o.get("layout"), o.get("split"), o.get("classnames")),
                    tuple(SegSource(ev["path"], ev.get("layout"), ev.get("split"), ev.get("classnames"))
@@ -146,9 +146,9 @@ def task_data(ds: DatasetSpec):
 
 
 def _prepare(groups: list[TrainGroup], models: ResolvedModels, opts: SweepOptions, recipe: Recipe | None = None) -> None:
-    from ..train.fewshot import prepare_fewshot
-    from ..train.sbir import prepare_sbir
-    from ..train.seg import prepare_seg
+    from vermouth_cache.train.tasks.fewshot import prepare_fewshot
+    from vermouth_cache.train.tasks.sbir import prepare_sbir
+    from vermouth_cache.train.tasks.seg import prepare_seg
 
     prepare = {"fewshot": prepare_fewshot, "sbir": prepare_sbir, "seg": prepare_seg}
     ro = run_options(models, opts, opts.progress, recipe)
@@ -177,7 +177,7 @@ class GroupJob:
 def _train(recipe: Recipe, groups: list[TrainGroup], models: ResolvedModels, opts: SweepOptions, out: Path):
     """Yield each point's record as its group finishes."""
     jobs = []
-    from ..cluster import client_for
+    from vermouth_cache.extract.cluster import client_for
 
     client, cluster = client_for(opts.workers, opts.scheduler)
     n_workers = max(1, len(client.scheduler_info().get("workers", {})) or 1)
@@ -236,12 +236,12 @@ def train_group(job: GroupJob) -> list[dict]:
         torch.set_num_threads(job.threads)
     opts = job.options
     if opts.device is None and torch.cuda.is_available():
-        from ..cluster import worker_device
+        from vermouth_cache.extract.cluster import worker_device
 
         opts = dataclasses.replace(opts, device=str(worker_device(None)))
-    from ..train.fewshot import train_fewshot_heads
-    from ..train.sbir import train_sbir_heads
-    from ..train.seg import train_seg_heads
+    from vermouth_cache.train.tasks.fewshot import train_fewshot_heads
+    from vermouth_cache.train.tasks.sbir import train_sbir_heads
+    from vermouth_cache.train.tasks.seg import train_seg_heads
 
     train = {"fewshot": train_fewshot_heads, "sbir": train_sbir_heads, "seg": train_seg_heads}[job.task]
     t0 = time.perf_counter()
@@ -345,7 +345,7 @@ def _failed_record(p: Point, why: str) -> dict:
 def dry_run(recipe: Recipe, opts: SweepOptions) -> str:
     """The plan as text: points done, entries present, entries to extract with their estimated
     size, and the training passes; nothing is extracted or trained."""
-    from ..survey import survey
+    from vermouth_cache.extract.survey import survey
 
     out = Path(opts.out)
     models = resolve_models(recipe, out)

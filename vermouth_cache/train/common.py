@@ -11,15 +11,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import __version__
-from ..classtext import class_text_features
-from ..heads import HeadSpec, TextClassifier, VermouthHead, count_parameters, sd15_parameter_count
-from ..loader import CacheLoader
-from ..models import DEFAULT_CLIP_MODEL, Placement, StableDiffusion, resolve_device
-from ..store import Store
-from ..vocab import templates as template_list
-from .inputs import CachedSplit
-from .settings import TaskSettings
+from vermouth_cache import __version__
+from vermouth_cache.extract.classtext import class_text_features
+from vermouth_cache.train.heads import HeadSpec, TextClassifier, VermouthHead, count_parameters, sd15_parameter_count
+from vermouth_cache.train.loader import CacheLoader
+from vermouth_cache.models.loading import DEFAULT_CLIP_MODEL, Placement, StableDiffusion, resolve_device
+from vermouth_cache.store.entries import Store
+from vermouth_cache.data.vocab import templates as template_list
+from vermouth_cache.train.inputs import CachedSplit
+from vermouth_cache.train.settings import TaskSettings
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def pass_key(s: TaskSettings) -> dict:
 
 def shared_settings(jobs: list[HeadJob]) -> TaskSettings:
     """The settings of the pass (the first head's); refuses heads that cannot share it."""
-    from ..errors import VermouthError
+    from vermouth_cache.core.errors import VermouthError
 
     if not jobs:
         raise VermouthError("no head to train")
@@ -74,13 +74,13 @@ class RunOptions:
     select: tuple = ()  # ((pin name, value), ...): extraction options the features must have (selection.PINS)
 
     def __post_init__(self):
-        from ..errors import VermouthError
+        from vermouth_cache.core.errors import VermouthError
 
         m = self.memory_gb
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m < 0:
             raise VermouthError(f"--memory-gb must be a finite number of GiB >= 0, got {m!r}")
         if self.out is not None:
-            from .runs import check_run_dir
+            from vermouth_cache.train.runs import check_run_dir
 
             check_run_dir(self.out)
 
@@ -98,7 +98,7 @@ def unet_identity(opts: RunOptions) -> str | None:
 def feature_pins(opts: RunOptions) -> dict:
     """What the run pins its features to besides its settings: the SD model's U-net and the
     extraction options of `selection.PINS` (`opts.select`), as recipe facts."""
-    from ..selection import resolve_pins
+    from vermouth_cache.extract.selection import resolve_pins
 
     return {"unet": unet_identity(opts), **resolve_pins(dict(opts.select))}
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import VermouthError
-from ..loader import CacheLoader
-from ..progress import LOG_EVERY, get_logger, report_work
-from .settings import TaskSettings
+from vermouth_cache.core.errors import VermouthError
+from vermouth_cache.train.loader import CacheLoader
+from vermouth_cache.core.progress import LOG_EVERY, get_logger, report_work
+from vermouth_cache.train.settings import TaskSettings
 
 log = get_logger(__name__)
 

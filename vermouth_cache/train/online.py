@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import VermouthError
-from ..models import Placement, StableDiffusion
-from ..noise import batch_noise, ddpm_noised
-from ..store import Store
-from ..unet_taps import run_taps
-from .inputs import CachedSplit
+from vermouth_cache.core.errors import VermouthError
+from vermouth_cache.models.loading import Placement, StableDiffusion
+from vermouth_cache.models.noise import batch_noise, ddpm_noised
+from vermouth_cache.store.entries import Store
+from vermouth_cache.models.taps import run_taps
+from vermouth_cache.train.inputs import CachedSplit
 
 NORM_TYPES = (nn.GroupNorm, nn.LayerNorm)
 
@@ -54,7 +54,7 @@ class OnlineTaps(nn.Module):
 
     def bind(self, store: Store, split: CachedSplit) -> dict:
         """Point the module at `split` (its sample ids) and return the loader fields it reads."""
-        from ..loader import Field
+        from vermouth_cache.train.loader import Field
 
         recipe = split.features.manifest["recipe"]
         self.ids = store.dataset(split.features.manifest["about"]["dataset_record"])["ids"]

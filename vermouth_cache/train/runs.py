@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from ..atomic import atomic_write
-from ..errors import VermouthError
-from ..heads import HeadSpec, VermouthHead
-from ..store import read_json, write_json_atomic
-from .loop import FitResult, History
+from vermouth_cache.core.atomic import atomic_write
+from vermouth_cache.core.errors import VermouthError
+from vermouth_cache.train.heads import HeadSpec, VermouthHead
+from vermouth_cache.store.entries import read_json, write_json_atomic
+from vermouth_cache.train.loop import FitResult, History
 
 FILES = ("config.json", "metrics.json", "head.safetensors", "curve.png")
 

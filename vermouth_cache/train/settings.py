@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
-from ..errors import VermouthError
+from vermouth_cache.core.errors import VermouthError
 
 TASKS = ("fewshot", "sbir", "seg")
 LR_SCHEDULES = ("none", "exponential", "polynomial")
@@ -92,12 +92,12 @@ def task_settings(task: str, schedule: str = "paper", **overrides) -> TaskSettin
 
 def _validate(s: TaskSettings) -> None:
     """Every field checked up front: a sweep must fail at its recipe, not hours into it."""
-    from ..heads import HEAD_KINDS
-    from ..models import EXPERT_MODELS
-    from ..noise import NOISE_MODES
-    from ..pyramid import merge_plan
-    from ..request import PROMPT_MODES, TEXT_LAYERS
-    from ..unet_taps import parse_stages
+    from vermouth_cache.train.heads import HEAD_KINDS
+    from vermouth_cache.models.loading import EXPERT_MODELS
+    from vermouth_cache.models.noise import NOISE_MODES
+    from vermouth_cache.train.pyramid import merge_plan
+    from vermouth_cache.extract.request import PROMPT_MODES, TEXT_LAYERS
+    from vermouth_cache.models.taps import parse_stages
 
     choices = {"head": (s.head, HEAD_KINDS), "noise": (s.noise, NOISE_MODES), "text_layer": (s.text_layer, TEXT_LAYERS)}
     for name, (value, allowed) in choices.items():

@@ -1,0 +1,311 @@
+"""The `vermouth-cache` command: a thin layer over the Python API (extract, ls, export, train, demo).
+
+Errors the user can fix print as one line on stderr with exit status 1; no tracebacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from vermouth_cache.core.errors import VermouthError
+from vermouth_cache.core.progress import configure_logging
+from vermouth_cache.models.loading import DEFAULT_CAPTIONER, DEFAULT_SD_MODEL, EXPERT_MODELS
+from vermouth_cache.extract.selection import pin_options
+from vermouth_cache.store.entries import KINDS
+
+
+def _ints(value: str, name: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise VermouthError(f"{name} takes whole numbers separated by commas, got {value!r}") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="vermouth-cache")
+@click.pass_context
+def main(ctx):
+    """Stable Diffusion features for perception, computed once and cached in Zarr.
+
+    Progress goes to stderr: bars on a terminal, one line per stage otherwise (a log file).
+    Every command takes --quiet (warnings and errors only) and --verbose (debug messages).
+    """
+    if not ctx.find_root().meta.get("vermouth_cache.verbosity"):
+        configure_logging(logging.INFO)
+
+
+@main.command()
+@click.argument("dataset")
+@click.option("--store", required=True,
+              help="Store: a directory (local or shared), or an object-store URL such as s3://bucket/prefix "
+                   "(created if new).")
+@click.option("--image-root", help="Image root for a CoOp split file or a manifest (default: beside the file).")
+@click.option("--split", help="Split of a CoOp split file or a manifest (train, val, test), or of a segmentation dataset.")
+@click.option("--layout", help="Segmentation dataset layout: ade20k, ade847, coco-stuff, voc, pascal-context, pc459, "
+                               "generic (default: detected when --split is given).")
+@click.option("--shots", type=int, help="Extract only a K-shot-per-class subset (CoOp-style).")
+@click.option("--shot-seed", type=int, default=0, show_default=True, help="Seed of the K-shot subset.")
+@click.option("--t", "t", default="200", show_default=True, help="Timestep(s) 0-999, comma-separated; one U-net pass each.")
+@click.option("--stages", help="U-net stages to keep: any of down, mid, up [default: mid,up unless --taps is given].")
+@click.option("--taps", help="Blocks to keep, by name (down_blocks.0-3, mid_block, up_blocks.0-3); adds to --stages.")
+@click.option("--attn-maps", help="Also keep cross-attention maps of these stages (up, down, mid).")
+@click.option("--expert", type=click.Choice(list(EXPERT_MODELS)), help="Also cache this expert's multi-scale features.")
+@click.option("--expert-model", help="Hub id or directory of the expert (default: the expert's standard model).")
+@click.option("--sd-model", default=DEFAULT_SD_MODEL, show_default=True, help="SD pipeline: hub id or diffusers directory.")
+@click.option("--captioner", default=DEFAULT_CAPTIONER, show_default=True, help="BLIP captioner: hub id or directory.")
+@click.option("--prompt", default="blip", show_default=True,
+              help="Caption source: blip, null (empty), random (seeded random words), classname (uses the label!), "
+                   "or text:YOUR TEXT.")
+@click.option("--caption-prefix", default="", help="Text BLIP continues (the official code used 'a picture of ').")
+@click.option("--caption-min-tokens", type=int, default=5, show_default=True, help="BLIP minimum new tokens.")
+@click.option("--caption-max-tokens", type=int, default=20, show_default=True, help="BLIP maximum new tokens.")
+@click.option("--text-layer", type=click.Choice(["final", "penultimate"]), default="final", show_default=True,
+              help="CLIP text layer used as the condition.")
+@click.option("--resolution", type=int, default=256, show_default=True,
+              help="Shorter side resized to this, then centre-cropped square (256 classification/SBIR, 512 segmentation).")
+@click.option("--noise", type=click.Choice(["ddpm", "ddim-inversion", "none"]), default="ddpm", show_default=True,
+              help="How the latent reaches t: DDPM forward noise, DDIM inversion, or the clean latent.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed (and random-prompt seed).")
+@click.option("--noise-draws", type=int, default=1, show_default=True, help="Average the taps over K DDPM noise draws.")
+@click.option("--inversion-steps", type=int, default=10, show_default=True, help="U-net calls of a DDIM inversion.")
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True,
+              help="Storage dtype of features.")
+@click.option("--batch-size", type=int, default=8, show_default=True,
+              help="Images per model call on CUDA, within one shard (the CPU always uses 1: batching changes CPU rounding).")
+@click.option("--shard-size", type=int, default=64, show_default=True,
+              help="Samples per shard (= Zarr chunk) of NEW entries; an existing entry keeps its own.")
+@click.option("--device", help="cpu, cuda or cuda:N (default: cuda when present).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
+              help="Compute dtype (auto: fp32 on CPU, fp16 on CUDA); recorded per shard.")
+@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
+              help="On an unreadable image: stop, or record it per sample and go on.")
+@click.option("--max-error-rate", type=float,
+              help="Skip unreadable images (recorded per sample) but fail the run, after finishing the rest, when "
+                   "more than this share of the dataset failed, e.g. 0.01.")
+@click.option("--cpu-threads", type=int,
+              help="torch threads of CPU model calls, in this process and every worker [all cores]. CPU results "
+                   "round differently with another count; recorded per shard.")
+@click.option("--workers", type=int, help="Spread the shards over N local dask worker processes (one GPU each).")
+@click.option("--scheduler", metavar="ADDRESS",
+              help="Spread the shards over the dask cluster at tcp://HOST:PORT (dataset and store must be at the same "
+                   "path or URL on every worker).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def extract(dataset, store, image_root, split, layout, shots, shot_seed, t, stages, taps, attn_maps, expert, expert_model,
+            sd_model, captioner, prompt, caption_prefix, caption_min_tokens, caption_max_tokens, text_layer,
+            resolution, noise, seed, noise_draws, inversion_steps, dtype, batch_size, shard_size, device, precision,
+            on_error, max_error_rate, cpu_threads, workers, scheduler, quiet):
+    """Extract SD features of DATASET into the store, computing only what it lacks.
+
+    DATASET is an image-folder tree (root/<class>/<image>), a CoOp split file
+    (split_zhou_<Name>.json, with --split), a CSV/JSONL manifest (path, label, split, ...) or a
+    segmentation dataset root (images + PNG label maps, with --split and --layout).
+    """
+    from vermouth_cache.extract.run import extract as run_extract
+    from vermouth_cache.extract.request import ExtractRequest
+
+    req = ExtractRequest(
+        dataset=dataset, store=store, image_root=image_root, split=split, layout=layout, shots=shots, shot_seed=shot_seed,
+        t=_ints(t, "--t"), stages=stages, taps=taps, attn_maps=attn_maps, expert=expert,
+        expert_model=expert_model, sd_model=sd_model, captioner=captioner, prompt=prompt,
+        caption_prefix=caption_prefix, caption_min_tokens=caption_min_tokens,
+        caption_max_tokens=caption_max_tokens, text_layer=text_layer, resolution=resolution, noise=noise,
+        seed=seed, noise_draws=noise_draws, inversion_steps=inversion_steps, dtype=dtype, batch_size=batch_size,
+        shard_size=shard_size, device=device, precision=precision, on_error=on_error, max_error_rate=max_error_rate,
+        cpu_threads=cpu_threads, workers=workers, scheduler=scheduler, progress=not quiet,
+    )
+    report = run_extract(req)
+    ds = report.dataset
+    for note in report.notes:
+        click.echo(f"note: {note}")
+    click.echo(f"dataset {ds['name']}: {ds['n_samples']} samples, identity {ds['identity'][:16]}")
+    for name, key in report.entries.items():
+        click.echo(f"  {name:<16} {key}")
+    done = ", ".join(f"{k} {v}" for k, v in report.computed.items() if v) or "nothing (all cached)"
+    click.echo(f"computed: {done}")
+    secs = ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())
+    click.echo(f"time: {report.wall_seconds:.1f}s ({secs})" if secs else f"time: {report.wall_seconds:.1f}s")
+    if report.waited_seconds:
+        click.echo(f"waited {report.waited_seconds:.0f}s for shards other writers were computing")
+    if report.failed:
+        click.echo(f"{len(report.failed)} sample(s) failed and were recorded:", err=True)
+        for sid, why in list(report.failed.items())[:10]:
+            click.echo(f"  {sid}: {why}", err=True)
+
+
+@main.command("ls")
+@click.argument("store")
+@click.option("--kind", type=click.Choice(list(KINDS)),
+              help="Only entries of this kind.")
+def ls_cmd(store, kind):
+    """List the entries of STORE (a directory or URL, opened read-only): dataset, model, t, taps,
+    resolution, prompt, noise, progress, size."""
+    from vermouth_cache.store.listing import table
+    from vermouth_cache.store.entries import Store
+
+    click.echo(table(Store(store, read_only=True), kind))
+
+
+@main.command()
+@click.argument("store")
+@click.option("--out", required=True, help="HDF5 file to write (through a temporary name).")
+@click.option("--entry", help="Key (or key prefix) of the feature entry; needed when the store has several.")
+@click.option("--taps", help="Taps to export, comma-separated (default: all of the entry's).")
+@click.option("--dataset", help="Instead of --entry: the features of this dataset matching --t, --resolution, "
+                                "--prompt, --noise, --text-layer (refused, naming the fields that differ, if none does).")
+@click.option("--split", help="With --dataset: its split.")
+@click.option("--image-root", help="With --dataset: its image root.")
+@click.option("--layout", help="With --dataset: its segmentation layout.")
+@click.option("--t", "t", type=int, default=200, show_default=True, help="With --dataset: the timestep.")
+@click.option("--resolution", type=int, default=256, show_default=True, help="With --dataset: the resolution.")
+@click.option("--prompt", default="blip", show_default=True, help="With --dataset: the caption source.")
+@click.option("--noise", default="ddpm", show_default=True, help="With --dataset: the noise mode.")
+@click.option("--text-layer", default="final", show_default=True, help="With --dataset: the text layer.")
+@click.option("--sd-model", help="With --dataset: only features of this SD model (hub id or directory) [any].")
+@pin_options
+def export(store, out, entry, taps, dataset, split, image_root, layout, t, resolution, prompt, noise, text_layer,
+           sd_model, **pins):
+    """Export one feature entry of STORE to HDF5: /sample_ids, /labels, /captions, /features/<tap>."""
+    from vermouth_cache.store.export import export_h5
+    from vermouth_cache.extract.selection import pop_pins
+    from vermouth_cache.store.entries import Store
+
+    ds = query = None
+    pins = pop_pins(pins)
+    if dataset:
+        if entry:
+            raise VermouthError("give --entry or --dataset, not both")
+        from vermouth_cache.data.datasets import load_dataset
+        from vermouth_cache.extract.selection import FeatureQuery, resolve_pins
+
+        ds = load_dataset(dataset, image_root=image_root, split=split, layout=layout)
+        unet = None
+        if sd_model:
+            from vermouth_cache.train.common import RunOptions, unet_identity
+
+            unet = unet_identity(RunOptions(store=store, sd_model=sd_model))
+        query = FeatureQuery(t=t, resolution=resolution, prompt=prompt, noise=noise, text_layer=text_layer, unet=unet,
+                             pins=resolve_pins(pins))
+    elif pins or sd_model:
+        raise VermouthError("--sd-model and the options that select features by recipe go with --dataset "
+                            "(--entry names the entry itself)")
+    res = export_h5(Store(store), out, entry_key=entry, taps=[t.strip() for t in taps.split(",")] if taps else None,
+                    dataset=ds, query=query)
+    click.echo(f"wrote {res['path']}: {res['samples']} samples, taps {', '.join(res['taps'])}"
+               + (f" ({res['excluded']} failed samples excluded)" if res["excluded"] else ""))
+
+
+@main.group()
+def models():
+    """Model utilities."""
+
+
+@models.command("tiny")
+@click.argument("directory")
+@click.option("--seed", type=int, default=0, show_default=True, help="Weights seed; same seed, same bytes.")
+def models_tiny(directory, seed):
+    """Write tiny random models in the real on-disk formats to DIRECTORY (sd, blip, experts, clip)."""
+    from vermouth_cache.models.tiny import write_tiny_models
+
+    for name, path in write_tiny_models(directory, seed=seed).items():
+        click.echo(f"{name:<10} {path}")
+
+
+@main.command()
+@click.option("--out", default="demo-out", show_default=True, help="Directory for tiny models, store and results.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def demo(out, quiet):
+    """Run the whole flow on tiny models and the bundled demo data: extract, ls, train fewshot."""
+    from vermouth_cache.demo import run_demo
+
+    res = run_demo(out, progress=not quiet)
+    m = res.metrics
+    click.echo(res.listing)
+    click.echo(f"\nfew-shot U-head trained from the cache (t=10, mid+up, up attention maps, ResNet-18 expert): "
+               f"top-1 {m['top1']:.3f} on {m['n']['test']} test images (val {m['val_top1']:.3f}; "
+               f"{len(m['per_class_top1'])} classes, {m['n']['train']} training images, chance {m['chance']:.3f}); "
+               f"run in {res.run}.\nThe tiny models are random: this checks the flow, not the method. "
+               f"The README shows the real-model commands.")
+
+
+from vermouth_cache.cli.train import train  # noqa: E402  (train and sweep live in their own modules)
+
+main.add_command(train)
+
+from vermouth_cache.cli.sweep import sweep  # noqa: E402
+
+main.add_command(sweep)
+
+from vermouth_cache.cli.store import gc, repair, verify  # noqa: E402
+
+for _command in (verify, repair, gc):
+    main.add_command(_command)
+
+
+# ---- --quiet / --verbose on every command (and on the group: `vermouth-cache --quiet demo`) ----------
+
+QUIET_HELP = "Warnings and errors only: no progress bars or progress lines."
+VERBOSE_HELP = "Also debug messages (per-epoch lines, store and model details)."
+
+
+def _verbosity(ctx: click.Context, param: click.Parameter, value):
+    """Set the package logger's level from --quiet / --verbose as soon as one is parsed."""
+    if value:
+        chosen = ctx.find_root().meta.setdefault("vermouth_cache.verbosity", set())
+        chosen.add(param.name)
+        if len(chosen) > 1:
+            raise click.UsageError("give --quiet or --verbose, not both", ctx=ctx)
+        configure_logging(logging.WARNING if param.name == "quiet" else logging.DEBUG)
+    return value
+
+
+def _chain(callback):
+    def both(ctx, param, value):
+        value = callback(ctx, param, value) if callback else value
+        return _verbosity(ctx, param, value)
+    return both
+
+
+def add_verbosity_options(command: click.Command) -> None:
+    """Give `command` and every subcommand -q/--quiet and -v/--verbose. A command's own `--quiet`
+    (its function takes `quiet`, to switch its progress off) keeps working and sets the level too."""
+    names = {p.name: p for p in command.params}
+    if "quiet" in names:
+        names["quiet"].callback = _chain(names["quiet"].callback)
+        names["quiet"].help = QUIET_HELP
+        if "-q" not in names["quiet"].opts:
+            names["quiet"].opts.insert(0, "-q")
+    else:
+        command.params.append(click.Option(["-q", "--quiet"], is_flag=True, expose_value=False, is_eager=True,
+                                           callback=_verbosity, help=QUIET_HELP))
+    if "verbose" not in names:
+        command.params.append(click.Option(["-v", "--verbose"], is_flag=True, expose_value=False, is_eager=True,
+                                           callback=_verbosity, help=VERBOSE_HELP))
+    for sub in getattr(command, "commands", {}).values():
+        add_verbosity_options(sub)
+
+
+add_verbosity_options(main)
+
+
+def run() -> None:
+    """Entry point: user errors become one line and exit 1; Ctrl-C says how to resume."""
+    try:
+        main(standalone_mode=False)
+    except VermouthError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted: run the same command again to resume", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+

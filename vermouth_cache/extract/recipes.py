@@ -1,0 +1,97 @@
+"""The recipe of each artifact: exactly the facts its numbers depend on, and nothing else.
+
+A recipe is hashed (canonical JSON) into its store key. Paths, batch size, shard size, device and
+worker count are absent on purpose: they do not change a value (the device only within
+floating-point tolerance, recorded per shard instead).
+"""
+
+from __future__ import annotations
+
+from vermouth_cache import SCHEMA_VERSION
+from vermouth_cache.extract.request import CLASSNAME_TEMPLATE, ExtractRequest
+
+RESIZE = "shorter-side-bicubic-then-center-crop"
+PIXELS = "x/127.5-1"
+
+
+def captions_recipe(req: ExtractRequest, dataset_identity: str, *, captioner_id: str | None,
+                    labels_key: str | None) -> dict:
+    if req.prompt == "blip":
+        prompt = {
+            "mode": "blip",
+            "captioner": captioner_id,
+            "prefix": req.caption_prefix,
+            "min_new_tokens": req.caption_min_tokens,
+            "max_new_tokens": req.caption_max_tokens,
+            "decoding": "greedy",
+        }
+    elif req.prompt == "random":
+        prompt = {"mode": "random", "seed": req.seed, "words": "data/words.txt", "n_words": 8}
+    elif req.prompt == "classname":
+        prompt = {"mode": "classname", "labels": labels_key, "template": CLASSNAME_TEMPLATE}
+    elif req.prompt == "null":
+        prompt = {"mode": "null"}
+    else:
+        prompt = {"mode": "text", "text": req.prompt[len("text:"):]}
+    return {"kind": "captions", "schema": SCHEMA_VERSION, "dataset": dataset_identity, "prompt": prompt}
+
+
+def text_recipe(captions_key: str, *, tokenizer_id: str, text_encoder_id: str, layer: str) -> dict:
+    return {
+        "kind": "text",
+        "schema": SCHEMA_VERSION,
+        "captions": captions_key,
+        "tokenizer": tokenizer_id,
+        "text_encoder": text_encoder_id,
+        "layer": layer,
+        "dtype": "float32",
+    }
+
+
+def latents_recipe(dataset_identity: str, *, vae_id: str, resolution: int) -> dict:
+    return {
+        "kind": "latents",
+        "schema": SCHEMA_VERSION,
+        "dataset": dataset_identity,
+        "vae": vae_id,
+        "resolution": resolution,
+        "resize": RESIZE,
+        "pixels": PIXELS,
+        "latent": "latent_dist.mean*scaling_factor",
+        "dtype": "float32",
+    }
+
+
+def features_recipe(req: ExtractRequest, t: int, *, latents_key: str, text_key: str, unet_id: str,
+                    schedule: dict) -> dict:
+    noise = {"mode": req.noise}
+    if req.noise == "ddpm":
+        noise.update(seed=req.seed, draws=req.noise_draws, rule="sha256(seed:id:t:draw)->torch.randn")
+    elif req.noise == "ddim-inversion":
+        noise.update(steps=req.inversion_steps)
+    return {
+        "kind": "features",
+        "schema": SCHEMA_VERSION,
+        "latents": latents_key,
+        "text": text_key,
+        "unet": unet_id,
+        "schedule": schedule,
+        "noise": noise,
+        "t": t,
+        "tap": "block output",
+        "dtype": req.dtype,
+    }
+
+
+def expert_recipe(req: ExtractRequest, dataset_identity: str, *, expert_id: str, image_stats) -> dict:
+    return {
+        "kind": "expert",
+        "schema": SCHEMA_VERSION,
+        "dataset": dataset_identity,
+        "expert": req.expert,
+        "model": expert_id,
+        "resolution": req.resolution,
+        "resize": RESIZE,
+        "normalize": {"mean": list(image_stats[0]), "std": list(image_stats[1])},
+        "dtype": req.dtype,
+    }

@@ -1,0 +1,231 @@
+"""Find the cached entries a training run asks for, or say exactly why none fits.
+
+Training never recomputes a feature: it looks up the features (and expert, masks) entries of a
+dataset whose recipes match the request field by field. A features entry's facts are gathered
+from its own recipe and those it points to (latents -> dataset and resolution, text -> captions
+-> prompt). When nothing matches, the error names the nearest entry and every field that differs,
+so the fix (an `extract` with those options) is obvious.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vermouth_cache.data.datasets import Dataset
+from vermouth_cache.core.errors import VermouthError
+from vermouth_cache.store.entries import Entry, Store
+
+
+@dataclass(frozen=True)
+class Pin:
+    """A recipe field that tells cached entries apart and that `train`, `export` and a sweep's
+    `extract:` options select by. PINS below is the one list all three read."""
+    name: str  # the FeatureQuery / fact name and RunOptions.select key
+    option: str  # the option of `train` and `export`
+    extract: str  # the ExtractRequest field (the `extract` option, a sweep's `extract:` key) it selects
+    type: type
+    help: str
+    choices: tuple[str, ...] | None = None
+
+
+PINS = (
+    Pin("noise_seed", "--noise-seed", "seed", int,
+        "Only features extracted with this noise seed (`extract --seed`; also a random prompt's seed) [any]."),
+    Pin("noise_draws", "--noise-draws", "noise_draws", int,
+        "Only features averaged over this many DDPM draws (`extract --noise-draws`) [any]."),
+    Pin("inversion_steps", "--inversion-steps", "inversion_steps", int,
+        "Only DDIM-inversion features of this many steps (`extract --inversion-steps`) [any]."),
+    Pin("dtype", "--dtype", "dtype", str, "Only features (and expert features) stored in this dtype [any].",
+        ("fp16", "bf16", "fp32")),
+    Pin("captioner", "--captioner", "captioner", str,
+        "Only features whose BLIP captions came from this captioner (hub id or directory) [any]."),
+    Pin("caption_prefix", "--caption-prefix", "caption_prefix", str,
+        "Only features whose BLIP captions continued this prefix (`extract --caption-prefix`) [any]."),
+    Pin("caption_min_tokens", "--caption-min-tokens", "caption_min_tokens", int,
+        "Only features of BLIP captions with this minimum of new tokens [any]."),
+    Pin("caption_max_tokens", "--caption-max-tokens", "caption_max_tokens", int,
+        "Only features of BLIP captions with this maximum of new tokens [any]."),
+)
+# the option that selects each fact, for "add --noise-seed" hints (t ... text layer are the
+# train settings and export options of the same name; the SD model pins the U-net)
+OPTION_OF = {"t": "--t", "resolution": "--resolution", "prompt": "--prompt", "noise": "--noise",
+             "text_layer": "--text-layer", "unet": "--sd-model", **{p.name: p.option for p in PINS}}
+
+
+def pin_options(fn):
+    """Add every PINS option to a click command (`train TASK`, `export`)."""
+    import click
+
+    for p in reversed(PINS):
+        kind = click.Choice(list(p.choices)) if p.choices else p.type
+        fn = click.option(p.option, p.name, type=kind, default=None, help=p.help)(fn)
+    return fn
+
+
+def pop_pins(kw: dict) -> dict:
+    """The PINS options given on a command line (removed from kw); the ones left out select nothing."""
+    return {p.name: v for p in PINS if (v := kw.pop(p.name, None)) is not None}
+
+
+def pins_of_extract(extract_options: dict, *, captioner: str | None) -> dict:
+    """What a sweep's extractions were asked for (its `extract:` options, else the defaults), as pins,
+    so that its training reads exactly them."""
+    from dataclasses import fields
+
+    from vermouth_cache.extract.request import ExtractRequest
+
+    defaults = {f.name: f.default for f in fields(ExtractRequest) if f.init}
+    out = {p.name: extract_options.get(p.extract, defaults.get(p.extract)) for p in PINS if p.name != "captioner"}
+    if captioner is not None:
+        out["captioner"] = captioner
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def resolve_pins(pins: dict) -> dict:
+    """Pins as their recipe facts: a captioner (hub id or directory) becomes its identity."""
+    out = dict(pins)
+    if out.get("captioner") is not None:
+        from vermouth_cache.models.loading import Captioner
+
+        out["captioner"] = Captioner(out["captioner"], None).identity
+    return out
+
+
+@dataclass(frozen=True)
+class FeatureQuery:
+    """What a run needs from the cache; None means "any" (the store must then hold only one)."""
+    t: int
+    resolution: int
+    prompt: str | None = "blip"
+    noise: str | None = "ddpm"
+    text_layer: str | None = "final"
+    unet: str | None = None  # unet identity (sha256), when the user named the SD model
+    pins: dict = field(default_factory=dict)  # PINS facts (resolved): noise_seed, dtype, captioner identity, ...
+
+    def wanted(self) -> dict:
+        out = {k: v for k, v in self.__dict__.items() if v is not None and k != "pins"}
+        return {**out, **{k: v for k, v in self.pins.items() if v is not None}}
+
+
+def features_facts(store: Store, entry: Entry) -> dict:
+    """The comparable facts of a features entry, from its recipe chain; None where a field does not
+    apply (the noise seed of `--noise none`, the captioner of a null prompt)."""
+    r = entry.manifest["recipe"]
+    lat = store.find("latents", r["latents"]).manifest["recipe"]
+    txt = store.find("text", r["text"]).manifest["recipe"]
+    cap = store.find("captions", txt["captions"]).manifest["recipe"]
+    p = cap["prompt"]
+    prompt = p["mode"]
+    if prompt == "text":
+        prompt = "text:" + p["text"]
+    noise = r["noise"]
+    return {"dataset": lat["dataset"], "resolution": lat["resolution"], "t": r["t"], "noise": noise["mode"],
+            "prompt": prompt, "text_layer": txt["layer"], "dtype": r["dtype"], "unet": r["unet"],
+            "noise_seed": noise.get("seed", p.get("seed")), "noise_draws": noise.get("draws"),
+            "inversion_steps": noise.get("steps"), "captioner": p.get("captioner"),
+            "caption_prefix": p.get("prefix"), "caption_min_tokens": p.get("min_new_tokens"),
+            "caption_max_tokens": p.get("max_new_tokens")}
+
+
+def _differs(fact, wanted) -> bool:
+    return fact is not None and fact != wanted  # None: the field does not apply to the entry
+
+
+def ambiguity(what: str, name: str, cands: list[tuple[Entry, dict]]) -> str:
+    """'2 features entries of X match: 3f2a (noise-seed 0), 9c1b (noise-seed 1); add --noise-seed'."""
+    order = list(OPTION_OF)  # as declared: the SD model, then PINS
+    keys = sorted({k for _, f in cands for k in f}, key=lambda k: (order.index(k) if k in order else len(order), k))
+    differ = [k for k in keys if len({repr(f.get(k)) for _, f in cands}) > 1]
+
+    def label(k: str) -> str:
+        return OPTION_OF[k][2:] if k in OPTION_OF else k
+
+    parts = ", ".join(e.key[:12] + (f" ({', '.join(f'{label(k)} {_shown(f.get(k))}' for k in differ)})"
+                                    if differ else "") for e, f in cands)
+    fixes = []
+    if any(k in OPTION_OF for k in differ):
+        fixes.append(f"add {' or '.join(OPTION_OF[k] for k in differ if k in OPTION_OF)}")
+    loose = [k for k in differ if k not in OPTION_OF]
+    if loose or not differ:
+        why = f"no option selects {', '.join(loose)}" if loose else "they differ in nothing a request selects"
+        fixes.append(f"{why}: remove the extra ones (`vermouth-cache gc --entry "
+                     f"{cands[-1][0].kind}/{cands[-1][0].key[:12]}`)")
+    return f"{len(cands)} {what} entries of {name} match: {parts}; {'; '.join(fixes)}"
+
+
+def _shown(v) -> str:
+    s = str(v)
+    if len(s) in (16, 64) and all(c in "0123456789abcdef" for c in s):
+        return s[:12]  # a key or an identity
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
+def _describe_dataset(ds: Dataset) -> str:
+    return f"{ds.name} ({len(ds)} images, identity {ds.identity()[:12]})"
+
+
+def find_features(store: Store, ds: Dataset, query: FeatureQuery, arrays: list[str] | None = None) -> Entry:
+    """The one features entry of `ds` matching `query` (and holding `arrays`)."""
+    ident = ds.identity()
+    cands = []
+    for e in store.entries("features"):
+        try:
+            facts = features_facts(store, e)
+        except VermouthError:
+            continue  # an entry whose upstream was removed cannot be trusted for lookup
+        if facts["dataset"] == ident:
+            cands.append((e, facts))
+    if not cands:
+        raise VermouthError(f"store {store.root} has no features of dataset {_describe_dataset(ds)}: "
+                            "run `vermouth-cache extract` on it first")
+    wanted = query.wanted()
+    scored = []
+    for e, facts in cands:
+        diff = {k: (facts.get(k), v) for k, v in wanted.items() if _differs(facts.get(k), v)}
+        missing = [a for a in arrays or [] if a not in e.array_names()]
+        scored.append((len(diff) + (1 if missing else 0), e, diff, missing))
+    scored.sort(key=lambda s: (s[0], s[1].key))
+    matches = [s for s in scored if s[0] == 0]
+    if len(matches) == 1:
+        return matches[0][1]
+    if len(matches) > 1:
+        facts_of = dict((e.prefix, f) for e, f in cands)
+        raise VermouthError(ambiguity("features", ds.name, [(m[1], facts_of[m[1].prefix]) for m in matches]))
+    _, e, diff, missing = scored[0]
+    parts = [f"{k} (cached {_short(c)}, requested {_short(w)})" for k, (c, w) in sorted(diff.items())]
+    if missing:
+        parts.append(f"arrays {', '.join(missing)} (not cached; extract with the stages/--attn-maps that make them)")
+    raise VermouthError(f"no cached features of {ds.name} match the request; the nearest, features/{e.key[:12]}, "
+                        f"differs in: {'; '.join(parts)}")
+
+
+def _short(v) -> str:
+    s = str(v)
+    return s[:12] if len(s) == 64 else s
+
+
+def find_by_dataset(store: Store, kind: str, ds: Dataset, match: dict, what: str) -> Entry:
+    """The entry of `kind` over `ds` whose recipe has the `match` fields (expert, masks)."""
+    ident = ds.identity()
+    cands = [e for e in store.entries(kind) if e.manifest["recipe"].get("dataset") == ident]
+    good = [e for e in cands if all(e.manifest["recipe"].get(k) == v for k, v in match.items())]
+    if len(good) == 1:
+        return good[0]
+    if len(good) > 1:
+        raise VermouthError(ambiguity(what, ds.name, [(e, {k: v for k, v in e.manifest["recipe"].items()
+                                                           if k not in ("kind", "schema", "dataset")}) for e in good]))
+    if not cands:
+        raise VermouthError(f"store {store.root} has no {what} of dataset {_describe_dataset(ds)}: "
+                            f"run `vermouth-cache extract` with the option that makes them")
+    r = cands[0].manifest["recipe"]
+    diff = "; ".join(f"{k} (cached {r.get(k)}, requested {v})" for k, v in match.items() if r.get(k) != v)
+    raise VermouthError(f"no cached {what} of {ds.name} match the request; {kind}/{cands[0].key[:12]} differs in: {diff}")
+
+
+def subset_indices(entry_ids: list[str], ds: Dataset) -> list[int]:
+    """Indices of ds's samples inside an entry over a superset (a K-shot subset of a full split)."""
+    pos = {i: n for n, i in enumerate(entry_ids)}
+    missing = [s.id for s in ds.samples if s.id not in pos]
+    if missing:
+        raise VermouthError(f"{len(missing)} samples of {ds.name} are not in the cached set (e.g. {missing[0]})")
+    return [pos[s.id] for s in ds.samples]

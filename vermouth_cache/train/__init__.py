@@ -1,0 +1,1 @@
+"""Training heads from the store: inputs, loader, pyramid, heads, loop, metrics, runs, tasks."""

@@ -1,0 +1,1 @@
+"""The tasks a head is trained for, one module each."""

@@ -1,0 +1,190 @@
+"""Open-vocabulary semantic segmentation from the cache (PAPER.md section 5).
+
+    vermouth-cache extract COCOSTUFF --layout coco-stuff --split train2017 --store STORE --t 10 --resolution 512 \\
+        --attn-maps up --expert resnet18
+    vermouth-cache train seg --store STORE --dataset COCOSTUFF --layout coco-stuff --split train2017 \\
+        --eval ADE:ade20k:validation --eval PC:pascal-context:val --out RUN
+
+The dense U-head turns each pixel of the finest pyramid level into a vector; its cosine with the
+CLIP features of the dataset's class prompts, over a temperature, gives per-pixel logits. Training
+upsamples the logits (bilinear) to the cached training masks (the image's resize-and-crop, label
+255 ignored, cross-entropy). Evaluation runs on other datasets with THEIR class names: logits are
+upsampled to the crop region of each label map at its native resolution (`seg_data.crop_box`),
+and mIoU is accumulated over a confusion matrix, ignored pixels skipped.
+
+The default is the cached (frozen-backbone) variant. `--tune-norms` trains the U-net's norm
+layers as the paper did; their features change every step, so they are recomputed online from
+the cached latents and text conditions: one U-net forward and backward per step instead of a read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vermouth_cache.data.datasets import load_dataset
+from vermouth_cache.core.errors import VermouthError
+from vermouth_cache.train.heads import TextClassifier
+from vermouth_cache.extract.masks import ensure_masks, ignore_value, label_rule
+from vermouth_cache.train.metrics import confusion_matrix, miou
+from vermouth_cache.data.seg import crop_box, read_mask
+from vermouth_cache.store.entries import Store
+from vermouth_cache.train.common import (HeadJob, RunOptions, base_config, build_head, class_text, head_facts, loader_for, shared_settings,
+                     feature_pins)
+from vermouth_cache.train.inputs import CachedSplit, open_split, union_split
+from vermouth_cache.train.loop import Member, fit_many
+from vermouth_cache.train.online import OnlineTaps
+from vermouth_cache.train.runs import finish_run, prepare_run_dir, raise_failed
+from vermouth_cache.train.settings import TaskSettings
+
+
+@dataclass(frozen=True)
+class SegSource:
+    path: str
+    layout: str | None = None
+    split: str | None = None
+    classnames: str | None = None  # a file of class names replacing the layout's list
+
+    @classmethod
+    def parse(cls, text: str) -> "SegSource":
+        """PATH[:LAYOUT[:SPLIT]] as the command line gives it."""
+        parts = text.split(":")
+        if len(parts) > 3:
+            raise VermouthError(f"--eval {text!r}: expected PATH[:LAYOUT[:SPLIT]]")
+        return cls(*(p or None for p in parts + [""] * (3 - len(parts))))
+
+    def load(self):
+        if self.classnames:
+            from vermouth_cache.data.seg import load_seg_dataset
+
+            return load_seg_dataset(self.path, self.layout, self.split, classnames_file=self.classnames)
+        return load_dataset(self.path, layout=self.layout, split=self.split)
+
+
+@dataclass(frozen=True)
+class SegData:
+    train: SegSource
+    evals: tuple[SegSource, ...] = ()
+
+
+def train_seg(data: SegData, s: TaskSettings, opts: RunOptions) -> dict:
+    return raise_failed(train_seg_heads(data, [HeadJob(s, opts.out)], opts)[0])
+
+
+def prepare_seg(data: SegData, s: TaskSettings, opts: RunOptions) -> None:
+    """Write what a run adds to the store (training masks, every class list's prompt features),
+    so that runs in parallel only read it."""
+    store = Store(opts.store)
+    train_ds = data.train.load()
+    train = open_split(store, train_ds, s, pins=feature_pins(opts))
+    ensure_masks(store, train_ds, s.resolution, like=train.features, progress=opts.progress)
+    for ds in [train_ds] + [src.load() for src in data.evals]:
+        class_text(store, ds.classnames, "segmentation", s, opts)
+
+
+def train_seg_heads(data: SegData, jobs: list[HeadJob], opts: RunOptions) -> list[dict]:
+    """Several dense heads in one pass over the same cached features; one metrics dict per head.
+    A `tune_norms` head changes its features while it trains, so it always trains alone."""
+    s0 = shared_settings(jobs)
+    outs = [prepare_run_dir(j.out, opts.overwrite) for j in jobs]
+    store = Store(opts.store)
+    device = opts.torch_device
+    train_ds = data.train.load()
+    pins = feature_pins(opts)
+    per_job = [open_split(store, train_ds, j.settings, pins=pins) for j in jobs]
+    train = union_split(per_job)
+    eval_sets = [src.load() for src in data.evals]
+    evals = [union_split([open_split(store, ds, j.settings, pins=pins) for j in jobs]) for ds in eval_sets]
+    masks = ensure_masks(store, train_ds, s0.resolution, like=train.features, progress=opts.progress)
+    name = train_ds.name.split("/")[0]
+
+    online = None
+    fields = dict(train.fields)
+    members, classifiers, templates_of = [], [], []
+    for j, sp in zip(jobs, per_job):
+        text, templates = class_text(store, train_ds.classnames, "segmentation", j.settings, opts)
+        classifier = TextClassifier(text, j.settings.temperature)
+        model = build_head(sp, j.settings, "dense", text.shape[1], device)
+        params = list(model.parameters())
+        if j.settings.tune_norms:
+            if opts.sd_model is None:
+                raise VermouthError("--tune-norms recomputes U-net features: give --sd-model")
+            online = OnlineTaps(opts.sd_model, train, device)
+            params += online.norm_parameters()
+            fields = {**{k: v for k, v in fields.items() if k.startswith("expert.")}, **online.bind(store, train)}
+        members.append(Member(model, params, _seg_loss(model, classifier, online, ignore_value(train_ds)), j.settings))
+        classifiers.append(classifier)
+        templates_of.append(templates)
+    from vermouth_cache.train.loader import Field
+
+    fields["mask"] = Field(masks, "mask")
+    results = fit_many(members, loader_for(train, s0, opts, shuffle=True, desc=f"train seg {name}", fields=fields), s0)
+
+    scores_of: list[dict] = [{} for _ in jobs]
+    for ds, split in zip(eval_sets, evals):
+        ev_fields = dict(split.fields)
+        if online is not None:
+            ev_fields = {**{k: v for k, v in ev_fields.items() if k.startswith("expert.")}, **online.bind(store, split)}
+        predicts = []
+        for j, m in zip(jobs, members):
+            ev_text, _ = class_text(store, ds.classnames, "segmentation", j.settings, opts)
+            c = TextClassifier(ev_text, j.settings.temperature)
+            predicts.append(lambda b, c=c, model=m.model: c(model({**b, **online(b)} if online else b)))
+        for acc, scores in zip(scores_of, evaluate(predicts, split, loader_for(split, s0, opts, shuffle=False,
+                                                                                fields=ev_fields), len(ds.classnames))):
+            scores["per_class_IoU"] = dict(zip(ds.classnames, scores["per_class_IoU"]))
+            acc[ds.name] = (scores, split.keys())
+
+    out_metrics = []
+    for j, sp, m, result, classifier, templates, scores, out in zip(
+            jobs, per_job, members, results, classifiers, templates_of, scores_of, outs):
+        s = j.settings
+        metrics = {"task": "seg", "steps": result.steps, "eval": {k: v[0] for k, v in scores.items()},
+                   "n": {"train": len(train.indices)}, "skipped": dict(sp.skipped),
+                   "entries": {"train": {**sp.keys(), "masks": masks.key}, **{k: v[1] for k, v in scores.items()}}}
+        config = {**base_config("seg", s, opts, classifier, templates),
+                  "data": {"train": data.train.__dict__, "evals": [e.__dict__ for e in data.evals]},
+                  "classnames": list(train_ds.classnames),
+                  "datasets": {"train": {"name": train_ds.name, "identity": train_ds.identity()},
+                               **{ds.name: {"name": ds.name, "identity": ds.identity()} for ds in eval_sets}},
+                  "head": head_facts(m.model, s, "dense"), "heads_in_pass": len(jobs),
+                  "title": f"seg {name}, t={s.t}, {s.stages}, {s.head}" + (" +norms" if s.tune_norms else "")}
+        out_metrics.append(finish_run(out, config, metrics, m.model, result, select=None,
+                                      extra_weights=online.norm_state() if online else None))
+    return out_metrics
+
+
+def _seg_loss(model, classifier, online, ignore: int):
+    def loss_fn(batch):
+        if online is not None:
+            batch = {**batch, **online(batch)}
+        logits = classifier(model(batch))  # (B, C, h, w)
+        target = batch["mask"].long()
+        logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
+        return F.cross_entropy(logits, target, ignore_index=ignore)
+    return loss_fn
+
+
+@torch.no_grad()
+def evaluate(predicts: list, split: CachedSplit, loader, n_classes: int) -> list[dict]:
+    """mIoU of each `predict` (batch -> (B, C, h, w) logits) against each label map at its
+    resolution, over one pass of `loader` (every label map is read once for all of them)."""
+    rule = label_rule(split.dataset)
+    confs = [np.zeros((n_classes, n_classes), dtype=np.int64) for _ in predicts]
+    resolution = int(split.features.manifest["about"]["resolution"])
+    for batch in loader:
+        logits = [p(batch).float() for p in predicts]
+        for k, row in enumerate(batch["index"].tolist()):
+            mask = read_mask(split.dataset.samples[row].mask, rule, n_classes=n_classes)
+            h, w = mask.shape
+            left, top, right, bottom = crop_box(w, h, resolution)
+            region = mask[top:bottom, left:right]
+            ignore = int(np.iinfo(region.dtype).max)
+            target = region.astype(np.int64)
+            for conf, lg in zip(confs, logits):
+                pred = F.interpolate(lg[k][None], size=region.shape, mode="bilinear", align_corners=False)[0].argmax(0)
+                conf += confusion_matrix(pred.cpu().numpy(), target, n_classes, ignore_index=ignore)
+    return [miou(conf) for conf in confs]
