@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Throughput of `vermouth_cache.extract` against a naive per-image loop; prints figures, not a test.
+"""Throughput of `vermouth_cache.extract.run` against a naive per-image loop; prints figures, not a test.
 
     python benchmarks/bench_extract.py --config tiny,full-cpu --images 4 --out /tmp/bench
     python benchmarks/bench_extract.py --config cuda --gpu-images 64 --out /tmp/bench    # GPU machine
@@ -9,7 +9,7 @@ For each configuration and resolution, in one process:
 1. `extract()` into a fresh store for t=200 (stages mid,up, BLIP prompt), then again on the same
    store for t=400, which must run the U-net only. Seconds per stage come from the report
    (decode, caption, text, vae, unet, read, write); "other" = wall minus every reported stage.
-   The benchmark also wraps `vermouth_cache.models._load` / `directory_identity` and
+   The benchmark also wraps `vermouth_cache.models.loading._load` / `directory_identity` and
    `Dataset.identity` (wrapping only, nothing in the package is changed) to show how much of a
    model stage is model LOADING (the package loads models lazily, inside the stage's timer) and
    how much of "other" is weight / image hashing.
@@ -65,12 +65,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import vermouth_cache.datasets as vc_datasets  # noqa: E402
-import vermouth_cache.models as vc_models  # noqa: E402
-from vermouth_cache.extract import extract  # noqa: E402
-from vermouth_cache.request import ExtractRequest  # noqa: E402
-from vermouth_cache.store import Store  # noqa: E402
-from vermouth_cache.tiny_models import _quiet_libraries, write_tiny_models  # noqa: E402
+import vermouth_cache.data.datasets as vc_datasets  # noqa: E402
+import vermouth_cache.models.loading as vc_models  # noqa: E402
+from vermouth_cache.extract.run import extract  # noqa: E402
+from vermouth_cache.extract.request import ExtractRequest  # noqa: E402
+from vermouth_cache.store.entries import Store  # noqa: E402
+from vermouth_cache.models.tiny import _quiet_libraries, write_tiny_models  # noqa: E402
 
 DEMO_IMAGES = REPO / "data" / "demo" / "images"
 T_FIRST, T_SECOND = 200, 400
@@ -139,7 +139,7 @@ def rss_bytes() -> int | None:
 
 def store_bytes(store: Path) -> dict:
     """Array bytes on disk vs the bytes of the samples they hold (write amplification)."""
-    from vermouth_cache.store import Store
+    from vermouth_cache.store.entries import Store
 
     disk = logical = 0
     for entry in Store(store).entries():

@@ -48,8 +48,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from vermouth_cache.loader import CacheLoader, Field  # noqa: E402
-from vermouth_cache.store import Store  # noqa: E402
+from vermouth_cache.train.loader import CacheLoader, Field  # noqa: E402
+from vermouth_cache.store.entries import Store  # noqa: E402
 
 
 def build(root: Path, n: int, shape: tuple[int, ...], shard_size: int):

@@ -7,7 +7,7 @@
 
 Not a test: everything below is measured in ONE process, on the same data, and printed.
 
-Data: a synthetic CoOp split file (`vermouth_cache.synthetic.make_classification`), --classes
+Data: a synthetic CoOp split file (`vermouth_cache.data.synthetic.make_classification`), --classes
 classes (default 2) with --images // --classes train images each (default 8 in all), 2 val and 2
 test images per class, drawn at the resolution. shots = every train image of a class.
 
@@ -84,26 +84,26 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from vermouth_cache import compute  # noqa: E402
-from vermouth_cache.classtext import encode_prompts  # noqa: E402
-from vermouth_cache.datasets import load_dataset  # noqa: E402
-from vermouth_cache.heads import HeadSpec, TextClassifier, VermouthHead  # noqa: E402
-from vermouth_cache.images import decode_image  # noqa: E402
-from vermouth_cache.models import (  # noqa: E402
+from vermouth_cache.extract import compute  # noqa: E402
+from vermouth_cache.extract.classtext import encode_prompts  # noqa: E402
+from vermouth_cache.data.datasets import load_dataset  # noqa: E402
+from vermouth_cache.train.heads import HeadSpec, TextClassifier, VermouthHead  # noqa: E402
+from vermouth_cache.data.images import decode_image  # noqa: E402
+from vermouth_cache.models.loading import (  # noqa: E402
     Captioner,
     Placement,
     StableDiffusion,
     resolve_precision,
 )
-from vermouth_cache.pyramid import taps_needed  # noqa: E402
-from vermouth_cache.request import ExtractRequest  # noqa: E402
+from vermouth_cache.train.pyramid import taps_needed  # noqa: E402
+from vermouth_cache.extract.request import ExtractRequest  # noqa: E402
 from vermouth_cache.sweep.recipe import load_recipe  # noqa: E402
 from vermouth_cache.sweep.run import SweepOptions, run_sweep  # noqa: E402
-from vermouth_cache.synthetic import make_classification  # noqa: E402
-from vermouth_cache.tiny_models import write_tiny_models  # noqa: E402
+from vermouth_cache.data.synthetic import make_classification  # noqa: E402
+from vermouth_cache.models.tiny import write_tiny_models  # noqa: E402
 from vermouth_cache.train.common import ce_loss  # noqa: E402
 from vermouth_cache.train.loop import Member, fit_many  # noqa: E402
-from vermouth_cache.vocab import templates as template_list  # noqa: E402
+from vermouth_cache.data.vocab import templates as template_list  # noqa: E402
 
 GRID_T = [50, 100, 200, 400]
 GRID_STAGES = ["mid,up", "down,mid"]

@@ -35,15 +35,15 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import bench_extract as be  # noqa: E402
-from vermouth_cache import compute  # noqa: E402
-from vermouth_cache.datasets import load_dataset  # noqa: E402
-from vermouth_cache.extract import extract  # noqa: E402
-from vermouth_cache.heads import TextClassifier  # noqa: E402
-from vermouth_cache.images import decode_image  # noqa: E402
-from vermouth_cache.models import Captioner, Placement, StableDiffusion, resolve_precision  # noqa: E402
-from vermouth_cache.request import ExtractRequest  # noqa: E402
-from vermouth_cache.store import Store  # noqa: E402
-from vermouth_cache.tiny_models import write_tiny_models  # noqa: E402
+from vermouth_cache.extract import compute  # noqa: E402
+from vermouth_cache.data.datasets import load_dataset  # noqa: E402
+from vermouth_cache.extract.run import extract  # noqa: E402
+from vermouth_cache.train.heads import TextClassifier  # noqa: E402
+from vermouth_cache.data.images import decode_image  # noqa: E402
+from vermouth_cache.models.loading import Captioner, Placement, StableDiffusion, resolve_precision  # noqa: E402
+from vermouth_cache.extract.request import ExtractRequest  # noqa: E402
+from vermouth_cache.store.entries import Store  # noqa: E402
+from vermouth_cache.models.tiny import write_tiny_models  # noqa: E402
 from vermouth_cache.train.common import RunOptions, build_head, class_text, loader_for  # noqa: E402
 from vermouth_cache.train.inputs import open_split  # noqa: E402
 from vermouth_cache.train.settings import task_settings  # noqa: E402
