@@ -46,7 +46,7 @@ from vermouth_cache.store.entries import Store  # noqa: E402
 from vermouth_cache.models.tiny import write_tiny_models  # noqa: E402
 from vermouth_cache.train.common import RunOptions, build_head, class_text, loader_for  # noqa: E402
 from vermouth_cache.train.inputs import open_split  # noqa: E402
-from vermouth_cache.train.settings import task_settings  # noqa: E402
+from vermouth_cache.train.tasks import task_settings  # noqa: E402
 
 T = 200
 

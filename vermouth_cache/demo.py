@@ -22,7 +22,7 @@ from vermouth_cache.store.entries import Store
 from vermouth_cache.models.tiny import write_tiny_models
 from vermouth_cache.train.common import RunOptions
 from vermouth_cache.train.tasks.fewshot import FewshotData, train_fewshot
-from vermouth_cache.train.settings import task_settings
+from vermouth_cache.train.tasks import task_settings
 
 
 

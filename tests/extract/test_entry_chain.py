@@ -18,7 +18,7 @@ from vermouth_cache.extract.request import ExtractRequest
 from vermouth_cache.store.entries import Store
 from vermouth_cache.data.synthetic import make_classification
 from vermouth_cache.train.common import RunOptions
-from vermouth_cache.train.settings import task_settings
+from vermouth_cache.train.tasks import task_settings
 
 RES, T = 64, 10
 SPLITS = ("train", "val", "test")

@@ -26,7 +26,7 @@ from vermouth_cache.sweep.report import write_report
 from vermouth_cache.data.synthetic import make_classification
 from vermouth_cache.train.common import RunOptions
 from vermouth_cache.train.tasks.fewshot import FewshotData, train_fewshot
-from vermouth_cache.train.settings import task_settings
+from vermouth_cache.train.tasks import task_settings
 
 
 def modes(root: Path) -> dict[str, int]:

@@ -17,7 +17,7 @@ from vermouth_cache.extract.run import extract
 from vermouth_cache.extract.request import ExtractRequest
 from vermouth_cache.data.synthetic import make_classification, make_sbir, make_segmentation
 from vermouth_cache.train.common import RunOptions
-from vermouth_cache.train.settings import task_settings
+from vermouth_cache.train.tasks import task_settings
 
 RES, T = 64, 10
 

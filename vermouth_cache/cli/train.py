@@ -1,154 +1,174 @@
-"""`vermouth-cache train fewshot|sbir|seg`: a thin layer over `vermouth_cache.train`.
+"""`vermouth-cache train TASK`: one command per task of the registry, its options read from the
+declarations, a thin layer over `vermouth_cache.train`.
 
-Every setting defaults to the paper's Table 7 for the task (`--schedule fast` for its fast
-schedule); each option below overrides one field, and the run's config.json records them all.
+Each command offers, in this order: the task's data options (its `DataOptions` fields: `--dataset`
+for `path`, then e.g. `--shots`), `--schedule` and every `TaskSettings` field (default: the
+task's Table 7, shown in the help), where the run reads and writes, and the extraction options
+that select features (`selection.PINS`). Help texts are the field descriptions, choices their
+Literal types; a task added to `vermouth_cache.train.tasks` gets its command with no change here.
 """
 
 from __future__ import annotations
 
 import json
+import typing
+from dataclasses import fields
 
 import click
 
-from vermouth_cache.models.loading import DEFAULT_CLIP_MODEL, EXPERT_MODELS
+from vermouth_cache.extract.selection import pin_options, pop_pins
+from vermouth_cache.models.loading import DEFAULT_CLIP_MODEL
+from vermouth_cache.train.common import RunOptions
+from vermouth_cache.train.config import base_type, choices_of
+from vermouth_cache.train.settings import ON_OFF, SCHEDULES, TASK_OWN, TaskSettings
+from vermouth_cache.train.tasks import TASKS
+from vermouth_cache.train.tasks.base import Task
+
+RUN_OPTIONS = (
+    click.option("--store", required=True, help="The feature store written by `vermouth-cache extract`."),
+    click.option("--out", required=True, help="Run directory: config.json, metrics.json, head.safetensors, curve.png."),
+    click.option("--sd-model", help="Use only features of this SD model (hub id or directory); needed by --tune-norms."),
+    click.option("--clip-model", default=DEFAULT_CLIP_MODEL, show_default=True,
+                 help="CLIP text model (with projection) for the class-prompt features."),
+    click.option("--device", help="cpu, cuda or cuda:N (default: cuda when present)."),
+    click.option("--memory-gb", type=float, default=8.0, show_default=True,
+                 help="Hold features in (GPU) memory up to this size; larger ones stream from the store."),
+    click.option("--overwrite", is_flag=True, help="Replace an existing run in --out."),
+    click.option("--quiet", is_flag=True, help="No progress bars."),
+)
 
 
-def _setting_options(fn):
-    opts = [
-        click.option("--schedule", type=click.Choice(["paper", "fast"]), default="paper", show_default=True,
-                     help="Table 7 settings, or the paper's fast schedule (fewshot 10 epochs, seg 8k iterations)."),
-        click.option("--t", "t", type=int, help="Timestep of the cached features [Table 7: 200; seg 10]."),
-        click.option("--stages", help="U-net stages merged into the pyramid: down, mid, up, down,mid, mid,up or "
-                                      "down,mid,up [Table 7: fewshot down,mid; sbir and seg mid,up]."),
-        click.option("--resolution", type=int, help="Input resolution of the cached features [256; seg 512]."),
-        click.option("--noise", type=click.Choice(["ddpm", "ddim-inversion", "none"]),
-                     help="Noise mode of the cached features [ddpm; sbir ddim-inversion]."),
-        click.option("--prompt", help="Prompt mode of the cached features: blip, null, random, classname, text:... [blip]."),
-        click.option("--text-layer", type=click.Choice(["final", "penultimate"]), help="Text layer of the cached condition [final]."),
-        click.option("--attn-maps", help="Stage whose cached cross-attention maps join the pyramid, or none [up; sbir none]."),
-        click.option("--expert", type=click.Choice([*EXPERT_MODELS, "none"]),
-                     help="Adapted expert whose cached features join the pyramid, or none for the ablation [resnet18]."),
-        click.option("--head", type=click.Choice(["uhead", "baseline", "linear"]),
-                     help="U-head, the ablation's baseline fusion (conv per level, summed), or a linear probe [uhead]."),
-        click.option("--text-proj", type=click.Choice(["on", "off"]),
-                     help="Class-prompt features after (on) or before (off) CLIP's text projection [off; sbir on]."),
-        click.option("--temperature", type=float, help="Cosine-logit temperature [0.2; sbir 0.02; seg 0.07]."),
-        click.option("--templates", help="Prompt template set from data/templates.json [the dataset's own, else default]."),
-        click.option("--lr", type=float, help="AdamW learning rate [1e-5; sbir 1e-4; seg 5e-4]."),
-        click.option("--lr-schedule", type=click.Choice(["none", "exponential", "polynomial"]),
-                     help="Learning-rate schedule [none; sbir exponential; seg polynomial]."),
-        click.option("--weight-decay", type=float, help="AdamW weight decay [5e-4]."),
-        click.option("--grad-clip", type=float, help="Gradient clipping, L2 norm [1]."),
-        click.option("--batch-size", type=int, help="Training batch [64; seg 16]."),
-        click.option("--epochs", type=int, help="Training epochs [fewshot 100 (fast 10); sbir 1]."),
-        click.option("--iters", type=int, help="Training iterations, segmentation [120000 (fast 8000)]."),
-        click.option("--eval-every", type=int, help="Validate every N epochs (fewshot) [1]."),
-        click.option("--seed", type=int, help="Seed of the head's init and the batch order [0]."),
-        click.option("--store", required=True, help="The feature store written by `vermouth-cache extract`."),
-        click.option("--out", required=True, help="Run directory: config.json, metrics.json, head.safetensors, curve.png."),
-        click.option("--sd-model", help="Use only features of this SD model (hub id or directory); needed by --tune-norms."),
-        click.option("--clip-model", default=DEFAULT_CLIP_MODEL, show_default=True,
-                     help="CLIP text model (with projection) for the class-prompt features."),
-        click.option("--device", help="cpu, cuda or cuda:N (default: cuda when present)."),
-        click.option("--memory-gb", type=float, default=8.0, show_default=True,
-                     help="Hold features in (GPU) memory up to this size; larger ones stream from the store."),
-        click.option("--overwrite", is_flag=True, help="Replace an existing run in --out."),
-        click.option("--quiet", is_flag=True, help="No progress bars."),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    from vermouth_cache.extract.selection import pin_options
-
-    return pin_options(fn)  # --noise-seed, --dtype, --captioner, ...: the extraction options that select features
+def flag(name: str) -> str:
+    """The command-line spelling of a field: `--shots`, `--text-proj`; a task's `path` is `--dataset`."""
+    return "--" + ("dataset" if name == "path" else name.replace("_", "-"))
 
 
-_RUN_KEYS = ("store", "out", "sd_model", "clip_model", "device", "memory_gb", "overwrite")
+def _option_of(key: str) -> str:
+    """How an error names a data option: `--eval (ADE.layout)` for a key inside `eval`."""
+    first, _, rest = key.partition(".")
+    return flag(first) + (f" ({rest})" if rest else "")
 
 
-def _split(task: str, kw: dict):
-    """(TaskSettings, RunOptions) from the shared options; removes them from kw."""
-    from vermouth_cache.extract.selection import pop_pins
-    from vermouth_cache.train.common import RunOptions
-    from vermouth_cache.train.settings import task_settings
+def _shown(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
 
-    run = {k: kw.pop(k) for k in _RUN_KEYS}
-    run["select"] = tuple(pop_pins(kw).items())
-    run["progress"] = not kw.pop("quiet")
+
+def _kind(annotation):
+    """(click type, whether repeatable) of a field; Literal choices as their text."""
+    choices = choices_of(annotation)
+    if choices:
+        return click.Choice([_shown(c) for c in choices]), False
+    kind = base_type(annotation)
+    return (str, True) if kind in (list, dict) else (kind, False)
+
+
+def data_option(name: str, field):
+    """A DataOptions field as an option (`path` as the required --dataset), its default shown."""
+    kind, multiple = _kind(field.annotation)
+    default = None if multiple or field.is_required() else field.default
+    return click.option(flag(name), name, type=kind, multiple=multiple, required=field.is_required(),
+                        default=_shown(default) if isinstance(kind, click.Choice) and default is not None else default,
+                        show_default=default is not None, help=field.description)
+
+
+def setting_option(task: Task, name: str, field):
+    """A TaskSettings field; absent from the command line, the task's Table 7 value (or fast one) holds."""
+    extra = field.json_schema_extra or {}
+    default = f"Table 7: {_shown(getattr(task.table7, name))}"
+    if name in task.fast:
+        default += f"; fast: {_shown(task.fast[name])}"
+    help_text = f"{field.description} [{default}]"
+    if extra.get("cli") == ON_OFF:
+        return click.option(flag(name), name, type=click.Choice(["on", "off"]), help=help_text)
+    if base_type(field.annotation) is bool:
+        return click.option(flag(name), name, is_flag=True, default=None, help=help_text)
+    kind, _ = _kind(field.annotation)
+    if isinstance(kind, click.Choice) and type(None) in typing.get_args(field.annotation):
+        kind = click.Choice([*kind.choices, "none"])
+    return click.option(flag(name), name, type=kind, default=None, help=help_text)
+
+
+def offered_settings(task: Task) -> list[str]:
+    """The settings `train TASK` offers: all but the task-own ones of other tasks (seg's --tune-norms)."""
+    return [name for name, f in TaskSettings.model_fields.items()
+            if (f.json_schema_extra or {}).get("cli") != TASK_OWN or name in task.own_settings]
+
+
+def task_command(task: Task) -> click.Command:
+    """`vermouth-cache train NAME` for one Task."""
+    data_names = list(task.options.model_fields)
+    setting_names = offered_settings(task)
+    fast = ", ".join(f"{k.replace('_', ' ')} {_shown(v)}" for k, v in task.fast.items()) or "as in Table 7"
+    options = [*(data_option(n, task.options.model_fields[n]) for n in data_names),
+               click.option("--schedule", type=click.Choice(SCHEDULES), default="paper", show_default=True,
+                            help=f"Table 7 settings, or the paper's fast schedule ({fast})."),
+               *(setting_option(task, n, TaskSettings.model_fields[n]) for n in setting_names),
+               *RUN_OPTIONS]
+
+    def run_task(**kw):
+        given = _data_values(task, {n: kw.pop(n) for n in data_names})
+        settings, opts = _settings_and_run(task, kw, setting_names)
+        data = task.options.parse(given, name_of=_option_of).data()
+        metrics = task.train(data, settings, opts)
+        click.echo(json.dumps(task.summary(metrics), indent=1))
+        click.echo(f"run written to {opts.out}: config.json, metrics.json, head.safetensors, curve.png")
+
+    fn = pin_options(run_task)  # --noise-seed, --dtype, --captioner, ...: the extraction options that select features
+    for option in reversed(options):
+        fn = option(fn)
+    return click.command(task.name, help=task.description)(fn)
+
+
+def _data_values(task: Task, given: dict) -> dict:
+    """Command-line values as the DataOptions fields take them: choices back to their values,
+    repeatable options also comma-separated; an option not given keeps the field's default."""
+    out = {}
+    for name, value in given.items():
+        choices = choices_of(task.options.model_fields[name].annotation)
+        if choices and value is not None:
+            value = {_shown(c): c for c in choices}[value]
+        if isinstance(value, tuple):
+            value = [part for item in value for part in item.split(",") if part.strip()] or None
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def _settings_and_run(task: Task, kw: dict, setting_names: list[str]) -> tuple[TaskSettings, RunOptions]:
+    select = tuple(pop_pins(kw).items())
     schedule = kw.pop("schedule")
-    proj = kw.pop("text_proj")
-    settings = {k: kw.pop(k) for k in list(kw) if k in SETTING_KEYS}
-    if proj is not None:
-        settings["text_proj"] = proj == "on"
-    return task_settings(task, schedule, **settings), RunOptions(**run)
+    settings = {n: kw.pop(n) for n in setting_names}
+    for name in setting_names:
+        if (TaskSettings.model_fields[name].json_schema_extra or {}).get("cli") == ON_OFF and settings[name]:
+            settings[name] = settings[name] == "on"
+    progress = not kw.pop("quiet")
+    run = {f.name: kw.pop(f.name) for f in fields(RunOptions) if f.name in kw}
+    return task.settings(schedule, **settings), RunOptions(**run, progress=progress, select=select)
 
 
-SETTING_KEYS = ("t", "stages", "resolution", "noise", "prompt", "text_layer", "attn_maps", "expert", "head",
-                "temperature", "templates", "lr", "lr_schedule", "weight_decay", "grad_clip", "batch_size", "epochs",
-                "iters", "eval_every", "seed", "tune_norms")
+class TaskGroup(click.Group):
+    """The `train` group: its commands are the registry's tasks. Those registered at import are
+    added below (so that `cli.main` gives them -q/-v); one registered later is built when asked for."""
+
+    def list_commands(self, ctx) -> list[str]:
+        return list(TASKS)
+
+    def get_command(self, ctx, name: str) -> click.Command | None:
+        if name not in TASKS:
+            return None
+        if name not in self.commands:
+            self.add_command(task_command(TASKS[name]))
+        return self.commands[name]
 
 
-def _report(metrics: dict, keys: list[str], out: str) -> None:
-    shown = {k: metrics[k] for k in keys if k in metrics}
-    click.echo(json.dumps(shown, indent=1))
-    click.echo(f"run written to {out}: config.json, metrics.json, head.safetensors, curve.png")
-
-
-@click.group()
+@click.group(cls=TaskGroup)
 def train():
-    """Train a head on cached features: fewshot, sbir or seg (settings: the paper's Table 7)."""
+    """Train a head on cached features, one command per task (settings: the paper's Table 7)."""
 
 
-@train.command()
-@click.option("--dataset", required=True, help="CoOp split file split_zhou_<Name>.json (train/val/test splits).")
-@click.option("--image-root", help="Image root of the split file (default: images/ beside it).")
-@click.option("--shots", type=click.Choice(["1", "2", "4", "8", "16"]), default="16", show_default=True,
-              help="Shots per class from the train split.")
-@click.option("--shot-seed", type=int, default=0, show_default=True, help="Seed of the K-shot sample.")
-@_setting_options
-def fewshot(dataset, image_root, shots, shot_seed, **kw):
-    """Few-shot classification (CoOp protocol): K-shot train, val picks the epoch, top-1 on test."""
-    from vermouth_cache.train.tasks.fewshot import FewshotData, train_fewshot
-
-    settings, opts = _split("fewshot", kw)
-    m = train_fewshot(FewshotData(dataset, image_root, int(shots), shot_seed), settings, opts)
-    _report(m, ["top1", "val_top1", "chance", "best_step", "steps", "n"], opts.out)
-
-
-@train.command()
-@click.option("--dataset", required=True,
-              help="SBIR root with a photo and a sketch tree (Sketchy, TU-Berlin, QuickDraw or photo/ + sketch/).")
-@click.option("--unseen", help="File of unseen class names (default: the literature's split for the dataset).")
-@click.option("--name", type=click.Choice(["sketchy", "tuberlin", "quickdraw"]),
-              help="Which dataset's default unseen split to use (default: guessed from the layout).")
-@_setting_options
-def sbir(dataset, unseen, name, **kw):
-    """Zero-shot SBIR: train on seen classes, unseen sketches query unseen photos (mAP, P@K)."""
-    from vermouth_cache.train.tasks.sbir import SbirData, train_sbir
-
-    settings, opts = _split("sbir", kw)
-    m = train_sbir(SbirData(dataset, unseen, name), settings, opts)
-    _report(m, ["mAP@all", "mAP@200", "P@100", "P@200", "random_ranking_mAP", "steps", "n"], opts.out)
-
-
-@train.command()
-@click.option("--dataset", required=True, help="Training segmentation dataset root (images + PNG label maps).")
-@click.option("--layout", help="Its layout: ade20k, ade847, coco-stuff, voc, pascal-context, pc459, generic "
-                               "(default: detected).")
-@click.option("--split", help="Its split, e.g. train2017, training, train.")
-@click.option("--classnames", help="A file of class names replacing the layout's list.")
-@click.option("--eval", "evals", multiple=True,
-              help="Evaluation dataset PATH[:LAYOUT[:SPLIT]], with its own class names; repeatable or comma-separated.")
-@click.option("--tune-norms", is_flag=True, default=None,
-              help="Train the U-net's norm layers too (the paper's setting): features are recomputed online from "
-                   "the cached latents, one U-net forward+backward per step; needs --sd-model.")
-@_setting_options
-def seg(dataset, layout, split, classnames, evals, **kw):
-    """Open-vocabulary segmentation: train on one dataset, mIoU on others with their own class names."""
-    from vermouth_cache.train.tasks.seg import SegData, SegSource, train_seg
-
-    settings, opts = _split("seg", kw)
-    sources = tuple(SegSource.parse(e) for item in evals for e in item.split(",") if e.strip())
-    m = train_seg(SegData(SegSource(dataset, layout, split, classnames), sources), settings, opts)
-    click.echo(json.dumps({k: {"mIoU": v["mIoU"], "pixel_acc": v["pixel_acc"]} for k, v in m["eval"].items()}, indent=1))
-    click.echo(f"run written to {opts.out}: config.json, metrics.json, head.safetensors, curve.png")
-
+for _task in TASKS.values():
+    train.add_command(task_command(_task))

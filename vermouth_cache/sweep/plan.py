@@ -13,11 +13,10 @@ from pathlib import Path
 
 from vermouth_cache.core.hashing import canonical_json
 from vermouth_cache.extract.request import ExtractRequest
-from vermouth_cache.data.sbir import find_sbir_trees
-from vermouth_cache.store.entries import read_json
-from vermouth_cache.train.common import pass_key
 from vermouth_cache.models.taps import STAGES, parse_stages
+from vermouth_cache.store.entries import read_json
 from vermouth_cache.sweep.recipe import DatasetSpec, Models, Point, Recipe
+from vermouth_cache.train.common import pass_key
 
 RUNS = "runs"
 POINT_FILE = "point.json"  # written last into a point's run directory: the point is finished
@@ -39,22 +38,6 @@ class ResolvedModels:
         return cls(models.sd_model, models.captioner, models.clip_model, dict(models.experts))
 
 
-def dataset_parts(ds: DatasetSpec) -> list[dict]:
-    """The datasets `extract` must see for one recipe dataset, as ExtractRequest fields."""
-    o = ds.options
-    if ds.task == "fewshot":
-        base = {"dataset": ds.path, "image_root": o.get("image_root")}
-        return [{**base, "split": "train", "shots": o.get("shots", 16), "shot_seed": o.get("shot_seed", 0)},
-                {**base, "split": "val"}, {**base, "split": "test"}]
-    if ds.task == "sbir":
-        photo, sketch, _ = find_sbir_trees(ds.path)
-        return [{"dataset": str(photo)}, {"dataset": str(sketch)}]
-    parts = [{"dataset": ds.path, "layout": o.get("layout"), "split": o.get("split")}]
-    for _, ev in ds.evals():
-        parts.append({"dataset": ev["path"], "layout": ev.get("layout"), "split": ev.get("split")})
-    return parts
-
-
 def extraction_requests(points: list[Point], models: ResolvedModels, extract_options: dict, store: str,
                         device: str | None, progress: bool, **run) -> list[ExtractRequest]:
     """One request per (dataset part, features recipe without t and taps): the union of the
@@ -62,7 +45,7 @@ def extraction_requests(points: list[Point], models: ResolvedModels, extract_opt
     merged: dict[str, dict] = {}
     for p in points:
         s = p.settings
-        for part in dataset_parts(p.dataset):
+        for part in p.dataset.data_options.extract_parts():
             fixed = {**part, "resolution": s.resolution, "prompt": s.prompt, "text_layer": s.text_layer,
                      "noise": s.noise, "expert": s.expert}
             key = canonical_json(fixed)
@@ -112,7 +95,7 @@ def train_groups(points: list[Point]) -> list[TrainGroup]:
 
 def fingerprint(recipe: Recipe, point: Point, models: ResolvedModels) -> str:
     """Everything that decides a point's result; a finished point whose fingerprint differs is redone."""
-    facts = {"dataset": point.dataset.__dict__, "settings": point.settings.to_json(), "models": models.__dict__,
+    facts = {"dataset": point.dataset.facts(), "settings": point.settings.to_json(), "models": models.__dict__,
              "extract": recipe.extract}
     return hashlib.sha256(canonical_json(facts).encode()).hexdigest()[:16]
 

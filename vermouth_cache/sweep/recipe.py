@@ -10,9 +10,11 @@
     variants: [{}, {prompt: "null"}, {noise: none}]             # ... times one-at-a-time rows
     paper: [{dataset: pets, t: 200, value: 66.13}]              # the paper's numbers, in %
 
-Every key is checked: an unknown one is an error naming it and where it is. Grid and variant
-keys are `TaskSettings` fields (`vermouth-cache train --help` explains each). A point is one
-dataset with one combination; two combinations that resolve to the same settings are one point.
+Every key is checked: an unknown one is an error naming it and where it is. A dataset's keys are
+`task` and its task's data options (`path`, then the fields of e.g. `FewshotOptions` in
+train/tasks/fewshot.py: `vermouth-cache train TASK --help` lists them); grid and variant keys are
+`TaskSettings` fields. A point is one dataset with one combination; two combinations that resolve
+to the same settings are one point.
 """
 
 from __future__ import annotations
@@ -20,32 +22,70 @@ from __future__ import annotations
 import itertools
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import yaml
+from pydantic import Field, field_validator, model_validator
 
-from vermouth_cache.data.bundled import data_dir
 from vermouth_cache.core.errors import VermouthError
+from vermouth_cache.data.bundled import data_dir
 from vermouth_cache.extract.selection import PINS
 from vermouth_cache.models.loading import DEFAULT_CAPTIONER, DEFAULT_CLIP_MODEL, DEFAULT_SD_MODEL, EXPERT_MODELS
-from vermouth_cache.train.settings import TASKS, TaskSettings, task_settings
+from vermouth_cache.train.config import Declared, check_keys
+from vermouth_cache.train.settings import TaskSettings
+from vermouth_cache.train.tasks import TASKS, get_task, task_settings
+from vermouth_cache.train.tasks.base import DataOptions
 
-TOP_KEYS = ("name", "task", "datasets", "models", "extract", "train", "grid", "variants", "paper", "paper_scale")
-DATASET_KEYS = {
-    "fewshot": ("task", "path", "image_root", "shots", "shot_seed"),
-    "sbir": ("task", "path", "unseen", "name"),
-    "seg": ("task", "path", "layout", "split", "classnames", "eval"),
-}
-EVAL_KEYS = ("path", "layout", "split", "classnames")
-MODEL_KEYS = ("sd_model", "captioner", "clip_model", "experts")
 # extraction-only options, fixed for the sweep: the recipe fields that select features
 # (selection.PINS; the captioner is `models:`), then how the extraction runs
 EXTRACT_KEYS = (*(p.extract for p in PINS if p.name != "captioner"), "batch_size", "shard_size", "precision",
                 "on_error")
-SETTING_KEYS = tuple(f.name for f in fields(TaskSettings))
-MAIN_METRIC = {"fewshot": "top1", "sbir": "mAP@all", "seg": "mIoU"}
+SETTING_KEYS = tuple(TaskSettings.model_fields)
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class Models(Declared):
+    """`models: tiny` (tiny random models written into the sweep's output), or hub ids and directories."""
+    tiny: bool = False
+    sd_model: str = DEFAULT_SD_MODEL
+    captioner: str = DEFAULT_CAPTIONER
+    clip_model: str = DEFAULT_CLIP_MODEL
+    experts: dict[Literal[tuple(EXPERT_MODELS)], str] = Field(default_factory=dict)  # expert -> hub id or directory
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tiny(cls, raw):
+        if isinstance(raw, str) and raw != "tiny":
+            raise ValueError(f"expected `tiny` or a mapping (sd_model, captioner, clip_model, experts), got {raw!r}")
+        return {"tiny": True} if raw == "tiny" else raw
+
+
+class RecipeFile(Declared):
+    """The recipe's top level as written; the sections whose keys depend on the tasks and the
+    settings are checked by `_parse`."""
+    name: str | None = None
+    task: str | None = None  # default task of the datasets
+    datasets: dict[str, Any] = Field(default_factory=dict)  # label -> path, or the task's data options
+    models: Models = Field(default_factory=Models)
+    extract: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict)  # schedule, settings, and per task: settings
+    grid: dict[str, list] = Field(default_factory=dict)
+    variants: list[dict[str, Any] | None] = Field(default_factory=lambda: [{}])
+    paper: list[dict[str, Any]] = Field(default_factory=list)
+    paper_scale: float = 100
+
+    @field_validator("datasets", "models", "extract", "train", "grid", "variants", "paper", mode="before")
+    @classmethod
+    def _empty(cls, value, info):
+        # a YAML key with nothing under it reads as None: the section's default
+        return cls.model_fields[info.field_name].get_default(call_default_factory=True) if value is None else value
+
+    @field_validator("variants")
+    @classmethod
+    def _at_least_one(cls, value):
+        return value or [{}]  # no variants: the grid alone
 
 
 @dataclass(frozen=True)
@@ -53,20 +93,19 @@ class DatasetSpec:
     label: str
     task: str
     path: str
-    options: dict  # the task's other keys (shots, layout, eval, ...)
+    options: dict  # the task's other keys (shots, layout, eval, ...), checked by its DataOptions
+
+    @property
+    def data_options(self) -> DataOptions:
+        return get_task(self.task).options(path=self.path, **self.options)
 
     def evals(self) -> list[tuple[str, dict]]:
-        """Segmentation evaluation sets: (label, {path, layout, split, classnames})."""
-        return list(self.options.get("eval", {}).items())
+        """The datasets a run is evaluated on besides its own (segmentation's `eval`): (label, where)."""
+        return list(self.data_options.eval_sets().items())
 
-
-@dataclass(frozen=True)
-class Models:
-    tiny: bool = False  # write tiny random models into the sweep's output and use them
-    sd_model: str = DEFAULT_SD_MODEL
-    captioner: str = DEFAULT_CAPTIONER
-    clip_model: str = DEFAULT_CLIP_MODEL
-    experts: dict = field(default_factory=dict)  # expert name -> hub id or directory
+    def facts(self) -> dict:
+        """What identifies the dataset in a point's fingerprint."""
+        return {"label": self.label, "task": self.task, "path": self.path, "options": self.options}
 
 
 @dataclass(frozen=True)
@@ -139,93 +178,49 @@ def _substitute(x, env: dict, path: Path):
     return x
 
 
-def _check_keys(d: dict, allowed, where: str) -> None:
-    unknown = [k for k in d if k not in allowed]
-    if unknown:
-        raise VermouthError(f"{where}: unknown key(s) {', '.join(map(str, unknown))} "
-                            f"(allowed: {', '.join(allowed)})")
-
-
 def _parse(raw: dict, path: Path) -> Recipe:
     where = f"recipe {path}"
-    _check_keys(raw, TOP_KEYS, where)
-    default_task = raw.get("task")
-    if default_task is not None and default_task not in TASKS:
-        raise VermouthError(f"{where}: unknown task {default_task!r} (choose from {', '.join(TASKS)})")
-    datasets = _datasets(_mapping(raw.get("datasets"), f"{where}: datasets"), default_task, where)
-    models = _models(raw.get("models"), where)
-    extract = _mapping(raw.get("extract"), f"{where}: extract")
-    _check_keys(extract, EXTRACT_KEYS, f"{where}: extract")
-    train = _mapping(raw.get("train"), f"{where}: train")
-    _check_keys(train, ("schedule", *TASKS, *SETTING_KEYS), f"{where}: train")
+    top = RecipeFile.parse(raw, where=where)
+    if top.task is not None and top.task not in TASKS:
+        raise VermouthError(f"{where}: unknown task {top.task!r} (choose from {', '.join(TASKS)})")
+    datasets = _datasets(top.datasets, top.task, where)
+    check_keys(top.extract, EXTRACT_KEYS, f"{where}: extract")
+    check_keys(top.train, ("schedule", *TASKS, *SETTING_KEYS), f"{where}: train")
     for task in TASKS:
-        _check_keys(_mapping(train.get(task), f"{where}: train.{task}"), SETTING_KEYS, f"{where}: train.{task}")
-    grid = _mapping(raw.get("grid"), f"{where}: grid")
-    _check_keys(grid, SETTING_KEYS, f"{where}: grid")
-    for k, v in grid.items():
-        if not isinstance(v, list) or not v:
+        check_keys(_mapping(top.train.get(task), f"{where}: train.{task}"), SETTING_KEYS, f"{where}: train.{task}")
+    check_keys(top.grid, SETTING_KEYS, f"{where}: grid")
+    for k, v in top.grid.items():
+        if not v:
             raise VermouthError(f"{where}: grid.{k} must be a non-empty list")
-    variants = raw.get("variants") or [{}]
-    if not isinstance(variants, list):
-        raise VermouthError(f"{where}: variants must be a list of mappings")
+    variants = [v or {} for v in top.variants]
     for i, v in enumerate(variants):
-        _check_keys(_mapping(v, f"{where}: variants[{i}]"), SETTING_KEYS, f"{where}: variants[{i}]")
-        both = sorted(set(v or {}) & set(grid))
+        check_keys(v, SETTING_KEYS, f"{where}: variants[{i}]")
+        both = sorted(set(v) & set(top.grid))
         if both:
             raise VermouthError(f"{where}: variants[{i}] sets {', '.join(both)}, which the grid also varies")
-    points = _points(datasets, train, grid, [v or {} for v in variants], where)
-    scale = raw.get("paper_scale", 100)
-    paper = _paper(raw.get("paper") or [], datasets, scale, where)
-    return Recipe(str(raw.get("name") or path.stem), str(path), datasets, models, extract, points, paper)
+    points = _points(datasets, top.train, top.grid, variants, where)
+    paper = _paper(top.paper, datasets, top.paper_scale, where)
+    return Recipe(str(top.name or path.stem), str(path), datasets, top.models, top.extract, points, paper)
 
 
 def _datasets(raw: dict, default_task: str | None, where: str) -> dict[str, DatasetSpec]:
+    """Each entry checked by its task's DataOptions: the keys a task takes are its data options."""
     if not raw:
         raise VermouthError(f"{where}: no datasets")
     out = {}
     for label, spec in raw.items():
         w = f"{where}: datasets.{label}"
-        spec = {"path": spec} if isinstance(spec, str) else _mapping(spec, w)
-        task = spec.get("task", default_task)
+        spec = {"path": spec} if isinstance(spec, str) else dict(_mapping(spec, w))
+        task = spec.pop("task", default_task)
         if task not in TASKS:
             raise VermouthError(f"{w}: give its task ({', '.join(TASKS)}), here or as the recipe's `task`")
-        _check_keys(spec, DATASET_KEYS[task], w)
+        options = get_task(task).options
+        check_keys(spec, ("task", *options.model_fields), w)
         if not spec.get("path"):
             raise VermouthError(f"{w}: no path")
-        options = {k: v for k, v in spec.items() if k not in ("task", "path")}
-        if task == "seg":
-            evals = options.get("eval") or {}
-            if isinstance(evals, list):  # a list of PATH[:LAYOUT[:SPLIT]] strings or mappings with a label
-                evals = _eval_list(evals, w)
-            for name, ev in evals.items():
-                _check_keys(_mapping(ev, f"{w}.eval.{name}"), EVAL_KEYS, f"{w}.eval.{name}")
-            options["eval"] = {str(k): dict(v) for k, v in evals.items()}
-        out[str(label)] = DatasetSpec(str(label), task, str(spec["path"]), options)
+        checked = options.parse(spec, where=w).model_dump(exclude_unset=True)
+        out[str(label)] = DatasetSpec(str(label), task, str(checked.pop("path")), checked)
     return out
-
-
-def _eval_list(items: list, where: str) -> dict:
-    out = {}
-    for item in items:
-        if isinstance(item, str):
-            parts = item.split(":")
-            item = dict(zip(("path", "layout", "split"), parts))
-            label = Path(parts[0]).name
-        else:
-            item = dict(_mapping(item, where))
-            label = item.pop("name", None) or Path(item.get("path", "")).name
-        out[label] = {k: v for k, v in item.items() if v}
-    return out
-
-
-def _models(raw, where: str) -> Models:
-    if raw == "tiny":
-        return Models(tiny=True)
-    raw = _mapping(raw, f"{where}: models")
-    _check_keys(raw, MODEL_KEYS, f"{where}: models")
-    experts = _mapping(raw.get("experts"), f"{where}: models.experts")
-    _check_keys(experts, tuple(EXPERT_MODELS), f"{where}: models.experts")
-    return Models(**{**raw, "experts": dict(experts)})
 
 
 def _points(datasets: dict[str, DatasetSpec], train: dict, grid: dict, variants: list[dict], where: str) -> list[Point]:
@@ -240,7 +235,7 @@ def _points(datasets: dict[str, DatasetSpec], train: dict, grid: dict, variants:
                 try:
                     per_task = _nulls(train.get(ds.task) or {}, f"{where}: train.{ds.task}")
                     s = task_settings(ds.task, schedule, **{**base, **per_task, **varied})
-                except (VermouthError, TypeError) as exc:
+                except VermouthError as exc:
                     raise VermouthError(f"{where}: {ds.label} with {varied or 'the base settings'}: {exc}") from None
                 if (ds.label, s) in seen:
                     continue  # e.g. a variant that restates a default
@@ -283,8 +278,8 @@ def _paper(raw: list, datasets: dict[str, DatasetSpec], scale: float, where: str
     out = []
     for i, item in enumerate(raw):
         w = f"{where}: paper[{i}]"
-        item = dict(_mapping(item, w))
-        _check_keys(item, ("dataset", "metric", "value", *SETTING_KEYS), w)
+        item = dict(item)
+        check_keys(item, ("dataset", "metric", "value", *SETTING_KEYS), w)
         if item.get("dataset") not in labels:
             raise VermouthError(f"{w}: dataset {item.get('dataset')!r} is not one of the recipe's ({', '.join(sorted(labels))})")
         if not isinstance(item.get("value"), (int, float)):
@@ -292,11 +287,3 @@ def _paper(raw: list, datasets: dict[str, DatasetSpec], scale: float, where: str
         item["value"] = item["value"] / scale
         out.append(item)
     return out
-
-
-def task_of_score(recipe: Recipe, label: str) -> str:
-    """The task whose metric a score label (a dataset or a segmentation eval set) reports."""
-    for d in recipe.datasets.values():
-        if d.label == label or label in dict(d.evals()):
-            return d.task
-    raise KeyError(label)

@@ -27,15 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vermouth_cache.core.errors import VermouthError
-from vermouth_cache.extract.run import extract
-from vermouth_cache.store.listing import human_bytes
 from vermouth_cache.core.progress import Progress, get_logger, work_sink
+from vermouth_cache.extract.run import extract
 from vermouth_cache.store.entries import write_json_atomic
+from vermouth_cache.store.listing import human_bytes
+from vermouth_cache.sweep.plan import (POINT_FILE, ResolvedModels, TrainGroup, extraction_requests, fingerprint,
+                                       finished, run_dir, train_groups)
+from vermouth_cache.sweep.recipe import Point, Recipe
 from vermouth_cache.train.common import HeadJob, RunOptions
 from vermouth_cache.train.settings import TaskSettings
-from vermouth_cache.sweep.plan import (POINT_FILE, ResolvedModels, TrainGroup, extraction_requests, fingerprint, finished, run_dir,
-                   train_groups)
-from vermouth_cache.sweep.recipe import MAIN_METRIC, DatasetSpec, Point, Recipe
+from vermouth_cache.train.tasks import get_task
 
 log = get_logger(__name__)
 PROGRESS_TOPIC = "vermouth-sweep-progress"  # dask events: how far each training task is
@@ -127,30 +128,7 @@ def run_options(models: ResolvedModels, opts: SweepOptions, progress: bool, reci
                       device=opts.device, memory_gb=opts.memory_gb, progress=progress, overwrite=True, select=select)
 
 
-def task_data(ds: DatasetSpec):
-    """The train_* data object of a recipe dataset."""
-    o = ds.options
-    if ds.task == "fewshot":
-        from vermouth_cache.train.tasks.fewshot import FewshotData
-
-        return FewshotData(ds.path, o.get("image_root"), int(o.get("shots", 16)), int(o.get("shot_seed", 0)))
-    if ds.task == "sbir":
-        from vermouth_cache.train.tasks.sbir import SbirData
-
-        return SbirData(ds.path, o.get("unseen"), o.get("name"))
-    from vermouth_cache.train.tasks.seg import SegData, SegSource
-
-    return SegData(SegSource(ds.path, o.get("layout"), o.get("split"), o.get("classnames")),
-                   tuple(SegSource(ev["path"], ev.get("layout"), ev.get("split"), ev.get("classnames"))
-                         for _, ev in ds.evals()))
-
-
 def _prepare(groups: list[TrainGroup], models: ResolvedModels, opts: SweepOptions, recipe: Recipe | None = None) -> None:
-    from vermouth_cache.train.tasks.fewshot import prepare_fewshot
-    from vermouth_cache.train.tasks.sbir import prepare_sbir
-    from vermouth_cache.train.tasks.seg import prepare_seg
-
-    prepare = {"fewshot": prepare_fewshot, "sbir": prepare_sbir, "seg": prepare_seg}
     ro = run_options(models, opts, opts.progress, recipe)
     for g in groups:
         seen = set()
@@ -159,14 +137,14 @@ def _prepare(groups: list[TrainGroup], models: ResolvedModels, opts: SweepOption
             key = (s.text_proj, s.templates)  # what the class-prompt features depend on
             if key not in seen:
                 seen.add(key)
-                prepare[g.dataset.task](task_data(g.dataset), s, ro)
+                get_task(g.dataset.task).prepare(g.dataset.data_options.data(), s, ro)
 
 
 @dataclass(frozen=True)
 class GroupJob:
     """What a dask task needs to train one group: plain data, no open files."""
-    task: str
-    data: object
+    task: str  # its name in the task registry
+    data: object  # what the task's train_heads takes (FewshotData, ...)
     heads: tuple[tuple[str, TaskSettings, str], ...]  # (point name, settings, run directory)
     options: RunOptions
     records: tuple[dict, ...]  # the point records to complete, one per head
@@ -185,7 +163,7 @@ def _train(recipe: Recipe, groups: list[TrainGroup], models: ResolvedModels, opt
     for i, g in enumerate(groups):
         heads = tuple((p.name, p.settings, str(run_dir(out, p))) for p in g.points)
         recs = tuple(_base_record(recipe, p, models, out) for p in g.points)
-        jobs.append(GroupJob(g.dataset.task, task_data(g.dataset), heads, run_options(models, opts, False, recipe), recs,
+        jobs.append(GroupJob(g.dataset.task, g.dataset.data_options.data(), heads, run_options(models, opts, False, recipe), recs,
                              threads, i))
     n_points = sum(len(g.points) for g in groups)
     bar = Progress("sweep: train", n_points, "points", enabled=opts.progress)
@@ -239,15 +217,11 @@ def train_group(job: GroupJob) -> list[dict]:
         from vermouth_cache.extract.cluster import worker_device
 
         opts = dataclasses.replace(opts, device=str(worker_device(None)))
-    from vermouth_cache.train.tasks.fewshot import train_fewshot_heads
-    from vermouth_cache.train.tasks.sbir import train_sbir_heads
-    from vermouth_cache.train.tasks.seg import train_seg_heads
-
-    train = {"fewshot": train_fewshot_heads, "sbir": train_sbir_heads, "seg": train_seg_heads}[job.task]
+    task = get_task(job.task)
     t0 = time.perf_counter()
     try:
         with work_sink(_progress_events(job.index)):
-            all_metrics = train(job.data, [HeadJob(s, d) for _, s, d in job.heads], opts)
+            all_metrics = task.train_heads(job.data, [HeadJob(s, d) for _, s, d in job.heads], opts)
     except Exception as exc:  # noqa: BLE001 - recorded per point, the sweep goes on
         why = str(exc) if isinstance(exc, VermouthError) else "".join(
             traceback.format_exception_only(type(exc), exc)).strip()
@@ -259,7 +233,7 @@ def train_group(job: GroupJob) -> list[dict]:
         if "error" in metrics:
             rec.update(status=f"failed: {metrics['error']}", scores=[])
         else:
-            rec.update(status="done", scores=scores(job.task, base["dataset"], metrics, base["eval_labels"]),
+            rec.update(status="done", scores=task.scores(metrics, base["dataset"], base["eval_labels"]),
                        entries=_entries(metrics))
         rec["paper"] = [p for p in rec.pop("paper_candidates") if any(
             p["dataset"] == s["dataset"] and p["metric"] == s["metric"] for s in rec["scores"])]
@@ -288,14 +262,6 @@ def _progress_events(index: int):
     return send
 
 
-def scores(task: str, label: str, metrics: dict, eval_labels: list[str]) -> list[dict]:
-    """A run's headline numbers: top-1, mAP@all, or mIoU per evaluation set (named as in the recipe)."""
-    if task == "seg":
-        return [{"dataset": lab, "metric": "mIoU", "value": v["mIoU"]}
-                for lab, v in zip(eval_labels, metrics["eval"].values())]
-    return [{"dataset": label, "metric": MAIN_METRIC[task], "value": metrics[MAIN_METRIC[task]]}]
-
-
 def _entries(metrics: dict) -> dict:
     """The features and expert keys read (of the first split: all splits share a recipe)."""
     first = next(iter(metrics.get("entries", {}).values()), {})
@@ -317,7 +283,7 @@ def paper_for(recipe: Recipe, p: Point) -> list[dict]:
     out, taken = [], set()
     s = p.settings.to_json()
     for item in recipe.paper:
-        metric = item.get("metric", MAIN_METRIC[p.dataset.task])
+        metric = item.get("metric", get_task(p.dataset.task).main_metric)
         conds = {k: v for k, v in item.items() if k not in ("dataset", "metric", "value")}
         if item["dataset"] not in labels or (item["dataset"], metric) in taken:
             continue

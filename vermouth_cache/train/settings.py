@@ -1,124 +1,132 @@
-"""Training settings: the paper's Table 7 per task, every field overridable, frozen once resolved.
+"""Training settings: one declaration of every field a head's training reads, frozen and checked.
 
-`--schedule fast` gives the paper's fast schedule (classification 10 epochs instead of 100,
-segmentation 8k iterations instead of 120k). Values the paper leaves open are marked below and
-recorded in every run's config.json.
+Each task declares its defaults (the paper's Table 7, `Task.table7`) and its fast schedule
+(`Task.fast`: classification 10 epochs instead of 100, segmentation 8k iterations instead of 120k);
+`vermouth_cache.train.tasks.task_settings(task, schedule, **overrides)` resolves them. The field
+descriptions below are the help of `vermouth-cache train TASK --OPTION`, the Literal types its
+choices. Values the paper leaves open are marked and recorded in every run's config.json.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
 
 from vermouth_cache.core.errors import VermouthError
+from vermouth_cache.extract.request import PROMPT_MODES, TEXT_LAYERS
+from vermouth_cache.models.loading import EXPERT_MODELS
+from vermouth_cache.models.noise import NOISE_MODES
+from vermouth_cache.models.taps import parse_stages
+from vermouth_cache.train.config import Declared, check_keys
+from vermouth_cache.train.heads import HEAD_KINDS
+from vermouth_cache.train.pyramid import merge_plan
 
-TASKS = ("fewshot", "sbir", "seg")
+SCHEDULES = ("paper", "fast")
 LR_SCHEDULES = ("none", "exponential", "polynomial")
+ON_OFF = "on/off"  # a bool field offered as `--NAME on|off` (its default differs between tasks)
+TASK_OWN = "task-own"  # a field only the tasks naming it in Task.own_settings offer as an option
 
 
-@dataclass(frozen=True)
-class TaskSettings:
+class TaskSettings(Declared):
     # which cached features (extract options)
-    resolution: int
-    t: int
-    stages: str
-    noise: str
-    attn_maps: str | None  # stage whose cross-attention maps join the pyramid, or None
-    prompt: str = "blip"
-    text_layer: str = "final"
-    expert: str | None = "resnet18"  # "none" on the command line
+    resolution: int = Field(description="Input resolution of the cached features.")
+    t: int = Field(description="Timestep of the cached features.")
+    stages: str = Field(description="U-net stages merged into the pyramid: down, mid, up, down,mid, mid,up or "
+                                    "down,mid,up.")
+    noise: Literal[NOISE_MODES] = Field(description="Noise mode of the cached features.")
+    attn_maps: str | None = Field(description="Stage whose cached cross-attention maps join the pyramid, or none.")
+    prompt: str = Field("blip", description=f"Prompt mode of the cached features: {', '.join(PROMPT_MODES)} or "
+                                            "text:PROMPT.")
+    text_layer: Literal[TEXT_LAYERS] = Field("final", description="Text layer of the cached condition.")
+    expert: Literal[tuple(EXPERT_MODELS)] | None = Field(
+        "resnet18", description="Adapted expert whose cached features join the pyramid, or none for the ablation.")
     # the classifier
-    text_proj: bool = False
-    temperature: float = 0.2
-    templates: str | None = None  # name in data/templates.json; None: the dataset's own, else "default"
+    text_proj: bool = Field(False, description="Class-prompt features after (on) or before (off) CLIP's text "
+                                               "projection.", json_schema_extra={"cli": ON_OFF})
+    temperature: float = Field(0.2, description="Cosine-logit temperature of the text classifier.")
+    templates: str | None = Field(None, description="Prompt template set from data/templates.json "
+                                                    "(none: the dataset's own, else default).")
     # the head
-    head: str = "uhead"
+    head: Literal[HEAD_KINDS] = Field("uhead", description="U-head, the ablation's baseline fusion (conv per level, "
+                                                           "summed), or a linear probe.")
     # optimisation
-    lr: float = 1e-5
-    lr_schedule: str = "none"
-    gamma: float = 0.9  # exponential: lr * gamma ** epoch (not given in the paper)
-    power: float = 0.9  # polynomial: lr * (1 - step / steps) ** power (mmseg's default; not given)
-    weight_decay: float = 5e-4
-    grad_clip: float = 1.0
-    batch_size: int = 64
-    epochs: int | None = 100
-    iters: int | None = None  # segmentation counts iterations instead of epochs
-    eval_every: int = 1  # epochs (classification) or iterations // 10 (seg); validation picks the best
-    seed: int = 0
-    tune_norms: bool = False
+    lr: float = Field(1e-5, description="AdamW learning rate.")
+    lr_schedule: Literal[LR_SCHEDULES] = Field("none", description="Learning-rate schedule.")
+    gamma: float = Field(0.9, description="Exponential schedule: lr * gamma ** epoch (not given in the paper).")
+    power: float = Field(0.9, description="Polynomial schedule: lr * (1 - step / steps) ** power (mmseg's "
+                                          "default; not given in the paper).")
+    weight_decay: float = Field(5e-4, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, description="Gradient clipping, L2 norm.")
+    batch_size: int = Field(64, description="Training batch.")
+    epochs: int | None = Field(100, description="Training epochs (give epochs or iterations).")
+    iters: int | None = Field(None, description="Training iterations (segmentation counts iterations).")
+    eval_every: int = Field(1, description="Validate every N epochs (classification) or iterations "
+                                           "(segmentation); validation picks the best.")
+    seed: int = Field(0, description="Seed of the head's init and the batch order.")
+    tune_norms: bool = Field(False, description="Train the U-net's norm layers too (the paper's setting): features "
+                                                "are recomputed online from the cached latents, one U-net "
+                                                "forward+backward per step; needs --sd-model.",
+                             json_schema_extra={"cli": TASK_OWN})
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return self.model_dump()
 
     def with_(self, **changes) -> "TaskSettings":
-        known = {f.name for f in fields(self)}
-        unknown = sorted(set(changes) - known)
-        if unknown:
-            raise VermouthError(f"unknown setting(s) {', '.join(unknown)}")
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+        """A copy with `changes` (None = keep), checked like the original."""
+        check_keys(changes, tuple(type(self).model_fields), "settings")
+        return type(self).parse({**self.to_json(), **{k: v for k, v in changes.items() if v is not None}})
+
+    @field_validator("expert", "attn_maps", mode="before")
+    @classmethod
+    def _none_word(cls, value):
+        return None if value == "none" else value  # the command line and recipes write None as "none"
+
+    # Every field checked up front: a sweep must fail at its recipe, not hours into it.
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str) -> str:
+        if value not in PROMPT_MODES and not value.startswith("text:"):
+            raise ValueError(f"unknown prompt mode {value!r} (choose from {', '.join(PROMPT_MODES)}, text:...)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TaskSettings":
+        try:
+            merge_plan(self.stages)
+            if self.attn_maps:
+                parse_stages(self.attn_maps)
+        except VermouthError as exc:
+            raise ValueError(str(exc)) from None
+        if self.resolution < 64 or self.resolution % 64:
+            raise ValueError(f"resolution {self.resolution} must be a multiple of 64")
+        if not 0 <= self.t <= 999:
+            raise ValueError(f"timestep {self.t} is outside 0-999")
+        if self.lr <= 0 or self.batch_size < 1 or self.temperature <= 0:
+            raise ValueError("lr, batch size and temperature must be positive")
+        if (self.epochs is None) == (self.iters is None):
+            raise ValueError("give exactly one of epochs and iterations")
+        if (self.epochs is not None and self.epochs < 1) or (self.iters is not None and self.iters < 1):
+            raise ValueError("epochs / iterations must be at least 1")
+        return self
 
 
-TABLE7 = {
-    "fewshot": TaskSettings(resolution=256, t=200, stages="down,mid", noise="ddpm", attn_maps="up", text_proj=False,
-                            temperature=0.2, lr=1e-5, lr_schedule="none", batch_size=64, epochs=100),
-    # "0.02 (table is ambiguous)": PAPER.md section 4
-    "sbir": TaskSettings(resolution=256, t=200, stages="mid,up", noise="ddim-inversion", attn_maps=None,
-                         text_proj=True, temperature=0.02, lr=1e-4, lr_schedule="exponential", batch_size=64,
-                         epochs=1),
-    # temperature: the paper gives none for segmentation; 0.07 is CLIP's initial value
-    "seg": TaskSettings(resolution=512, t=10, stages="mid,up", noise="ddpm", attn_maps="up", text_proj=False,
-                        temperature=0.07, lr=5e-4, lr_schedule="polynomial", batch_size=16, epochs=None,
-                        iters=120_000, eval_every=10_000),
-}
-FAST = {"fewshot": {"epochs": 10}, "sbir": {}, "seg": {"iters": 8_000, "eval_every": 2_000}}
+def resolve_settings(table7: TaskSettings, fast: dict, schedule: str = "paper", **overrides) -> TaskSettings:
+    """`table7`, then `fast` if the schedule is "fast", then `overrides` (None = keep)."""
+    if schedule not in SCHEDULES:
+        raise VermouthError(f"unknown schedule {schedule!r} (choose from {', '.join(SCHEDULES)})")
+    s = table7.with_(**fast) if schedule == "fast" else table7
+    return s.with_(**overrides)
 
 
-def task_settings(task: str, schedule: str = "paper", **overrides) -> TaskSettings:
-    """Table 7 for `task`, then the fast schedule if asked, then `overrides` (None = keep)."""
-    if task not in TASKS:
-        raise VermouthError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
-    if schedule not in ("paper", "fast"):
-        raise VermouthError(f"unknown schedule {schedule!r} (choose from paper, fast)")
-    s = TABLE7[task]
-    if schedule == "fast":
-        s = replace(s, **FAST[task])
-    s = s.with_(**overrides)
-    if s.expert == "none":
-        s = replace(s, expert=None)
-    if s.attn_maps == "none":
-        s = replace(s, attn_maps=None)
-    _validate(s)
-    return s
+_MOVED = {"task_settings": "from vermouth_cache.train.tasks import task_settings",
+          "TASKS": "from vermouth_cache.train.tasks import TASKS",
+          "TABLE7": "vermouth_cache.train.tasks.get_task(NAME).table7",
+          "FAST": "vermouth_cache.train.tasks.get_task(NAME).fast"}
 
 
-def _validate(s: TaskSettings) -> None:
-    """Every field checked up front: a sweep must fail at its recipe, not hours into it."""
-    from vermouth_cache.train.heads import HEAD_KINDS
-    from vermouth_cache.models.loading import EXPERT_MODELS
-    from vermouth_cache.models.noise import NOISE_MODES
-    from vermouth_cache.train.pyramid import merge_plan
-    from vermouth_cache.extract.request import PROMPT_MODES, TEXT_LAYERS
-    from vermouth_cache.models.taps import parse_stages
-
-    choices = {"head": (s.head, HEAD_KINDS), "noise": (s.noise, NOISE_MODES), "text_layer": (s.text_layer, TEXT_LAYERS)}
-    for name, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise VermouthError(f"unknown {name} {value!r} (choose from {', '.join(allowed)})")
-    if s.expert is not None and s.expert not in EXPERT_MODELS:
-        raise VermouthError(f"unknown expert {s.expert!r} (choose from {', '.join(EXPERT_MODELS)}, none)")
-    if s.prompt not in PROMPT_MODES and not str(s.prompt).startswith("text:"):
-        raise VermouthError(f"unknown prompt mode {s.prompt!r} (choose from {', '.join(PROMPT_MODES)}, text:...)")
-    merge_plan(s.stages)
-    if s.attn_maps:
-        parse_stages(s.attn_maps)
-    if s.resolution < 64 or s.resolution % 64:
-        raise VermouthError(f"resolution {s.resolution} must be a multiple of 64")
-    if not 0 <= s.t <= 999:
-        raise VermouthError(f"timestep {s.t} is outside 0-999")
-    if s.lr_schedule not in LR_SCHEDULES:
-        raise VermouthError(f"unknown lr schedule {s.lr_schedule!r} (choose from {', '.join(LR_SCHEDULES)})")
-    if s.lr <= 0 or s.batch_size < 1 or s.temperature <= 0:
-        raise VermouthError("lr, batch size and temperature must be positive")
-    if (s.epochs is None) == (s.iters is None):
-        raise VermouthError("give exactly one of epochs and iterations")
-    if (s.epochs is not None and s.epochs < 1) or (s.iters is not None and s.iters < 1):
-        raise VermouthError("epochs / iterations must be at least 1")
+def __getattr__(name: str):
+    # The per-task tables moved into the task registry; an old import says where, not just "cannot import".
+    if name in _MOVED:
+        raise ImportError(f"vermouth_cache.train.settings.{name} moved with the task registry: {_MOVED[name]}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

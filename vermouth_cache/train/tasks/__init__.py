@@ -1,1 +1,60 @@
-"""The tasks a head is trained for, one module each."""
+"""The task registry: every task a head is trained for, one module each in this package.
+
+    from vermouth_cache.train.tasks import get_task, task_settings
+    task = get_task("fewshot")                         # the Task declaration (tasks/base.py)
+    s = task_settings("fewshot", schedule="fast", lr=1e-4)
+
+To add a task (say depth estimation), add ONE file here, `depth.py`, ending with
+
+    TASK = Task(name="depth", description="Monocular depth: ...", options=DepthOptions,
+                table7=TaskSettings(...), fast={...}, prepare=prepare_depth, train_heads=train_depth_heads,
+                main_metric="delta1", summary=metric_keys("delta1", "abs_rel"))
+
+and nothing else: every module of this package but base.py is a task and is registered when the
+package is imported, so `vermouth-cache train depth` (its options from DepthOptions and
+TaskSettings), `task: depth` in a sweep recipe (its dataset keys, what to extract, how to
+train, its report column) and `task_settings("depth")` read it from TASKS.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from vermouth_cache.core.errors import VermouthError
+from vermouth_cache.train.settings import TaskSettings
+from vermouth_cache.train.tasks.base import Task
+
+TASKS: dict[str, Task] = {}  # name -> Task, in the order of the module names
+
+
+def register(task: Task) -> Task:
+    """Add a task (the modules here are added on import); refuses a name already taken."""
+    if task.name in TASKS:
+        raise VermouthError(f"task {task.name!r} is registered twice")
+    TASKS[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise VermouthError(f"unknown task {name!r} (choose from {', '.join(TASKS)})")
+    return TASKS[name]
+
+
+def task_settings(task: str, schedule: str = "paper", **overrides) -> TaskSettings:
+    """Table 7 for `task`, then the fast schedule if asked, then `overrides` (None = keep)."""
+    return get_task(task).settings(schedule, **overrides)
+
+
+def _register_modules() -> None:
+    for module in pkgutil.iter_modules(__path__):
+        if module.name == "base":
+            continue
+        declared = getattr(importlib.import_module(f"{__name__}.{module.name}"), "TASK", None)
+        if not isinstance(declared, Task):
+            raise ImportError(f"{__name__}.{module.name} declares no TASK: every module here but base is a task")
+        register(declared)
+
+
+_register_modules()

@@ -10,19 +10,23 @@ Features come from an extraction of that K-shot subset, or of the whole train sp
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic import Field
 
+from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.data.datasets import load_dataset
-from vermouth_cache.train.heads import TextClassifier
-from vermouth_cache.train.metrics import per_class_accuracy, top1
 from vermouth_cache.store.entries import Store
-from vermouth_cache.train.common import (HeadJob, RunOptions, base_config, build_head, ce_loss, class_text, head_facts, infer_many, loader_for,
-                     shared_settings, feature_pins)
+from vermouth_cache.train.common import (HeadJob, RunOptions, base_config, build_head, ce_loss, class_text,
+                                         feature_pins, head_facts, infer_many, loader_for, shared_settings)
+from vermouth_cache.train.heads import TextClassifier
 from vermouth_cache.train.inputs import CachedSplit, open_split, union_split
 from vermouth_cache.train.loop import Member, fit_many
-from vermouth_cache.train.runs import finish_run, prepare_run_dir, raise_failed
+from vermouth_cache.train.metrics import per_class_accuracy, top1
+from vermouth_cache.train.runs import finish_run, prepare_run_dir
 from vermouth_cache.train.settings import TaskSettings
+from vermouth_cache.train.tasks.base import DataOptions, Task, metric_keys
 
 SHOTS = (1, 2, 4, 8, 16)
 
@@ -35,9 +39,25 @@ class FewshotData:
     shot_seed: int = 0
 
 
+class FewshotOptions(DataOptions):
+    path: str = Field(description="CoOp split file split_zhou_<Name>.json (train/val/test splits).")
+    image_root: str | None = Field(None, description="Image root of the split file (default: images/ beside it).")
+    shots: Literal[SHOTS] = Field(16, description="Shots per class from the train split.")
+    shot_seed: int = Field(0, description="Seed of the K-shot sample.")
+
+    def data(self) -> FewshotData:
+        return FewshotData(self.path, self.image_root, self.shots, self.shot_seed)
+
+    def extract_parts(self) -> list[dict]:
+        """The K-shot train subset (its val and test splits whole)."""
+        base = {"dataset": self.path, "image_root": self.image_root}
+        return [{**base, "split": "train", "shots": self.shots, "shot_seed": self.shot_seed},
+                {**base, "split": "val"}, {**base, "split": "test"}]
+
+
 def train_fewshot(data: FewshotData, s: TaskSettings, opts: RunOptions) -> dict:
     """Train a head on K-shot cached features; returns the metrics written to RUN/metrics.json."""
-    return raise_failed(train_fewshot_heads(data, [HeadJob(s, opts.out)], opts)[0])
+    return TASK.train(data, s, opts)
 
 
 def _splits(data: FewshotData) -> dict:
@@ -120,11 +140,23 @@ def train_fewshot_heads(data: FewshotData, jobs: list[HeadJob], opts: RunOptions
 
 def _same_features(*splits: CachedSplit) -> None:
     """train/val/test must share the U-net, schedule and options; only the dataset may differ."""
-    from vermouth_cache.core.errors import VermouthError
-
     facts = [{k: v for k, v in sp.features.manifest["recipe"].items() if k not in ("latents", "text")} for sp in splits]
     for sp, f in zip(splits[1:], facts[1:]):
         diff = sorted(k for k in set(f) | set(facts[0]) if f.get(k) != facts[0].get(k))
         if diff:
             raise VermouthError(f"features of {sp.dataset.name} and {splits[0].dataset.name} were made "
                                 f"differently ({', '.join(diff)}): extract every split with the same options")
+
+
+TASK = Task(
+    name="fewshot",
+    description="Few-shot classification (CoOp protocol): K-shot train, val picks the epoch, top-1 on test.",
+    options=FewshotOptions,
+    table7=TaskSettings(resolution=256, t=200, stages="down,mid", noise="ddpm", attn_maps="up", text_proj=False,
+                        temperature=0.2, lr=1e-5, lr_schedule="none", batch_size=64, epochs=100),
+    fast={"epochs": 10},
+    prepare=prepare_fewshot,
+    train_heads=train_fewshot_heads,
+    main_metric="top1",
+    summary=metric_keys("top1", "val_top1", "chance", "best_step", "steps", "n"),
+)

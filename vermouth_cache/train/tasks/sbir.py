@@ -13,24 +13,29 @@ exactly how). Photo and sketch classes are joined by class NAME.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from vermouth_cache.data.datasets import load_dataset
 from vermouth_cache.core.errors import VermouthError
-from vermouth_cache.train.heads import TextClassifier
-from vermouth_cache.train.metrics import retrieval_metrics
-from vermouth_cache.data.sbir import find_sbir_trees, sbir_split
-from vermouth_cache.store.entries import Store
+from vermouth_cache.data.datasets import load_dataset
+from vermouth_cache.data.sbir import SBIR_TREES, find_sbir_trees, sbir_split
 from vermouth_cache.data.vocab import read_name_list, unseen_classes
-from vermouth_cache.train.common import (HeadJob, RunOptions, base_config, build_head, ce_loss, class_text, head_facts, infer_many, loader_for,
-                     shared_settings, feature_pins)
+from vermouth_cache.store.entries import Store
+from vermouth_cache.train.common import (HeadJob, RunOptions, base_config, build_head, ce_loss, class_text,
+                                         feature_pins, head_facts, infer_many, loader_for, shared_settings)
+from vermouth_cache.train.heads import TextClassifier
 from vermouth_cache.train.inputs import CachedSplit, open_split, union_split
 from vermouth_cache.train.loop import Member, fit_many
-from vermouth_cache.train.runs import finish_run, prepare_run_dir, raise_failed
+from vermouth_cache.train.metrics import retrieval_metrics
+from vermouth_cache.train.runs import finish_run, prepare_run_dir
 from vermouth_cache.train.settings import TaskSettings
+from vermouth_cache.train.tasks.base import DataOptions, Task, metric_keys
+
+SBIR_NAMES = tuple(name for _, _, name in SBIR_TREES if name)  # the datasets with a literature unseen split
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,23 @@ class SbirData:
     root: str  # the dataset root holding a photo tree and a sketch tree
     unseen: str | None = None  # a file of unseen class names; default: the literature's split for `name`
     name: str | None = None  # sketchy | tuberlin | quickdraw; guessed from the layout when absent
+
+
+class SbirOptions(DataOptions):
+    path: str = Field(description="SBIR root with a photo and a sketch tree (Sketchy, TU-Berlin, QuickDraw or "
+                                  "photo/ + sketch/).")
+    unseen: str | None = Field(None, description="File of unseen class names (default: the literature's split "
+                                                 "for the dataset).")
+    name: Literal[SBIR_NAMES] | None = Field(None, description="Which dataset's default unseen split to use "
+                                                               "(default: guessed from the layout).")
+
+    def data(self) -> SbirData:
+        return SbirData(self.path, self.unseen, self.name)
+
+    def extract_parts(self) -> list[dict]:
+        """The photo tree and the sketch tree, every class (the split into seen and unseen is by name)."""
+        photo, sketch, _ = find_sbir_trees(self.path)
+        return [{"dataset": str(photo)}, {"dataset": str(sketch)}]
 
 
 def restrict(split: CachedSplit, keep: np.ndarray, labels: np.ndarray) -> CachedSplit:
@@ -82,7 +104,8 @@ class PairedLoader:
 
 
 def train_sbir(data: SbirData, s: TaskSettings, opts: RunOptions) -> dict:
-    return raise_failed(train_sbir_heads(data, [HeadJob(s, opts.out)], opts)[0])
+    """Train a head on the seen classes; returns the metrics written to RUN/metrics.json."""
+    return TASK.train(data, s, opts)
 
 
 @dataclass(frozen=True)
@@ -144,9 +167,9 @@ def train_sbir_heads(data: SbirData, jobs: list[HeadJob], opts: RunOptions) -> l
         members.append(Member(model, list(model.parameters()), ce_loss(model, classifier), j.settings))
         classifiers.append(classifier)
         templates_of.append(templates)
-    half = replace(s0, batch_size=max(1, s0.batch_size // 2))
+    half = s0.with_(batch_size=max(1, s0.batch_size // 2))
     train_loader = PairedLoader(loader_for(seen_p, half, opts, shuffle=True, desc=f"train sbir {tr.name or ''}"),
-                                loader_for(seen_s, replace(half, seed=s0.seed + 1), opts, shuffle=True))
+                                loader_for(seen_s, half.with_(seed=s0.seed + 1), opts, shuffle=True))
     results = fit_many(members, train_loader, s0)
     models = [m.model for m in members]
     qs, _ = infer_many(models, loader_for(queries, s0, opts, shuffle=False))
@@ -182,3 +205,19 @@ def _random_map(q_labels: np.ndarray, g_labels: np.ndarray, repeats: int = 5) ->
     rng = np.random.default_rng(0)
     return float(np.mean([retrieval_metrics(rng.random((len(q_labels), len(g_labels))), q_labels, g_labels)["mAP@all"]
                           for _ in range(repeats)]))
+
+
+TASK = Task(
+    name="sbir",
+    description="Zero-shot SBIR: train on seen classes, unseen sketches query unseen photos (mAP, P@K).",
+    options=SbirOptions,
+    # temperature "0.02 (table is ambiguous)": PAPER.md section 4
+    table7=TaskSettings(resolution=256, t=200, stages="mid,up", noise="ddim-inversion", attn_maps=None,
+                        text_proj=True, temperature=0.02, lr=1e-4, lr_schedule="exponential", batch_size=64,
+                        epochs=1),
+    fast={},  # one epoch already
+    prepare=prepare_sbir,
+    train_heads=train_sbir_heads,
+    main_metric="mAP@all",
+    summary=metric_keys("mAP@all", "mAP@200", "P@100", "P@200", "random_ranking_mAP", "steps", "n"),
+)

@@ -20,25 +20,33 @@ the cached latents and text conditions: one U-net forward and backward per step 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator
 
-from vermouth_cache.data.datasets import load_dataset
 from vermouth_cache.core.errors import VermouthError
-from vermouth_cache.train.heads import TextClassifier
+from vermouth_cache.data.datasets import load_dataset
+from vermouth_cache.data.seg import LAYOUTS, crop_box, load_seg_dataset, read_mask
 from vermouth_cache.extract.masks import ensure_masks, ignore_value, label_rule
-from vermouth_cache.train.metrics import confusion_matrix, miou
-from vermouth_cache.data.seg import crop_box, read_mask
 from vermouth_cache.store.entries import Store
-from vermouth_cache.train.common import (HeadJob, RunOptions, base_config, build_head, class_text, head_facts, loader_for, shared_settings,
-                     feature_pins)
+from vermouth_cache.train.common import (HeadJob, RunOptions, base_config, build_head, class_text, feature_pins,
+                                         head_facts, loader_for, shared_settings)
+from vermouth_cache.train.config import Declared
+from vermouth_cache.train.heads import TextClassifier
 from vermouth_cache.train.inputs import CachedSplit, open_split, union_split
+from vermouth_cache.train.loader import Field as LoaderField
 from vermouth_cache.train.loop import Member, fit_many
+from vermouth_cache.train.metrics import confusion_matrix, miou
 from vermouth_cache.train.online import OnlineTaps
-from vermouth_cache.train.runs import finish_run, prepare_run_dir, raise_failed
+from vermouth_cache.train.runs import finish_run, prepare_run_dir
 from vermouth_cache.train.settings import TaskSettings
+from vermouth_cache.train.tasks.base import DataOptions, Task
+
+Layout = Literal[tuple(LAYOUTS)]
 
 
 @dataclass(frozen=True)
@@ -48,18 +56,8 @@ class SegSource:
     split: str | None = None
     classnames: str | None = None  # a file of class names replacing the layout's list
 
-    @classmethod
-    def parse(cls, text: str) -> "SegSource":
-        """PATH[:LAYOUT[:SPLIT]] as the command line gives it."""
-        parts = text.split(":")
-        if len(parts) > 3:
-            raise VermouthError(f"--eval {text!r}: expected PATH[:LAYOUT[:SPLIT]]")
-        return cls(*(p or None for p in parts + [""] * (3 - len(parts))))
-
     def load(self):
         if self.classnames:
-            from vermouth_cache.data.seg import load_seg_dataset
-
             return load_seg_dataset(self.path, self.layout, self.split, classnames_file=self.classnames)
         return load_dataset(self.path, layout=self.layout, split=self.split)
 
@@ -70,8 +68,71 @@ class SegData:
     evals: tuple[SegSource, ...] = ()
 
 
+class EvalSet(Declared):
+    """A dataset a segmentation head is evaluated on, with its own class names."""
+    path: str
+    layout: Layout | None = None
+    split: str | None = None
+    classnames: str | None = None
+
+
+class SegOptions(DataOptions):
+    path: str = Field(description="Training segmentation dataset root (images + PNG label maps).")
+    layout: Layout | None = Field(None, description="Its layout (default: detected).")
+    split: str | None = Field(None, description="Its split, e.g. train2017, training, train.")
+    classnames: str | None = Field(None, description="A file of class names replacing the layout's list.")
+    eval: dict[str, EvalSet] = Field(
+        default_factory=dict, description="Evaluation dataset PATH[:LAYOUT[:SPLIT]], with its own class names; "
+                                          "repeatable or comma-separated.")
+
+    @field_validator("eval", mode="before")
+    @classmethod
+    def _labelled_evals(cls, evals):
+        """{label: {path, layout, split, classnames}}, as a recipe may write it; or a list of
+        PATH[:LAYOUT[:SPLIT]] strings (the command line's form) and mappings with a `name`, labelled
+        by the dataset folder's name (and the split when two share a folder)."""
+        if evals is None:
+            return {}
+        return _labelled(evals) if isinstance(evals, (list, tuple)) else evals
+
+    def data(self) -> SegData:
+        return SegData(SegSource(self.path, self.layout, self.split, self.classnames),
+                       tuple(SegSource(e.path, e.layout, e.split, e.classnames) for e in self.eval.values()))
+
+    def extract_parts(self) -> list[dict]:
+        """The training split and every evaluation set."""
+        return [{"dataset": src.path, "layout": src.layout, "split": src.split}
+                for src in (self, *self.eval.values())]
+
+    def eval_sets(self) -> dict[str, dict]:
+        return {label: e.model_dump(exclude_unset=True) for label, e in self.eval.items()}
+
+
+def _labelled(items) -> dict[str, dict]:
+    out = {}
+    for item in items:
+        if isinstance(item, str):
+            parts = item.split(":")
+            if len(parts) > 3:
+                raise ValueError(f"{item!r}: expected PATH[:LAYOUT[:SPLIT]]")
+            item = dict(zip(("path", "layout", "split"), parts))
+            label = Path(parts[0]).name
+        elif isinstance(item, dict):
+            item = dict(item)
+            label = item.pop("name", None) or Path(str(item.get("path", ""))).name
+        else:
+            raise ValueError(f"{item!r}: expected PATH[:LAYOUT[:SPLIT]] or a mapping")
+        if label in out and item.get("split"):
+            label = f"{label}:{item['split']}"
+        if label in out:
+            raise ValueError(f"two evaluation sets are named {label!r}: name them ({{name: ..., path: ...}})")
+        out[label] = {k: v for k, v in item.items() if v}
+    return out
+
+
 def train_seg(data: SegData, s: TaskSettings, opts: RunOptions) -> dict:
-    return raise_failed(train_seg_heads(data, [HeadJob(s, opts.out)], opts)[0])
+    """Train a dense head; returns the metrics written to RUN/metrics.json (mIoU per eval set)."""
+    return TASK.train(data, s, opts)
 
 
 def prepare_seg(data: SegData, s: TaskSettings, opts: RunOptions) -> None:
@@ -118,9 +179,7 @@ def train_seg_heads(data: SegData, jobs: list[HeadJob], opts: RunOptions) -> lis
         members.append(Member(model, params, _seg_loss(model, classifier, online, ignore_value(train_ds)), j.settings))
         classifiers.append(classifier)
         templates_of.append(templates)
-    from vermouth_cache.train.loader import Field
-
-    fields["mask"] = Field(masks, "mask")
+    fields["mask"] = LoaderField(masks, "mask")
     results = fit_many(members, loader_for(train, s0, opts, shuffle=True, desc=f"train seg {name}", fields=fields), s0)
 
     scores_of: list[dict] = [{} for _ in jobs]
@@ -188,3 +247,21 @@ def evaluate(predicts: list, split: CachedSplit, loader, n_classes: int) -> list
                 pred = F.interpolate(lg[k][None], size=region.shape, mode="bilinear", align_corners=False)[0].argmax(0)
                 conf += confusion_matrix(pred.cpu().numpy(), target, n_classes, ignore_index=ignore)
     return [miou(conf) for conf in confs]
+
+
+TASK = Task(
+    name="seg",
+    description="Open-vocabulary segmentation: train on one dataset, mIoU on others with their own class names.",
+    options=SegOptions,
+    # temperature: the paper gives none for segmentation; 0.07 is CLIP's initial value
+    table7=TaskSettings(resolution=512, t=10, stages="mid,up", noise="ddpm", attn_maps="up", text_proj=False,
+                        temperature=0.07, lr=5e-4, lr_schedule="polynomial", batch_size=16, epochs=None,
+                        iters=120_000, eval_every=10_000),
+    fast={"iters": 8_000, "eval_every": 2_000},
+    prepare=prepare_seg,
+    train_heads=train_seg_heads,
+    main_metric="mIoU",
+    summary=lambda m: {k: {"mIoU": v["mIoU"], "pixel_acc": v["pixel_acc"]} for k, v in m["eval"].items()},
+    per_eval_set=True,
+    own_settings=("tune_norms",),
+)
