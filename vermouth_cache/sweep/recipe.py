@@ -28,7 +28,8 @@ import yaml
 from vermouth_cache.data.bundled import data_dir
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.extract.selection import PINS
-from vermouth_cache.models.loading import DEFAULT_CAPTIONER, DEFAULT_CLIP_MODEL, DEFAULT_SD_MODEL, EXPERT_MODELS
+from vermouth_cache.models.backbones import DEFAULT_SD_MODEL
+from vermouth_cache.models.loading import DEFAULT_CAPTIONER, DEFAULT_CLIP_MODEL, EXPERT_MODELS
 from vermouth_cache.train.settings import TASKS, TaskSettings, task_settings
 
 TOP_KEYS = ("name", "task", "datasets", "models", "extract", "train", "grid", "variants", "paper", "paper_scale")
