@@ -22,7 +22,8 @@ from vermouth_cache.cli.main import run
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.extract.run import extract
 from vermouth_cache.store.entries import Store
-from vermouth_cache.models.tiny import SD2_TEXT_HIDDEN, write_tiny_sd2
+from vermouth_cache.models.tiny import write_tiny_sd2
+from vermouth_cache.models.tiny_sd import SD2_TEXT_HIDDEN
 
 T = 200
 STEPS = 4  # 0, 50, 100, 150, 200: a step of 50 = 1000 // 20, so DDIMInverseScheduler walks the same grid
@@ -251,7 +252,8 @@ def test_ddim_invert_latent_matches_ddim_inverse_scheduler(sd2, ref2):
     """The inverted latent itself (vermouth_cache.models.noise.ddim_invert on the scheduler the tool
     loads, U-net through the tool's call) against DDIMInverseScheduler: relative L2 < 1e-5."""
     from vermouth_cache.extract.compute import _noised
-    from vermouth_cache.models.loading import Placement, StableDiffusion
+    from vermouth_cache.models.loading import Placement
+    from vermouth_cache.models.pipeline import StableDiffusion
 
     sd = StableDiffusion(str(sd2), Placement(torch.device("cpu"), torch.float32))
     g = torch.Generator().manual_seed(3)
@@ -290,6 +292,31 @@ def test_scheduler_fields_that_change_features_are_in_the_key(sd2, request_for, 
     assert keys(spacing, "ddim-inversion")[feat] == base_inv[feat]
     manifest = Store(tmp_path / "store").find("features", base_inv[feat]).manifest["recipe"]["schedule"]
     assert manifest["prediction_type"] == "v_prediction" and manifest["rescale_betas_zero_snr"] is False
+
+
+# ----------------------------------------------------------------------------- the backbone seam
+
+
+def test_the_backbone_is_detected_from_the_configs(tiny, sd2, tmp_path):
+    """SD 1.x and 2.x each claim their pipelines (and no other backbone does); what is
+    family-specific is read through the backbone: latent scale, text layer, schedule facts."""
+    from vermouth_cache.models.backbones import BACKBONES, detect_backbone
+    from vermouth_cache.models.backbones.base import PipelineConfigs
+    from vermouth_cache.models.loading import Placement
+    from vermouth_cache.models.pipeline import StableDiffusion
+
+    cpu = Placement(torch.device("cpu"), torch.float32)
+    for path, name in ((tiny["sd"], "sd1"), (sd2, "sd2")):
+        cfg = PipelineConfigs.read(path)
+        assert [b.name for b in BACKBONES if b.recognises(cfg)] == [name]
+        assert detect_backbone(str(path), path).name == name
+        sd = StableDiffusion(str(path), cpu)
+        assert sd.backbone.name == name and sd.latent_scale == 0.18215
+        assert sd.text_states(["a dog", "a cat"], layer="final", batch=1).shape == (2, 77, sd.config("unet")[
+            "cross_attention_dim"])
+    sdxl = write_tiny_sdxl(tiny, tmp_path / "sdxl")
+    assert [b.name for b in BACKBONES if b.recognises(PipelineConfigs.read(sdxl))] == ["sdxl"]
+    assert StableDiffusion(str(sd2), cpu).schedule_recipe("ddim-inversion")["prediction_type"] == "v_prediction"
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -342,6 +369,7 @@ def test_sdxl_refused_before_any_work(monkeypatch, capsys, tiny, folder, tmp_pat
                      "--resolution", "128", "--device", "cpu", "--quiet", "--t", "100")
     assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "is an SDXL pipeline" in err and "addition_embed_type='text_time'" in err and "text_encoder_2" in err
+    assert "does not support yet" in err
     assert "supports Stable Diffusion 1.x/2.x pipelines" in err
     assert _no_work(store)
 

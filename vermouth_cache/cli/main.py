@@ -7,21 +7,17 @@ from __future__ import annotations
 
 import logging
 import sys
+from types import UnionType
+from typing import Union, get_args, get_origin
 
 import click
 
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.core.progress import configure_logging
-from vermouth_cache.models.loading import DEFAULT_CAPTIONER, DEFAULT_SD_MODEL, EXPERT_MODELS
+from vermouth_cache.data.seg import LAYOUTS
+from vermouth_cache.extract.request import Choices, Cli, ExtractRequest, option_name
 from vermouth_cache.extract.selection import pin_options
 from vermouth_cache.store.entries import KINDS
-
-
-def _ints(value: str, name: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise VermouthError(f"{name} takes whole numbers separated by commas, got {value!r}") from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -37,66 +33,43 @@ def main(ctx):
         configure_logging(logging.INFO)
 
 
+def _click_type(field):
+    """The click type of a request field: its Choices as a click.Choice, else int, float or text."""
+    for rule in field.metadata:
+        if isinstance(rule, Choices):
+            return click.Choice(list(rule.values()))
+    ann = field.annotation
+    kind = next(a for a in get_args(ann) if a is not type(None)) if get_origin(ann) in (Union, UnionType) else ann
+    # str: text, and tuples of ints typed as "100,200" (the request parses them)
+    return kind if kind in (int, float) else str
+
+
+def request_options(model):
+    """Click arguments and options for every field of a pydantic request, in declaration order:
+    the name, type, choices, default and help are the field's own (a required field without a
+    default is a required option; tuple defaults show as comma-separated text)."""
+    def decorate(fn):
+        for name, field in reversed(list(model.model_fields.items())):
+            cli = next((m for m in field.metadata if isinstance(m, Cli)), Cli())
+            if cli.argument:
+                fn = click.argument(name)(fn)
+                continue
+            if not cli.option:
+                continue
+            default = None if field.is_required() else field.default
+            if isinstance(default, tuple):
+                default = ",".join(map(str, default))
+            fn = click.option(option_name(name), name, type=_click_type(field), default=default,
+                              required=field.is_required(), metavar=cli.metavar, help=field.description,
+                              show_default=default not in (None, ""))(fn)
+        return fn
+    return decorate
+
+
 @main.command()
-@click.argument("dataset")
-@click.option("--store", required=True,
-              help="Store: a directory (local or shared), or an object-store URL such as s3://bucket/prefix "
-                   "(created if new).")
-@click.option("--image-root", help="Image root for a CoOp split file or a manifest (default: beside the file).")
-@click.option("--split", help="Split of a CoOp split file or a manifest (train, val, test), or of a segmentation dataset.")
-@click.option("--layout", help="Segmentation dataset layout: ade20k, ade847, coco-stuff, voc, pascal-context, pc459, "
-                               "generic (default: detected when --split is given).")
-@click.option("--shots", type=int, help="Extract only a K-shot-per-class subset (CoOp-style).")
-@click.option("--shot-seed", type=int, default=0, show_default=True, help="Seed of the K-shot subset.")
-@click.option("--t", "t", default="200", show_default=True, help="Timestep(s) 0-999, comma-separated; one U-net pass each.")
-@click.option("--stages", help="U-net stages to keep: any of down, mid, up [default: mid,up unless --taps is given].")
-@click.option("--taps", help="Blocks to keep, by name (down_blocks.0-3, mid_block, up_blocks.0-3); adds to --stages.")
-@click.option("--attn-maps", help="Also keep cross-attention maps of these stages (up, down, mid).")
-@click.option("--expert", type=click.Choice(list(EXPERT_MODELS)), help="Also cache this expert's multi-scale features.")
-@click.option("--expert-model", help="Hub id or directory of the expert (default: the expert's standard model).")
-@click.option("--sd-model", default=DEFAULT_SD_MODEL, show_default=True, help="SD pipeline: hub id or diffusers directory.")
-@click.option("--captioner", default=DEFAULT_CAPTIONER, show_default=True, help="BLIP captioner: hub id or directory.")
-@click.option("--prompt", default="blip", show_default=True,
-              help="Caption source: blip, null (empty), random (seeded random words), classname (uses the label!), "
-                   "or text:YOUR TEXT.")
-@click.option("--caption-prefix", default="", help="Text BLIP continues (the official code used 'a picture of ').")
-@click.option("--caption-min-tokens", type=int, default=5, show_default=True, help="BLIP minimum new tokens.")
-@click.option("--caption-max-tokens", type=int, default=20, show_default=True, help="BLIP maximum new tokens.")
-@click.option("--text-layer", type=click.Choice(["final", "penultimate"]), default="final", show_default=True,
-              help="CLIP text layer used as the condition.")
-@click.option("--resolution", type=int, default=256, show_default=True,
-              help="Shorter side resized to this, then centre-cropped square (256 classification/SBIR, 512 segmentation).")
-@click.option("--noise", type=click.Choice(["ddpm", "ddim-inversion", "none"]), default="ddpm", show_default=True,
-              help="How the latent reaches t: DDPM forward noise, DDIM inversion, or the clean latent.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed (and random-prompt seed).")
-@click.option("--noise-draws", type=int, default=1, show_default=True, help="Average the taps over K DDPM noise draws.")
-@click.option("--inversion-steps", type=int, default=10, show_default=True, help="U-net calls of a DDIM inversion.")
-@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True,
-              help="Storage dtype of features.")
-@click.option("--batch-size", type=int, default=8, show_default=True,
-              help="Images per model call on CUDA, within one shard (the CPU always uses 1: batching changes CPU rounding).")
-@click.option("--shard-size", type=int, default=64, show_default=True,
-              help="Samples per shard (= Zarr chunk) of NEW entries; an existing entry keeps its own.")
-@click.option("--device", help="cpu, cuda or cuda:N (default: cuda when present).")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
-              help="Compute dtype (auto: fp32 on CPU, fp16 on CUDA); recorded per shard.")
-@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
-              help="On an unreadable image: stop, or record it per sample and go on.")
-@click.option("--max-error-rate", type=float,
-              help="Skip unreadable images (recorded per sample) but fail the run, after finishing the rest, when "
-                   "more than this share of the dataset failed, e.g. 0.01.")
-@click.option("--cpu-threads", type=int,
-              help="torch threads of CPU model calls, in this process and every worker [all cores]. CPU results "
-                   "round differently with another count; recorded per shard.")
-@click.option("--workers", type=int, help="Spread the shards over N local dask worker processes (one GPU each).")
-@click.option("--scheduler", metavar="ADDRESS",
-              help="Spread the shards over the dask cluster at tcp://HOST:PORT (dataset and store must be at the same "
-                   "path or URL on every worker).")
+@request_options(ExtractRequest)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def extract(dataset, store, image_root, split, layout, shots, shot_seed, t, stages, taps, attn_maps, expert, expert_model,
-            sd_model, captioner, prompt, caption_prefix, caption_min_tokens, caption_max_tokens, text_layer,
-            resolution, noise, seed, noise_draws, inversion_steps, dtype, batch_size, shard_size, device, precision,
-            on_error, max_error_rate, cpu_threads, workers, scheduler, quiet):
+def extract(quiet, **fields):
     """Extract SD features of DATASET into the store, computing only what it lacks.
 
     DATASET is an image-folder tree (root/<class>/<image>), a CoOp split file
@@ -104,18 +77,11 @@ def extract(dataset, store, image_root, split, layout, shots, shot_seed, t, stag
     segmentation dataset root (images + PNG label maps, with --split and --layout).
     """
     from vermouth_cache.extract.run import extract as run_extract
-    from vermouth_cache.extract.request import ExtractRequest
 
-    req = ExtractRequest(
-        dataset=dataset, store=store, image_root=image_root, split=split, layout=layout, shots=shots, shot_seed=shot_seed,
-        t=_ints(t, "--t"), stages=stages, taps=taps, attn_maps=attn_maps, expert=expert,
-        expert_model=expert_model, sd_model=sd_model, captioner=captioner, prompt=prompt,
-        caption_prefix=caption_prefix, caption_min_tokens=caption_min_tokens,
-        caption_max_tokens=caption_max_tokens, text_layer=text_layer, resolution=resolution, noise=noise,
-        seed=seed, noise_draws=noise_draws, inversion_steps=inversion_steps, dtype=dtype, batch_size=batch_size,
-        shard_size=shard_size, device=device, precision=precision, on_error=on_error, max_error_rate=max_error_rate,
-        cpu_threads=cpu_threads, workers=workers, scheduler=scheduler, progress=not quiet,
-    )
+    # only what was typed: the request's own defaults (and its method's fixed fields) fill the rest
+    ctx = click.get_current_context()
+    typed = {k: v for k, v in fields.items() if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
+    req = ExtractRequest(**typed, progress=not quiet)
     report = run_extract(req)
     ds = report.dataset
     for note in report.notes:
@@ -157,7 +123,7 @@ def ls_cmd(store, kind):
                                 "--prompt, --noise, --text-layer (refused, naming the fields that differ, if none does).")
 @click.option("--split", help="With --dataset: its split.")
 @click.option("--image-root", help="With --dataset: its image root.")
-@click.option("--layout", help="With --dataset: its segmentation layout.")
+@click.option("--layout", type=click.Choice(list(LAYOUTS)), help="With --dataset: its segmentation layout.")
 @click.option("--t", "t", type=int, default=200, show_default=True, help="With --dataset: the timestep.")
 @click.option("--resolution", type=int, default=256, show_default=True, help="With --dataset: the resolution.")
 @click.option("--prompt", default="blip", show_default=True, help="With --dataset: the caption source.")

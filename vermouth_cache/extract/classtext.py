@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from vermouth_cache import SCHEMA_VERSION
-from vermouth_cache.models.loading import Placement, _load, directory_identity, resolve_model_dir
+from vermouth_cache.core.errors import VermouthError
+from vermouth_cache.models.loading import Placement, directory_identity, load_pretrained, resolve_model_dir
 from vermouth_cache.store.entries import OK, Store
 from vermouth_cache.data.vocab import prompt_text
 
@@ -62,8 +63,6 @@ def class_text_features(store: Store, classnames: Sequence[str], templates: Sequ
 
 def refill_classtext(store: Store, entry) -> None:
     """Recompute a classtext entry with the CLIP model it names (`repair`), if that model is unchanged."""
-    from vermouth_cache.core.errors import VermouthError
-
     about, recipe = entry.manifest["about"], entry.manifest["recipe"]
     model_dir = resolve_model_dir(about["clip_model"], role="CLIP text model",
                                   hub_patterns=["*.json", "*.txt", "*.safetensors"])
@@ -79,8 +78,8 @@ def encode_prompts(model_dir, classnames: Sequence[str], templates: Sequence[str
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
     placement = placement or Placement(torch.device("cpu"), torch.float32)
-    tokenizer = _load(CLIPTokenizer, model_dir)
-    model = _load(CLIPTextModelWithProjection, model_dir, placement)
+    tokenizer = load_pretrained(CLIPTokenizer, model_dir)
+    model = load_pretrained(CLIPTextModelWithProjection, model_dir, placement)
     out = []
     for name in classnames:
         prompts = [prompt_text(t, name) for t in templates]

@@ -19,9 +19,17 @@ import logging
 import time
 from dataclasses import dataclass
 
+import torch
 
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.core.progress import Progress
+from vermouth_cache.extract.compute import torch_threads
+from vermouth_cache.extract.plan import plan_from_keys, plan_keys
+from vermouth_cache.extract.request import ExtractRequest
+from vermouth_cache.extract.shards import ExtractReport, Models, ShardRunner, wait_poll
+from vermouth_cache.models.loading import resolve_device
+from vermouth_cache.store.claims import Claims
+from vermouth_cache.store.entries import Store
 
 
 def client_for(workers: int | None, scheduler: str | None):
@@ -41,19 +49,13 @@ def client_for(workers: int | None, scheduler: str | None):
 
 
 def default_workers() -> int:
-    import torch
-
     return torch.cuda.device_count() if torch.cuda.is_available() else 1
 
 
 def worker_device(requested: str | None):
     """The torch device of this dask worker: `requested` if given, else GPU (worker index mod the
     GPUs this machine has: a local cluster puts one worker on each), else the CPU."""
-    import torch
-
     if requested:
-        from vermouth_cache.models.loading import resolve_device
-
         return resolve_device(requested)
     if not torch.cuda.is_available():
         return torch.device("cpu")
@@ -69,7 +71,7 @@ def worker_device(requested: str | None):
 @dataclass(frozen=True)
 class ShardTask:
     """One dask task's input: plain data (a request, entry keys, the samples), no open files."""
-    req: object  # ExtractRequest
+    req: ExtractRequest
     keys: dict
     samples: tuple  # the shard's samples
     shard: int
@@ -81,11 +83,6 @@ _WORKER_STATE: dict = {}  # per worker process: (models, claims) per request
 
 def run_shard_task(task: ShardTask) -> dict:
     """On a worker: compute one shard (waiting while a live writer holds it); a small report."""
-    from vermouth_cache.store.claims import Claims
-    from vermouth_cache.extract.compute import torch_threads
-    from vermouth_cache.extract.run import ExtractReport, Models, ShardRunner, plan_from_keys, wait_poll
-    from vermouth_cache.store.entries import Store
-
     req = task.req
     key = (req.sd_model, req.captioner, req.expert, req.expert_model, req.device, req.precision, req.store)
     if key not in _WORKER_STATE:
@@ -112,8 +109,6 @@ def run_shard_task(task: ShardTask) -> dict:
 
 def extract_on_cluster(req, ds, plan, todo: dict, report, only: dict | None) -> None:
     """Run the missing shards as dask tasks and merge their reports into `report`."""
-    from vermouth_cache.extract.run import plan_keys
-
     client, cluster = client_for(req.workers, req.scheduler)
     keys = plan_keys(plan)
     size = plan.captions.shard_size

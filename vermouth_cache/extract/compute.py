@@ -1,6 +1,7 @@
-"""Model calls on lists of samples: captions, text conditions, latents, U-net taps, expert features.
+"""Model calls on lists of samples: captions, latents, U-net taps, expert features.
 
-The only module that runs models. Each function takes per-sample inputs and returns per-sample
+The extractor's model calls (text conditions are the conditioning's `encode`, through the
+backbone's text encoder). Each function takes per-sample inputs and returns per-sample
 float32 outputs, splitting work into model calls of `batch` samples.
 
 On the CPU every call takes ONE sample: oneDNN convolutions and small GEMMs round differently for
@@ -11,22 +12,16 @@ byte depend on --batch-size. One at a time costs little on the CPU, which is com
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import random
 from collections.abc import Callable, Sequence
-from functools import cache
 
 import numpy as np
 import torch
 from PIL import Image
 
-from vermouth_cache.data.bundled import bundled_file
 from vermouth_cache.data.images import resize_center_crop, to_model_tensor
+from vermouth_cache.methods.base import LatentRule
 from vermouth_cache.models.noise import batch_noise, ddim_invert, ddpm_noised
-from vermouth_cache.extract.request import CLASSNAME_TEMPLATE
-from vermouth_cache.models.taps import run_taps, unet_output
-
-RANDOM_PROMPT_WORDS = 8
+from vermouth_cache.models.taps import AttentionMaps, run_taps, unet_output
 
 
 def call_size(device: torch.device, batch_size: int) -> int:
@@ -58,29 +53,6 @@ def _first_device(model) -> torch.device:
 
 
 # -- captions ---------------------------------------------------------------------------------
-@cache
-def _words() -> tuple[str, ...]:
-    return tuple(w.strip() for w in bundled_file("words.txt").read_text().splitlines() if w.strip())
-
-
-def random_prompt(seed: int, sample_id: str) -> str:
-    """Seeded random words: the `random` prompt ablation, reproducible per sample."""
-    s = int.from_bytes(hashlib.sha256(f"{seed}:{sample_id}:prompt".encode()).digest()[:8], "little")
-    rng = random.Random(s)
-    return " ".join(rng.choice(_words()) for _ in range(RANDOM_PROMPT_WORDS))
-
-
-def fixed_prompts(mode: str, sample_ids: Sequence[str], classnames: Sequence[str | None], seed: int) -> list[str]:
-    """Prompts that need no model: null, random words, the class name, or a fixed text."""
-    if mode == "null":
-        return ["" for _ in sample_ids]
-    if mode == "random":
-        return [random_prompt(seed, sid) for sid in sample_ids]
-    if mode == "classname":
-        return [CLASSNAME_TEMPLATE.format(c) for c in classnames]
-    return [mode[len("text:"):] for _ in sample_ids]
-
-
 def blip_captions(captioner, images: Sequence[Image.Image], *, prefix: str, min_new: int, max_new: int,
                   batch: int) -> list[str]:
     """Greedy BLIP captions of the original images (BLIP's processor does its own resize)."""
@@ -99,42 +71,22 @@ def blip_captions(captioner, images: Sequence[Image.Image], *, prefix: str, min_
     return out
 
 
-# -- text condition ---------------------------------------------------------------------------
-def _final_norm(enc):
-    """CLIP's final LayerNorm: transformers 5 puts it on the model, 4 on `.text_model`."""
-    return getattr(enc, "text_model", enc).final_layer_norm
-
-
-def text_conditions(sd, captions: Sequence[str], *, layer: str, batch: int) -> np.ndarray:
-    """(N, 77, D) float32. final = last_hidden_state (as SD 1.5 was trained); penultimate =
-    final_layer_norm(hidden_states[-2]) (diffusers' clip_skip=1)."""
-    tok, enc = sd.tokenizer, sd.text_encoder
-    out = []
-    for chunk in in_batches(list(captions), batch):
-        ids = tok(list(chunk), padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(_first_device(enc))
-        with torch.inference_mode():
-            res = enc(ids, output_hidden_states=layer == "penultimate")
-            h = res.last_hidden_state if layer == "final" else _final_norm(enc)(res.hidden_states[-2])
-        out.append(h.float().cpu().numpy())
-    return np.concatenate(out)
-
-
 # -- latents ----------------------------------------------------------------------------------
 def pixel_batch(images: Sequence[Image.Image], resolution: int) -> torch.Tensor:
     """(B, 3, r, r) in [-1, 1] after the shorter-side resize and centre crop."""
     return torch.stack([to_model_tensor(resize_center_crop(img, resolution)) for img in images])
 
 
-def vae_latents(sd, images: Sequence[Image.Image], *, resolution: int, batch: int) -> np.ndarray:
-    """(N, 4, r/8, r/8) float32: E(x).latent_dist.mean * scaling_factor."""
-    vae = sd.vae
+def vae_latents(sd, images: Sequence[Image.Image], *, resolution: int, rule: LatentRule, batch: int) -> np.ndarray:
+    """(N, 4, r/8, r/8) float32: E(x).latent_dist.mean, times the backbone's scaling_factor by the
+    method's latent rule."""
+    vae, scale = sd.vae, sd.latent_scale
     device, dtype = _first_device(vae), next(vae.parameters()).dtype
     out = []
     for chunk in in_batches(list(images), batch):
         x = pixel_batch(chunk, resolution).to(device, dtype)
         with torch.inference_mode():
-            z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+            z = rule.latent(vae.encode(x).latent_dist.mean, scale)
         out.append(z.float().cpu().numpy())
     return np.concatenate(out)
 
@@ -142,8 +94,9 @@ def vae_latents(sd, images: Sequence[Image.Image], *, resolution: int, batch: in
 # -- U-net taps -------------------------------------------------------------------------------
 def unet_features(sd, latents: np.ndarray, conds: np.ndarray, sample_ids: Sequence[str], *, t: int,
                   taps: Sequence[str], noise: str, seed: int, draws: int, inversion_steps: int,
-                  batch: int) -> dict[str, np.ndarray]:
-    """Tap outputs (N, ...) float32 for each sample, averaged over `draws` noise draws."""
+                  attention: AttentionMaps, batch: int) -> dict[str, np.ndarray]:
+    """Tap outputs (N, ...) float32 for each sample, averaged over `draws` noise draws; attention
+    maps aggregated by the method's rule."""
     unet, scheduler = sd.unet, sd.scheduler
     per_tap: dict[str, list[np.ndarray]] = {tp: [] for tp in taps}
     for start in range(0, len(sample_ids), batch):
@@ -153,7 +106,7 @@ def unet_features(sd, latents: np.ndarray, conds: np.ndarray, sample_ids: Sequen
         acc: dict[str, torch.Tensor] = {}
         for d in range(draws):
             zt = _noised(unet, scheduler, z0, c, ids, t=t, draw=d, noise=noise, seed=seed, steps=inversion_steps)
-            outs = run_taps(unet, zt, t, c, taps)
+            outs = run_taps(unet, zt, t, c, taps, attention=attention)
             for tp, v in outs.items():
                 acc[tp] = v if tp not in acc else acc[tp] + v
         for tp in taps:
@@ -187,13 +140,13 @@ def expert_features(expert, images: Sequence[Image.Image], *, resolution: int, b
         x = (pixel_batch(chunk, resolution) + 1) / 2  # back to [0, 1] from the SD pixel range
         x = ((x - mean) / std).to(device, dtype)
         with torch.inference_mode():
-            maps = _expert_maps(expert.name, model, x)
+            maps = expert_maps(expert.name, model, x)
         for i, m in enumerate(maps):
             levels[i].append(m.float().cpu().numpy())
     return {f"expert.level{i}": np.concatenate(v) for i, v in enumerate(levels)}
 
 
-def _expert_maps(name: str, model, x: torch.Tensor) -> list[torch.Tensor]:
+def expert_maps(name: str, model, x: torch.Tensor) -> list[torch.Tensor]:
     if name == "resnet18":
         return list(model(pixel_values=x, output_hidden_states=True).hidden_states[1:5])
     kwargs = {"interpolate_pos_encoding": True} if name == "dino" else {}

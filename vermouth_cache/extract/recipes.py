@@ -2,13 +2,18 @@
 
 A recipe is hashed (canonical JSON) into its store key. Paths, batch size, shard size, device and
 worker count are absent on purpose: they do not change a value (the device only within
-floating-point tolerance, recorded per shard instead).
+floating-point tolerance, recorded per shard instead). What a method declares reaches the recipes
+through its rules: the conditioning's prompt facts, the latent rule, the tap rule, and the
+method's name on its features (`Method.recipe_tag`; none for Vermouth, whose keys predate methods).
 """
 
 from __future__ import annotations
 
 from vermouth_cache import SCHEMA_VERSION
-from vermouth_cache.extract.request import CLASSNAME_TEMPLATE, ExtractRequest
+from vermouth_cache.extract.request import ExtractRequest
+from vermouth_cache.methods import Method
+from vermouth_cache.methods.base import LatentRule
+from vermouth_cache.methods.conditioning import conditioning_of
 
 RESIZE = "shorter-side-bicubic-then-center-crop"
 PIXELS = "x/127.5-1"
@@ -16,23 +21,7 @@ PIXELS = "x/127.5-1"
 
 def captions_recipe(req: ExtractRequest, dataset_identity: str, *, captioner_id: str | None,
                     labels_key: str | None) -> dict:
-    if req.prompt == "blip":
-        prompt = {
-            "mode": "blip",
-            "captioner": captioner_id,
-            "prefix": req.caption_prefix,
-            "min_new_tokens": req.caption_min_tokens,
-            "max_new_tokens": req.caption_max_tokens,
-            "decoding": "greedy",
-        }
-    elif req.prompt == "random":
-        prompt = {"mode": "random", "seed": req.seed, "words": "data/words.txt", "n_words": 8}
-    elif req.prompt == "classname":
-        prompt = {"mode": "classname", "labels": labels_key, "template": CLASSNAME_TEMPLATE}
-    elif req.prompt == "null":
-        prompt = {"mode": "null"}
-    else:
-        prompt = {"mode": "text", "text": req.prompt[len("text:"):]}
+    prompt = conditioning_of(req.prompt).prompt_recipe(req, captioner_id=captioner_id, labels_key=labels_key)
     return {"kind": "captions", "schema": SCHEMA_VERSION, "dataset": dataset_identity, "prompt": prompt}
 
 
@@ -48,7 +37,7 @@ def text_recipe(captions_key: str, *, tokenizer_id: str, text_encoder_id: str, l
     }
 
 
-def latents_recipe(dataset_identity: str, *, vae_id: str, resolution: int) -> dict:
+def latents_recipe(dataset_identity: str, *, vae_id: str, resolution: int, rule: LatentRule) -> dict:
     return {
         "kind": "latents",
         "schema": SCHEMA_VERSION,
@@ -57,12 +46,12 @@ def latents_recipe(dataset_identity: str, *, vae_id: str, resolution: int) -> di
         "resolution": resolution,
         "resize": RESIZE,
         "pixels": PIXELS,
-        "latent": "latent_dist.mean*scaling_factor",
+        "latent": rule.recipe,
         "dtype": "float32",
     }
 
 
-def features_recipe(req: ExtractRequest, t: int, *, latents_key: str, text_key: str, unet_id: str,
+def features_recipe(req: ExtractRequest, method: Method, t: int, *, latents_key: str, text_key: str, unet_id: str,
                     schedule: dict) -> dict:
     noise = {"mode": req.noise}
     if req.noise == "ddpm":
@@ -78,8 +67,9 @@ def features_recipe(req: ExtractRequest, t: int, *, latents_key: str, text_key: 
         "schedule": schedule,
         "noise": noise,
         "t": t,
-        "tap": "block output",
+        "tap": method.taps.recipe,
         "dtype": req.dtype,
+        **method.recipe_tag(),
     }
 
 

@@ -1,129 +1,253 @@
-"""What `extract` is asked to do: one frozen, validated dataclass, the CLI's and the API's input."""
+"""What `extract` is asked to do: one frozen, validated declaration, the API's input and the CLI's options.
+
+    req = ExtractRequest(dataset="imgs/", store="cache/", t=(100, 200), stages="mid,up")
+
+Each field carries its type, default, help and rules (`Choices`, `AtLeast`); `vermouth-cache extract`
+builds its options from them (cli/main.py), so a choice or a help text is written once, here. Bad
+values are refused in one line (a VermouthError) before any model or image is touched.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Annotated, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vermouth_cache.core.errors import VermouthError
-from vermouth_cache.models.loading import DEFAULT_CAPTIONER, DEFAULT_SD_MODEL, EXPERT_MODELS
+from vermouth_cache.data.seg import LAYOUTS
+from vermouth_cache.methods import DEFAULT_METHOD, METHODS, method_named
+from vermouth_cache.methods.conditioning import CONDITIONINGS, conditioning_of
+from vermouth_cache.models.backbones import DEFAULT_SD_MODEL
+from vermouth_cache.models.backbones.base import TEXT_LAYERS
+from vermouth_cache.models.loading import DEFAULT_CAPTIONER, EXPERT_MODELS, PRECISIONS
 from vermouth_cache.models.noise import NOISE_MODES
+from vermouth_cache.models.taps import BLOCK_ORDER, parse_stages, taps_for
 from vermouth_cache.store.entries import STORAGE_DTYPES
-from vermouth_cache.models.taps import STAGES, parse_stages, taps_for
 
-PROMPT_MODES = ("blip", "null", "random", "classname")
-TEXT_LAYERS = ("final", "penultimate")
+PROMPT_MODES = tuple(c.name for c in CONDITIONINGS.values() if not c.syntax)
 ON_ERROR = ("fail", "skip")
-CLASSNAME_TEMPLATE = "a photo of a {}."
-DEFAULT_STAGES = "mid,up"
 
 
 @dataclass(frozen=True)
-class ExtractRequest:
-    dataset: str
-    store: str
-    image_root: str | None = None
-    split: str | None = None
-    layout: str | None = None  # segmentation dataset layout (seg_data); None: detected or not one
-    shots: int | None = None
-    shot_seed: int = 0
-    t: tuple[int, ...] = (200,)
-    stages: str | None = None  # mid,up when neither stages nor taps are given
-    taps: str | None = None
-    attn_maps: str | None = None
-    expert: str | None = None
-    expert_model: str | None = None
-    sd_model: str = DEFAULT_SD_MODEL
-    captioner: str = DEFAULT_CAPTIONER
-    prompt: str = "blip"
-    caption_prefix: str = ""
-    caption_min_tokens: int = 5
-    caption_max_tokens: int = 20
-    text_layer: str = "final"
-    resolution: int = 256
-    noise: str = "ddpm"
-    seed: int = 0
-    noise_draws: int = 1
-    inversion_steps: int = 10
-    dtype: str = "fp16"
-    batch_size: int = 8
-    shard_size: int = 64
-    device: str | None = None
-    precision: str = "auto"
-    on_error: str = "fail"
-    max_error_rate: float | None = None  # with it, bad images are skipped; more than this share fails the run
-    cpu_threads: int | None = None  # torch threads of CPU model calls; None: every core of this machine
-    workers: int | None = None  # local dask workers (one device each); None: this process
-    scheduler: str | None = None  # a running dask scheduler's address instead
-    progress: bool = True
-    block_taps: tuple[str, ...] = field(default=(), init=False)
+class Choices:
+    """The values a field takes, read when checked (a registry may have grown), and what an error calls it."""
+    what: str
+    values: Callable[[], Iterable[str]]
 
-    def __post_init__(self):
-        """Refuse bad options before any model or image is touched."""
-        if isinstance(self.t, int):
-            object.__setattr__(self, "t", (self.t,))
-        if not self.t:
+    def check(self, name: str, value) -> None:
+        allowed = tuple(self.values())
+        if value is not None and value not in allowed:
+            raise VermouthError(f"unknown {self.what} {value!r} (choose from {', '.join(allowed)})")
+
+
+@dataclass(frozen=True)
+class AtLeast:
+    minimum: int
+
+    def check(self, name: str, value) -> None:
+        if value is not None and value < self.minimum:
+            raise VermouthError(f"{option_name(name)} must be at least {self.minimum}")
+
+
+@dataclass(frozen=True)
+class Cli:
+    """How a field shows on the command line when not as `--name TYPE`."""
+    argument: bool = False  # a positional argument
+    option: bool = True  # False: not an option (`progress` is the command's --quiet)
+    metavar: str | None = None
+
+
+def option_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _help(text: str) -> str:
+    return " ".join(text.split())
+
+
+class ExtractRequest(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dataset: Annotated[str, Cli(argument=True)] = Field(description="The dataset: a folder, split file, manifest or "
+                                                                    "segmentation root.")
+    store: str = Field(description="Store: a directory (local or shared), or an object-store URL such as "
+                                   "s3://bucket/prefix (created if new).")
+    image_root: str | None = Field(None, description="Image root for a CoOp split file or a manifest (default: "
+                                                     "beside the file).")
+    split: str | None = Field(None, description="Split of a CoOp split file or a manifest (train, val, test), or of a "
+                                                "segmentation dataset.")
+    # segmentation dataset layout (data.seg); None: detected or not one
+    layout: Annotated[str | None, Choices("layout", lambda: LAYOUTS)] = Field(
+        None, description="Segmentation dataset layout (default: detected when --split is given).")
+    shots: int | None = Field(None, description="Extract only a K-shot-per-class subset (CoOp-style).")
+    shot_seed: int = Field(0, description="Seed of the K-shot subset.")
+    method: Annotated[str, Choices("method", lambda: METHODS)] = Field(
+        DEFAULT_METHOD, description=_help("How features are made: " + "; ".join(m.summary for m in METHODS.values())
+                                          + "."))
+    t: tuple[int, ...] = Field((200,), description="Timestep(s) 0-999, comma-separated; one U-net pass each.")
+    stages: str | None = Field(None, description="U-net stages to keep: any of down, mid, up [default: the method's, "
+                                                 "mid,up for vermouth, unless --taps is given].")
+    taps: str | None = Field(None, description=f"Blocks to keep, by name ({BLOCK_ORDER[0][:-1]}0-3, mid_block, "
+                                               f"{BLOCK_ORDER[-1][:-1]}0-3); adds to --stages.")
+    attn_maps: str | None = Field(None, description="Also keep cross-attention maps of these stages (up, down, mid).")
+    expert: Annotated[str | None, Choices("expert", lambda: EXPERT_MODELS)] = Field(
+        None, description="Also cache this expert's multi-scale features.")
+    expert_model: str | None = Field(None, description="Hub id or directory of the expert (default: the expert's "
+                                                       "standard model).")
+    sd_model: str = Field(DEFAULT_SD_MODEL, description="SD pipeline: hub id or diffusers directory.")
+    captioner: str = Field(DEFAULT_CAPTIONER, description="BLIP captioner: hub id or directory.")
+    prompt: str = Field("blip", description=_help("Caption source: " + ", ".join(c.help for c in CONDITIONINGS.values())
+                                                  + "."))
+    caption_prefix: str = Field("", description="Text BLIP continues (the official code used 'a picture of ').")
+    caption_min_tokens: int = Field(5, description="BLIP minimum new tokens.")
+    caption_max_tokens: int = Field(20, description="BLIP maximum new tokens.")
+    text_layer: Annotated[str, Choices("text layer", lambda: TEXT_LAYERS)] = Field(
+        "final", description="CLIP text layer used as the condition.")
+    resolution: int = Field(256, description="Shorter side resized to this, then centre-cropped square (256 "
+                                             "classification/SBIR, 512 segmentation).")
+    noise: Annotated[str, Choices("noise mode", lambda: NOISE_MODES)] = Field(
+        "ddpm", description="How the latent reaches t: DDPM forward noise, DDIM inversion, or the clean latent.")
+    seed: int = Field(0, description="Noise seed (and random-prompt seed).")
+    noise_draws: Annotated[int, AtLeast(1)] = Field(1, description="Average the taps over K DDPM noise draws.")
+    inversion_steps: Annotated[int, AtLeast(1)] = Field(10, description="U-net calls of a DDIM inversion.")
+    dtype: Annotated[str, Choices("dtype", lambda: STORAGE_DTYPES)] = Field("fp16", description="Storage dtype of "
+                                                                                                "features.")
+    batch_size: Annotated[int, AtLeast(1)] = Field(8, description="Images per model call on CUDA, within one shard "
+                                                                  "(the CPU always uses 1: batching changes CPU "
+                                                                  "rounding).")
+    shard_size: Annotated[int, AtLeast(1)] = Field(64, description="Samples per shard (= Zarr chunk) of NEW entries; "
+                                                                   "an existing entry keeps its own.")
+    device: str | None = Field(None, description="cpu, cuda or cuda:N (default: cuda when present).")
+    precision: Annotated[str, Choices("precision", lambda: PRECISIONS)] = Field(
+        "auto", description="Compute dtype (auto: fp32 on CPU, fp16 on CUDA); recorded per shard.")
+    on_error: Annotated[str, Choices("--on-error", lambda: ON_ERROR)] = Field(
+        "fail", description="On an unreadable image: stop, or record it per sample and go on.")
+    # with it, bad images are skipped; more than this share fails the run
+    max_error_rate: float | None = Field(None, description="Skip unreadable images (recorded per sample) but fail the "
+                                                           "run, after finishing the rest, when more than this share of "
+                                                           "the dataset failed, e.g. 0.01.")
+    # None: every core of this machine
+    cpu_threads: Annotated[int | None, AtLeast(1)] = Field(
+        None, description="torch threads of CPU model calls, in this process and every worker [all cores]. CPU results "
+                          "round differently with another count; recorded per shard.")
+    # None: this process
+    workers: Annotated[int | None, AtLeast(1)] = Field(None, description="Spread the shards over N local dask worker "
+                                                                         "processes (one GPU each).")
+    scheduler: Annotated[str | None, Cli(metavar="ADDRESS")] = Field(
+        None, description="Spread the shards over the dask cluster at tcp://HOST:PORT (dataset and store must be at the "
+                          "same path or URL on every worker).")
+    progress: Annotated[bool, Cli(option=False)] = Field(True, description="Progress bars.")
+
+    # how the work is run, not what it computes: left out of the request a manifest keeps
+    RUN_ONLY: ClassVar[tuple[str, ...]] = ("store", "progress", "workers", "scheduler")
+
+    def __init__(self, **data):
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:  # a type pydantic could not read: one line naming the option
+            err = exc.errors()[0]
+            name = str(err["loc"][0]) if err["loc"] else "request"
+            if err["type"] == "extra_forbidden":
+                raise VermouthError(f"ExtractRequest has no field {name!r}") from None
+            raise VermouthError(f"{option_name(name)}: {err['msg']} (got {err.get('input')!r})") from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_defaults(cls, data):
+        """The method's fixed fields where not given, and its taps where neither stages nor taps are."""
+        if not isinstance(data, dict):
+            return data
+        method = method_named(data.get("method", DEFAULT_METHOD))
+        data = {**{k: v for k, v in method.fixed.items() if k not in data}, **data}
+        if data.get("stages") is None and data.get("taps") is None:
+            data["stages"] = method.default_stages
+        return data
+
+    @field_validator("t", mode="before")
+    @classmethod
+    def _timesteps(cls, t):
+        if isinstance(t, str):
+            try:
+                t = [int(v) for v in t.split(",") if v.strip()]
+            except ValueError:
+                raise VermouthError(f"--t takes whole numbers separated by commas, got {t!r}") from None
+        t = (t,) if isinstance(t, int) else tuple(t)
+        if not t:
             raise VermouthError("no timestep given (--t)")
-        for t in self.t:
-            if not isinstance(t, int) or not 0 <= t <= 999:
-                raise VermouthError(f"timestep {t!r} is outside 0-999")
-        object.__setattr__(self, "t", tuple(sorted(set(self.t))))
-        if self.stages is None and self.taps is None:
-            object.__setattr__(self, "stages", DEFAULT_STAGES)
-        object.__setattr__(self, "block_taps", taps_for(self.stages, self.taps))
+        for v in t:
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 999:
+                raise VermouthError(f"timestep {v!r} is outside 0-999")
+        return tuple(sorted(set(t)))
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, prompt):
+        if conditioning_of(prompt) is None:
+            raise VermouthError(f"unknown prompt mode {prompt!r} (choose from {', '.join(PROMPT_MODES)}, or "
+                                f"{', '.join(c.syntax for c in CONDITIONINGS.values() if c.syntax)})")
+        return prompt
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution(cls, r):
+        if r < 64 or r % 64:
+            raise VermouthError(f"--resolution {r} must be a multiple of 64")
+        return r
+
+    @field_validator("max_error_rate")
+    @classmethod
+    def _error_rate(cls, rate):
+        if rate is not None and not 0 <= rate <= 1:
+            raise VermouthError(f"--max-error-rate {rate} must lie in 0-1 (a share of the images)")
+        return rate
+
+    @field_validator("*")
+    @classmethod
+    def _declared_rules(cls, value, info):
+        for rule in cls.model_fields[info.field_name].metadata:
+            if isinstance(rule, (Choices, AtLeast)):
+                rule.check(info.field_name, value)
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        """The rules between fields, and between the request and its method."""
+        method = method_named(self.method)
+        method.check_fixed(self.__dict__)
+        taps_for(self.stages, self.taps, layers=method.taps.layers)
         if self.attn_maps:
             try:
                 parse_stages(self.attn_maps)
             except VermouthError as exc:
                 raise VermouthError(f"--attn-maps: {exc}") from None
-        if self.expert is not None and self.expert not in EXPERT_MODELS:
-            raise VermouthError(f"unknown expert {self.expert!r} (choose from {', '.join(EXPERT_MODELS)})")
         if self.expert_model and not self.expert:
             raise VermouthError("--expert-model needs --expert")
-        if self.prompt not in PROMPT_MODES and not self.prompt.startswith("text:"):
-            raise VermouthError(
-                f"unknown prompt mode {self.prompt!r} (choose from {', '.join(PROMPT_MODES)}, or text:YOUR TEXT)"
-            )
-        if self.text_layer not in TEXT_LAYERS:
-            raise VermouthError(f"unknown text layer {self.text_layer!r} (choose from {', '.join(TEXT_LAYERS)})")
-        if self.noise not in NOISE_MODES:
-            raise VermouthError(f"unknown noise mode {self.noise!r} (choose from {', '.join(NOISE_MODES)})")
-        if self.noise_draws < 1:
-            raise VermouthError("--noise-draws must be at least 1")
+        if conditioning_of(self.prompt).name not in method.conditionings:
+            raise VermouthError(f"method {method.name} takes no --prompt {self.prompt!r} (it takes "
+                                f"{', '.join(method.conditionings)})")
         if self.noise != "ddpm" and self.noise_draws != 1:
             raise VermouthError(f"--noise-draws averages random draws; noise mode {self.noise!r} has none")
-        if self.inversion_steps < 1:
-            raise VermouthError("--inversion-steps must be at least 1")
-        if self.dtype not in STORAGE_DTYPES:
-            raise VermouthError(f"unknown dtype {self.dtype!r} (choose from {', '.join(STORAGE_DTYPES)})")
-        if self.resolution < 64 or self.resolution % 64:
-            raise VermouthError(f"--resolution {self.resolution} must be a multiple of 64")
-        if self.batch_size < 1 or self.shard_size < 1:
-            raise VermouthError("--batch-size and --shard-size must be at least 1")
         if not 0 <= self.caption_min_tokens <= self.caption_max_tokens:
             raise VermouthError("caption token limits need 0 <= min <= max")
-        if self.on_error not in ON_ERROR:
-            raise VermouthError(f"unknown --on-error {self.on_error!r} (choose from fail, skip)")
-        if self.max_error_rate is not None and not 0 <= self.max_error_rate <= 1:
-            raise VermouthError(f"--max-error-rate {self.max_error_rate} must lie in 0-1 (a share of the images)")
-        if self.cpu_threads is not None and self.cpu_threads < 1:
-            raise VermouthError("--cpu-threads must be at least 1")
-        if self.workers is not None and self.workers < 1:
-            raise VermouthError("--workers must be at least 1")
         if self.workers and self.scheduler:
             raise VermouthError("give --workers (a local cluster) or --scheduler (a running one), not both")
+        return self
+
+    @property
+    def block_taps(self) -> tuple[str, ...]:
+        """The U-net taps asked for (stages expanded, explicit taps added), block by block in execution order."""
+        return taps_for(self.stages, self.taps, layers=method_named(self.method).taps.layers)
 
     def with_(self, **changes) -> "ExtractRequest":
-        return replace(self, **changes)
-
-    # how the work is run, not what it computes: left out of the request a manifest keeps
-    RUN_ONLY = ("store", "progress", "workers", "scheduler")
+        """A copy with `changes`, validated again."""
+        return type(self)(**{**self.model_dump(), **changes})
 
     def to_json(self) -> dict:
         """The fields that say what to compute, as JSON (kept in manifests for `repair`)."""
-        d = asdict(self)
-        for k in (*self.RUN_ONLY, "block_taps"):
-            d.pop(k, None)
+        d = self.model_dump(exclude=set(self.RUN_ONLY))
         d["t"] = list(self.t)
         # `repair` may run from any directory: keep the paths it needs absolute (a relative
         # DATASET typed in one directory is another path, or none, in the next)
@@ -137,8 +261,7 @@ class ExtractRequest:
 
     @classmethod
     def from_json(cls, d: dict, **overrides) -> "ExtractRequest":
-        known = {f.name for f in fields(cls) if f.init}
-        kw = {k: v for k, v in d.items() if k in known}
+        kw = {k: v for k, v in d.items() if k in cls.model_fields}
         kw["t"] = tuple(kw.get("t", (200,)))
         return cls(**{**kw, **overrides})
 
@@ -149,7 +272,3 @@ def _absolute(path: str) -> str:
     if "://" in str(path):
         return str(path)
     return os.path.abspath(os.path.expanduser(os.fspath(path)))
-
-
-def stage_names() -> tuple[str, ...]:
-    return tuple(STAGES)

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 
 from vermouth_cache.data.datasets import Dataset
 from vermouth_cache.core.errors import VermouthError
+from vermouth_cache.extract.request import ExtractRequest
+from vermouth_cache.methods import DEFAULT_METHOD
+from vermouth_cache.models.loading import Captioner
 from vermouth_cache.store.entries import Entry, Store
 
 
@@ -70,11 +73,7 @@ def pop_pins(kw: dict) -> dict:
 def pins_of_extract(extract_options: dict, *, captioner: str | None) -> dict:
     """What a sweep's extractions were asked for (its `extract:` options, else the defaults), as pins,
     so that its training reads exactly them."""
-    from dataclasses import fields
-
-    from vermouth_cache.extract.request import ExtractRequest
-
-    defaults = {f.name: f.default for f in fields(ExtractRequest) if f.init}
+    defaults = {name: f.default for name, f in ExtractRequest.model_fields.items()}
     out = {p.name: extract_options.get(p.extract, defaults.get(p.extract)) for p in PINS if p.name != "captioner"}
     if captioner is not None:
         out["captioner"] = captioner
@@ -85,8 +84,6 @@ def resolve_pins(pins: dict) -> dict:
     """Pins as their recipe facts: a captioner (hub id or directory) becomes its identity."""
     out = dict(pins)
     if out.get("captioner") is not None:
-        from vermouth_cache.models.loading import Captioner
-
         out["captioner"] = Captioner(out["captioner"], None).identity
     return out
 
@@ -100,6 +97,7 @@ class FeatureQuery:
     noise: str | None = "ddpm"
     text_layer: str | None = "final"
     unet: str | None = None  # unet identity (sha256), when the user named the SD model
+    method: str | None = DEFAULT_METHOD  # the method that made the features
     pins: dict = field(default_factory=dict)  # PINS facts (resolved): noise_seed, dtype, captioner identity, ...
 
     def wanted(self) -> dict:
@@ -120,6 +118,7 @@ def features_facts(store: Store, entry: Entry) -> dict:
         prompt = "text:" + p["text"]
     noise = r["noise"]
     return {"dataset": lat["dataset"], "resolution": lat["resolution"], "t": r["t"], "noise": noise["mode"],
+            "method": r.get("method", DEFAULT_METHOD),  # Vermouth's recipes predate methods and name none
             "prompt": prompt, "text_layer": txt["layer"], "dtype": r["dtype"], "unet": r["unet"],
             "noise_seed": noise.get("seed", p.get("seed")), "noise_draws": noise.get("draws"),
             "inversion_steps": noise.get("steps"), "captioner": p.get("captioner"),

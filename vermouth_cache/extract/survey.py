@@ -4,7 +4,7 @@ the dry run of `vermouth-cache sweep`.
     for e in survey(ExtractRequest(dataset=..., store=..., t=(100, 200))):
         print(e.kind, e.key, e.state, e.bytes_to_write)
 
-Entry keys come from the same `_plan` that `extract` runs (model identities are file hashes, so
+Entry keys come from the same `make_plan` that `extract` runs (model identities are file hashes, so
 no weight is loaded); sizes come from shapes: text and latent shapes from the model configs,
 tap and expert shapes from one forward pass of the models built on the meta device.
 """
@@ -18,10 +18,14 @@ import torch
 
 from vermouth_cache.data.datasets import load_dataset
 from vermouth_cache.core.errors import VermouthError
-from vermouth_cache.extract.run import CAPTIONS, EXPERT_LEVELS, LATENTS, TEXT, _missing, _plan, dataset_record
+from vermouth_cache.extract.compute import expert_maps
+from vermouth_cache.extract.plan import CAPTIONS, EXPERT_LEVELS, LATENTS, TEXT, dataset_record, make_plan, missing
 from vermouth_cache.core.hashing import recipe_key
-from vermouth_cache.models.loading import Captioner, Expert, Placement, StableDiffusion
+from vermouth_cache.models.loading import Captioner, Expert, Placement
+from vermouth_cache.models.pipeline import StableDiffusion
 from vermouth_cache.extract.request import ExtractRequest
+from vermouth_cache.methods import method_named
+from vermouth_cache.methods.conditioning import conditioning_of
 from vermouth_cache.store.entries import STORAGE_DTYPES, Entry, Store
 from vermouth_cache.models.taps import run_taps
 
@@ -61,7 +65,7 @@ def survey(req: ExtractRequest) -> list[EntryPlan]:
                       shot_seed=req.shot_seed, layout=req.layout)
     cpu = Placement(torch.device("cpu"), torch.float32)
     sd = StableDiffusion(req.sd_model, cpu)
-    captioner = Captioner(req.captioner, cpu) if req.prompt == "blip" else None
+    captioner = Captioner(req.captioner, cpu) if conditioning_of(req.prompt).needs_captioner else None
     expert = Expert(req.expert, req.expert_model, cpu) if req.expert else None
     try:
         store = Store(req.store, read_only=True)
@@ -81,9 +85,9 @@ def survey(req: ExtractRequest) -> list[EntryPlan]:
             return None
         return Entry(store.loc, kind, key).shard_size
 
-    plan = _plan(req, ds, lookup, sd, captioner, expert, recipe_key(dataset_record(ds)),
+    plan = make_plan(req, ds, lookup, sd, captioner, expert, recipe_key(dataset_record(ds)),
                  shard_size_of=stored_shard_size)
-    todo = _missing(plan)
+    todo = missing(plan)
     bounds = {s: min(len(ds), (s + 1) * plan.captions.shard_size) - s * plan.captions.shard_size
               for s in range(plan.captions.n_shards)}
     sizes = sample_bytes(req, sd, expert, plan.taps)
@@ -119,12 +123,10 @@ def sample_bytes(req: ExtractRequest, sd: StableDiffusion, expert: Expert | None
     unet = sd.unet_skeleton
     lat = torch.empty(1, vae["latent_channels"], side, side, device="meta")
     cond = torch.empty(1, text["max_position_embeddings"], unet.config.cross_attention_dim, device="meta")
-    shapes = run_taps(unet, lat, req.t[0], cond, taps)
+    shapes = run_taps(unet, lat, req.t[0], cond, taps, attention=method_named(req.method).attention)
     out.update({tp: int(np.prod(v.shape[1:])) * item for tp, v in shapes.items()})
     if expert is not None:
-        from vermouth_cache.extract.compute import _expert_maps
-
         x = torch.empty(1, 3, req.resolution, req.resolution, device="meta")
-        for i, m in enumerate(_expert_maps(expert.name, expert.skeleton, x)):
+        for i, m in enumerate(expert_maps(expert.name, expert.skeleton, x)):
             out[f"expert.level{i}"] = int(np.prod(m.shape[1:])) * item
     return out

@@ -32,7 +32,8 @@ from pydantic import Field, field_validator, model_validator
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.data.bundled import data_dir
 from vermouth_cache.extract.selection import PINS
-from vermouth_cache.models.loading import DEFAULT_CAPTIONER, DEFAULT_CLIP_MODEL, DEFAULT_SD_MODEL, EXPERT_MODELS
+from vermouth_cache.models.backbones import DEFAULT_SD_MODEL
+from vermouth_cache.models.loading import DEFAULT_CAPTIONER, DEFAULT_CLIP_MODEL, EXPERT_MODELS
 from vermouth_cache.train.config import Declared, check_keys
 from vermouth_cache.train.settings import TaskSettings
 from vermouth_cache.train.tasks import TASKS, get_task, task_settings

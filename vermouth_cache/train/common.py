@@ -15,7 +15,8 @@ from vermouth_cache import __version__
 from vermouth_cache.extract.classtext import class_text_features
 from vermouth_cache.train.heads import HeadSpec, TextClassifier, VermouthHead, count_parameters, sd15_parameter_count
 from vermouth_cache.train.loader import CacheLoader
-from vermouth_cache.models.loading import DEFAULT_CLIP_MODEL, Placement, StableDiffusion, resolve_device
+from vermouth_cache.models.loading import DEFAULT_CLIP_MODEL, Placement, resolve_device
+from vermouth_cache.models.pipeline import StableDiffusion
 from vermouth_cache.store.entries import Store
 from vermouth_cache.data.vocab import templates as template_list
 from vermouth_cache.train.inputs import CachedSplit

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from vermouth_cache.core.errors import VermouthError
-from vermouth_cache.models.loading import Placement, StableDiffusion
+from vermouth_cache.models.loading import Placement
+from vermouth_cache.models.pipeline import StableDiffusion
 from vermouth_cache.models.noise import batch_noise, ddpm_noised
 from vermouth_cache.store.entries import Store
 from vermouth_cache.models.taps import run_taps

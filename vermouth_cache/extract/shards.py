@@ -1,0 +1,246 @@
+"""One shard of an extraction, computed under claims: decode, caption, encode text, encode latents,
+run the U-net per t, and write each array's shard whole before its record.
+
+`ShardRunner.run` is the one path every shard takes, in this process or in a dask task, so what a
+shard's bytes are never depends on who computed it. The method's rules (conditioning, latent rule,
+noise, attention maps) come from its declaration (`methods`); the model calls from `compute`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from vermouth_cache.core.errors import ImageError, VermouthError
+from vermouth_cache.data.images import decode_image
+from vermouth_cache.extract import compute
+from vermouth_cache.extract.plan import CAPTIONS, EXPERT_LEVELS, LATENTS, TEXT, Plan, shard_need, writes
+from vermouth_cache.extract.request import ExtractRequest
+from vermouth_cache.methods import method_named
+from vermouth_cache.methods.conditioning import conditioning_of
+from vermouth_cache.models.loading import Captioner, Expert, Placement, resolve_device, resolve_precision
+from vermouth_cache.models.pipeline import StableDiffusion
+from vermouth_cache.store.claims import Claims
+from vermouth_cache.store.entries import OK, STORAGE_DTYPES, Entry
+
+
+@dataclass
+class ExtractReport:
+    store: str
+    dataset: dict
+    entries: dict[str, str]
+    computed: Counter = field(default_factory=Counter)  # samples through each model
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    failed: dict[str, str] = field(default_factory=dict)  # sample id -> reason
+    wall_seconds: float = 0.0
+    shards: list[int] = field(default_factory=list)  # shards this call computed (not found done or done by others)
+    waited_seconds: float = 0.0  # spent waiting for shards other writers held
+    error_rate: float | None = None  # failed images / all, when --max-error-rate is set
+    notes: list[str] = field(default_factory=list)  # decisions the log states (e.g. a shard size kept)
+
+
+def _decode(samples) -> list:
+    """Decoded images, or ImageError objects in place of the ones that fail."""
+    def one(s):
+        try:
+            return decode_image(s.path, s.id)
+        except ImageError as exc:
+            return exc
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(one, samples))
+
+
+class _Stage:
+    """Accumulates seconds and sample counts for one named step."""
+
+    def __init__(self, report: ExtractReport, name: str, n: int = 0):
+        self.report, self.name, self.n = report, name, n
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
+        self.report.seconds[self.name] += self.seconds
+        self.report.computed[self.name] += self.n
+
+    def run(self, base: dict) -> dict:
+        """The shard record's run facts: device and precision, plus this step's seconds."""
+        return {**base, "step": self.name, "seconds": round(self.seconds, 4)}
+
+
+@dataclass
+class Models:
+    """The frozen models of one extraction, each loaded on first use."""
+    sd: StableDiffusion
+    captioner: Captioner | None
+    expert: Expert | None
+    placement: Placement
+
+    @classmethod
+    def of(cls, req: ExtractRequest, device=None) -> "Models":
+        device = device if device is not None else resolve_device(req.device)
+        placement = Placement(device, resolve_precision(req.precision, device))
+        return cls(StableDiffusion(req.sd_model, placement),
+                   Captioner(req.captioner, placement) if conditioning_of(req.prompt).needs_captioner else None,
+                   Expert(req.expert, req.expert_model, placement) if req.expert else None, placement)
+
+
+class ShardRunner:
+    """Computes shards of one extraction under claims: the single-process loop and every dask
+    task both go through `run`, so what a shard's bytes are never depends on who computed it."""
+
+    def __init__(self, req: ExtractRequest, samples_of, plan: Plan, models: Models, claims: Claims,
+                 only: dict | None = None):
+        """`samples_of(shard)`: that shard's samples (all of them in this process, or a dask task's)."""
+        self.req, self.samples_of, self.plan, self.models, self.claims = req, samples_of, plan, models, claims
+        self.only = only
+        self.batch = compute.call_size(models.placement.device, req.batch_size)
+        self.run_facts = models.placement.describe()
+        if models.placement.device.type == "cpu":
+            self.run_facts["cpu_threads"] = req.cpu_threads
+
+    def run(self, shard: int, report: ExtractReport) -> str:
+        """"done" (computed here), "nothing" (already committed), "busy" (a live writer holds a
+        part of it) or "lost" (taken over while computing: the taker commits it)."""
+        need = shard_need(self.plan, shard, self.only)
+        if not need:
+            return "nothing"
+        held = []
+        try:
+            for entry in writes(self.plan, need):
+                claim = self.claims.acquire(entry.prefix, shard)
+                if claim is None:
+                    return "busy"
+                held.append(claim)
+            need = shard_need(self.plan, shard, self.only)  # committed by a writer that just released it?
+            if not need:
+                return "nothing"
+
+            def guard():
+                if not all(self.claims.held(c) for c in held):
+                    raise LostClaim(shard)
+
+            _extract_shard(self.req, self.samples_of(shard), self.plan, self.models, shard, need, self.batch,
+                           self.run_facts, report, guard)
+            report.shards.append(shard)
+            return "done"
+        except LostClaim:
+            return "lost"
+        finally:
+            for c in held:
+                self.claims.release(c)
+
+
+class LostClaim(Exception):
+    """Our claim on a shard was taken over (we stalled past its expiry): do not commit."""
+
+
+def wait_poll(ttl: float) -> float:
+    pause = min(2.0, ttl / 4)
+    time.sleep(pause)
+    return pause
+
+
+def _write(entry: Entry, name: str, shard: int, ok_index: list[int], n: int, status: list[str],
+           data: np.ndarray | None, run: dict, dtype: str, guard) -> None:
+    """Scatter the ok samples' rows into a NaN-filled shard block and write it whole."""
+    full = None
+    if data is not None and len(ok_index):
+        entry.ensure_array(name, tuple(data.shape[1:]), dtype)
+        full = np.full((n, *data.shape[1:]), np.nan, dtype=np.float32)
+        full[ok_index] = data
+    entry.write_shard(name, shard, status, data=full, run=run, before_commit=guard)
+
+
+def _extract_shard(req, samples, plan: Plan, models: Models, shard: int, need: dict, batch: int,
+                   run: dict, report: ExtractReport, guard) -> None:
+    start, stop = plan.captions.shard_bounds(shard)
+    ids = [s.id for s in samples]
+    n = len(samples)
+    sd, captioner, expert = models.sd, models.captioner, models.expert
+    method, cond = method_named(req.method), conditioning_of(req.prompt)
+    need_images = need["latents"] or need["expert"] or (need["captions"] and cond.needs_captioner)
+    status = [OK] * n
+    images = [None] * n
+    if need_images:
+        with _Stage(report, "decode", n):
+            images = _decode(samples)
+        for i, img in enumerate(images):
+            if isinstance(img, ImageError):
+                if req.on_error == "fail" and req.max_error_rate is None:
+                    raise VermouthError(f"{img} (shard {shard}; use --on-error skip to record it and go on)")
+                status[i] = f"error: {img.reason}"
+                report.failed[img.sample_id] = img.reason
+
+    # captions: per-sample strings kept in the shard record
+    if need["captions"]:
+        ok = [i for i in range(n) if status[i] == OK]
+        with _Stage(report, "caption", len(ok) if cond.needs_captioner else 0) as step:
+            if cond.needs_captioner:
+                caps = compute.blip_captions(captioner, [images[i] for i in ok], prefix=req.caption_prefix,
+                                             min_new=req.caption_min_tokens, max_new=req.caption_max_tokens,
+                                             batch=batch)
+            else:
+                caps = cond.texts(req, [samples[i] for i in ok])
+        values = [None] * n
+        for i, c in zip(ok, caps):
+            values[i] = c
+        plan.captions.write_shard(CAPTIONS, shard, status, values=values, run=step.run(run), before_commit=guard)
+
+    def upstream(entry: Entry, name: str) -> np.ndarray | None:
+        r = entry.record(name, shard)
+        for i, s in enumerate(r.status):
+            if s != OK and status[i] == OK:
+                status[i] = s
+        ok = [i for i in range(n) if status[i] == OK]
+        return entry.read(name, [start + i for i in ok]) if ok else None
+
+    f32 = "float32"
+    if need["text"]:
+        rec = plan.captions.record(CAPTIONS, shard)
+        status = [s if s != OK else c for s, c in zip(status, rec.status)]  # carry caption failures
+        _compute_shard(report, plan.text, [TEXT], "text", shard, status, run, f32, guard, lambda ok: {
+            TEXT: cond.encode(sd, [rec.values[i] for i in ok], layer=req.text_layer, batch=batch)})
+    if need["latents"]:
+        _compute_shard(report, plan.latents, [LATENTS], "vae", shard, status, run, f32, guard, lambda ok: {
+            LATENTS: compute.vae_latents(sd, [images[i] for i in ok], resolution=req.resolution, rule=method.latent,
+                                         batch=batch)})
+    dtype = STORAGE_DTYPES[req.dtype]
+    if need["expert"]:
+        _compute_shard(report, plan.expert, EXPERT_LEVELS, "expert", shard, status, run, dtype, guard, lambda ok:
+                       compute.expert_features(expert, [images[i] for i in ok], resolution=req.resolution,
+                                               batch=batch))
+    if not need["features"]:
+        return
+    # the U-net always reads conditions and latents back from the store, so a value computed in
+    # this run and one computed in an earlier run are the same float32 bytes
+    with _Stage(report, "read"):
+        text = upstream(plan.text, TEXT)
+        lat = upstream(plan.latents, LATENTS)
+    for t, taps in need["features"].items():
+        _compute_shard(report, plan.features[t], taps, "unet", shard, status, run, dtype, guard,
+                       lambda ok, t=t, taps=taps:
+                       compute.unet_features(sd, lat, text, [ids[i] for i in ok], t=t, taps=taps, noise=req.noise,
+                                             seed=req.seed, draws=req.noise_draws,
+                                             inversion_steps=req.inversion_steps, attention=method.attention,
+                                             batch=batch),
+                       passes=req.noise_draws)
+
+
+def _compute_shard(report: ExtractReport, entry: Entry, names: list[str], step_name: str, shard: int,
+                   status: list[str], run: dict, dtype: str, guard, fn, passes: int = 1) -> None:
+    """fn(ok indices) -> {array name: rows of those samples}; then each array's shard is written
+    whole, failed samples NaN, with a record (even when every sample failed)."""
+    n = len(status)
+    ok = [i for i in range(n) if status[i] == OK]
+    with _Stage(report, step_name, len(ok) * passes) as step:
+        arrays = fn(ok) if ok else {}
+    with _Stage(report, "write"):
+        for name in names:
+            _write(entry, name, shard, ok, n, list(status), arrays.get(name), step.run(run), dtype, guard)
