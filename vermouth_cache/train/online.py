@@ -17,8 +17,10 @@ from vermouth_cache.models.loading import Placement
 from vermouth_cache.models.pipeline import StableDiffusion
 from vermouth_cache.models.noise import batch_noise, ddpm_noised
 from vermouth_cache.store.entries import Store
+from vermouth_cache.methods import DEFAULT_METHOD, method_named
 from vermouth_cache.models.taps import run_taps
 from vermouth_cache.train.inputs import CachedSplit
+from vermouth_cache.train.loader import Field
 
 NORM_TYPES = (nn.GroupNorm, nn.LayerNorm)
 
@@ -42,6 +44,8 @@ class OnlineTaps(nn.Module):
         self.unet, self.scheduler = sd.unet, sd.scheduler
         self.t, self.mode, self.seed = recipe["t"], noise["mode"], noise.get("seed", 0)
         self.taps = list(split.tap_names)
+        # the attention maps are aggregated the way the features' method declared (Vermouth's recipes name none)
+        self.attention = method_named(recipe.get("method", DEFAULT_METHOD)).attention
         for p in self.norm_parameters():
             p.requires_grad_(True)
         self.ids: list[str] = []
@@ -55,8 +59,6 @@ class OnlineTaps(nn.Module):
 
     def bind(self, store: Store, split: CachedSplit) -> dict:
         """Point the module at `split` (its sample ids) and return the loader fields it reads."""
-        from vermouth_cache.train.loader import Field
-
         recipe = split.features.manifest["recipe"]
         self.ids = store.dataset(split.features.manifest["about"]["dataset_record"])["ids"]
         return {"latent": Field(store.find("latents", recipe["latents"]), "latent"),
@@ -68,4 +70,5 @@ class OnlineTaps(nn.Module):
             ids = [self.ids[int(i)] for i in batch["index"]]
             eps = batch_noise(self.seed, ids, self.t, 0, z0.shape[1:]).to(z0.device)
             z0 = ddpm_noised(self.scheduler, z0, eps, self.t)
-        return run_taps(self.unet, z0, self.t, batch["cond"], self.taps, grad=torch.is_grad_enabled())
+        return run_taps(self.unet, z0, self.t, batch["cond"], self.taps, grad=torch.is_grad_enabled(),
+                        attention=self.attention)
