@@ -24,7 +24,8 @@ import torch
 
 from vermouth_cache import SCHEMA_VERSION
 from vermouth_cache.models.loading import Placement, _load, directory_identity, resolve_model_dir
-from vermouth_cache.store.entries import OK, Store
+from vermouth_cache.store.entries import Store
+from vermouth_cache.store.records import OK
 from vermouth_cache.data.vocab import prompt_text
 
 

@@ -21,11 +21,13 @@ from dataclasses import dataclass
 
 
 from vermouth_cache.core.errors import VermouthError
+from vermouth_cache.core.extras import require
 from vermouth_cache.core.progress import Progress
 
 
 def client_for(workers: int | None, scheduler: str | None):
     """(client, cluster): the cluster at `scheduler`, or a new local one of `workers` processes."""
+    require("distributed", "running on dask workers (--workers, --scheduler, sweeps)")  # the `dist` extra
     from distributed import Client, LocalCluster
 
     if scheduler:

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.models.loading import DEFAULT_CAPTIONER, DEFAULT_SD_MODEL, EXPERT_MODELS
 from vermouth_cache.models.noise import NOISE_MODES
-from vermouth_cache.store.entries import STORAGE_DTYPES
+from vermouth_cache.store.arrays import STORAGE_DTYPES
 from vermouth_cache.models.taps import STAGES, parse_stages, taps_for
 
 PROMPT_MODES = ("blip", "null", "random", "classname")

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vermouth_cache.extract import compute
-from vermouth_cache.data.datasets import Dataset, load_dataset
+from vermouth_cache.data.datasets import load_dataset
+from vermouth_cache.data.samples import Dataset
 from vermouth_cache.core.errors import ImageError, VermouthError
 from vermouth_cache.core.hashing import recipe_key
 from vermouth_cache.data.images import decode_image
@@ -34,7 +35,10 @@ from vermouth_cache.core.progress import Progress, get_logger
 from vermouth_cache.models.loading import Captioner, Expert, Placement, StableDiffusion, resolve_device, resolve_precision
 from vermouth_cache.extract.recipes import captions_recipe, expert_recipe, features_recipe, latents_recipe, text_recipe
 from vermouth_cache.extract.request import ExtractRequest
-from vermouth_cache.store.entries import OK, STORAGE_DTYPES, Entry, Store
+from vermouth_cache.store.arrays import STORAGE_DTYPES
+from vermouth_cache.store.entries import Store
+from vermouth_cache.store.entry import Entry
+from vermouth_cache.store.records import OK
 from vermouth_cache.models.taps import attn_taps_for, blocks_with_cross_attention
 
 log = get_logger(__name__)

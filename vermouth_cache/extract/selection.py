@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vermouth_cache.data.datasets import Dataset
+from vermouth_cache.data.samples import Dataset
 from vermouth_cache.core.errors import VermouthError
-from vermouth_cache.store.entries import Entry, Store
+from vermouth_cache.store.entries import Store
+from vermouth_cache.store.entry import Entry
 
 
 @dataclass(frozen=True)

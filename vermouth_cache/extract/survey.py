@@ -22,7 +22,9 @@ from vermouth_cache.extract.run import CAPTIONS, EXPERT_LEVELS, LATENTS, TEXT, _
 from vermouth_cache.core.hashing import recipe_key
 from vermouth_cache.models.loading import Captioner, Expert, Placement, StableDiffusion
 from vermouth_cache.extract.request import ExtractRequest
-from vermouth_cache.store.entries import STORAGE_DTYPES, Entry, Store
+from vermouth_cache.store.arrays import STORAGE_DTYPES
+from vermouth_cache.store.entries import Store
+from vermouth_cache.store.entry import Entry
 from vermouth_cache.models.taps import run_taps
 
 
