@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Sets up .venv with vermouth-cache and its test dependencies. Idempotent.
+# Sets up .venv with vermouth-cache (editable), every optional extra (s3, dist, plots) and the test
+# dependencies: the `test` extra of pyproject.toml. Idempotent.
 # torch: the CPU build is installed when none is present (on a GPU machine, install your CUDA
 # build of torch into .venv first, or set TORCH_SPEC, e.g. TORCH_SPEC="torch==2.13.0").
 set -euo pipefail

@@ -89,12 +89,8 @@ from vermouth_cache.extract.classtext import encode_prompts  # noqa: E402
 from vermouth_cache.data.datasets import load_dataset  # noqa: E402
 from vermouth_cache.train.heads import HeadSpec, TextClassifier, VermouthHead  # noqa: E402
 from vermouth_cache.data.images import decode_image  # noqa: E402
-from vermouth_cache.models.loading import (  # noqa: E402
-    Captioner,
-    Placement,
-    StableDiffusion,
-    resolve_precision,
-)
+from vermouth_cache.models.loading import Captioner, Placement, resolve_precision
+from vermouth_cache.models.pipeline import StableDiffusion
 from vermouth_cache.train.pyramid import taps_needed  # noqa: E402
 from vermouth_cache.extract.request import ExtractRequest  # noqa: E402
 from vermouth_cache.sweep.recipe import load_recipe  # noqa: E402

@@ -40,7 +40,8 @@ from vermouth_cache.data.datasets import load_dataset  # noqa: E402
 from vermouth_cache.extract.run import extract  # noqa: E402
 from vermouth_cache.train.heads import TextClassifier  # noqa: E402
 from vermouth_cache.data.images import decode_image  # noqa: E402
-from vermouth_cache.models.loading import Captioner, Placement, StableDiffusion, resolve_precision  # noqa: E402
+from vermouth_cache.models.loading import Captioner, Placement, resolve_precision
+from vermouth_cache.models.pipeline import StableDiffusion  # noqa: E402
 from vermouth_cache.extract.request import ExtractRequest  # noqa: E402
 from vermouth_cache.store.entries import Store  # noqa: E402
 from vermouth_cache.models.tiny import write_tiny_models  # noqa: E402

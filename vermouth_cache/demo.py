@@ -19,6 +19,7 @@ from vermouth_cache.extract.run import ExtractReport, extract
 from vermouth_cache.store.listing import table
 from vermouth_cache.extract.request import ExtractRequest
 from vermouth_cache.store.entries import Store
+from vermouth_cache.models.taps import summarize_taps
 from vermouth_cache.models.tiny import write_tiny_models
 from vermouth_cache.train.common import RunOptions
 from vermouth_cache.train.tasks.fewshot import FewshotData, train_fewshot
@@ -53,4 +54,4 @@ def run_demo(out: str | Path, *, progress: bool = True, t: int = 10) -> DemoResu
     opts = RunOptions(store=str(out / "store"), out=str(out / "run"), clip_model=str(models / "clip"), device="cpu",
                       progress=progress, overwrite=True)
     metrics = train_fewshot(FewshotData(str(demo_split), shots=8), settings, opts)
-    return DemoResult(reports, table(Store(out / "store")), metrics, out / "run")
+    return DemoResult(reports, table(Store(out / "store"), summarize_taps=summarize_taps), metrics, out / "run")

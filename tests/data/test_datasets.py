@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vermouth_cache.data.datasets import Dataset, Sample, load_dataset
+from vermouth_cache.data.datasets import load_dataset
+from vermouth_cache.data.samples import Dataset, Sample
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.core.hashing import canonical_json
 

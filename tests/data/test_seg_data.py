@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import types
 from pathlib import Path
 
@@ -10,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import vermouth_cache
 from vermouth_cache.data import seg as seg_data
+from vermouth_cache.data import vocab
 from vermouth_cache.data.datasets import load_dataset
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.data.images import MAX_PIXELS, resize_center_crop
@@ -25,13 +24,10 @@ N_CLASSES = {"ade150": 150, "ade847": 847, "coco_stuff171": 171, "voc20": 20, "p
 @pytest.fixture(autouse=True)
 def fake_vocab(monkeypatch):
     """Small stand-in class-name lists for the named layouts (the real lists are tested in test_vocab)."""
-    from vermouth_cache.data.vocab import read_name_list
-
     mod = types.ModuleType("vermouth_cache.data.vocab")
     mod.classnames = lambda name: tuple(f"{name}-{i}" for i in range(N_CLASSES[name]))
-    mod.read_name_list = read_name_list
-    monkeypatch.setitem(sys.modules, "vermouth_cache.data.vocab", mod)
-    monkeypatch.setattr(vermouth_cache, "vocab", mod, raising=False)
+    mod.read_name_list = vocab.read_name_list
+    monkeypatch.setattr(seg_data, "vocab", mod)
 
 
 def errmsg(fn, *args, **kwargs) -> str:

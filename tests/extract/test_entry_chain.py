@@ -12,7 +12,8 @@ import time
 import pytest
 
 from conftest import cli
-from vermouth_cache.store.check import repair, verify
+from vermouth_cache.extract.repair import repair
+from vermouth_cache.store.check import verify
 from vermouth_cache.extract.run import extract
 from vermouth_cache.extract.request import ExtractRequest
 from vermouth_cache.store.entries import Store

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import make_images, record_content, store_bytes
 from vermouth_cache.extract.run import extract
+from vermouth_cache.models.taps import summarize_taps
 from vermouth_cache.store.listing import table
 from vermouth_cache.store.entries import Store
 
@@ -124,7 +125,7 @@ def test_ls_and_export(request_for, folder, tmp_path):
     req = request_for(folder, t=(200,), stages="mid,up")
     rep = extract(req)
     store = Store(req.store)
-    listing = table(store)
+    listing = table(store, summarize_taps=summarize_taps)
     assert "mid,up" in listing and "5/5" in listing and "features" in listing and "blip" in listing
     out = tmp_path / "feats.h5"
     res = __import__("vermouth_cache.store.export", fromlist=["export_h5"]).export_h5(store, out, taps=["mid_block"])

@@ -19,7 +19,7 @@ import pytest
 from conftest import make_images, record_content, store_bytes
 from vermouth_cache.store.claims import Claim, Claims
 from vermouth_cache.extract.run import extract
-from vermouth_cache.store.location import LocalLocation
+from vermouth_cache.store.local import LocalLocation
 from vermouth_cache.store.entries import Store
 from vermouth_cache.extract.survey import survey
 

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from conftest import is_debris, make_images, record_content, store_bytes
-from vermouth_cache.store.check import repair, verify
+from vermouth_cache.extract.repair import repair
+from vermouth_cache.store.check import verify
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.extract.run import extract
 from vermouth_cache.store.entries import Store
@@ -28,7 +29,7 @@ from vermouth_cache.store.entries import Store
 KILLER = textwrap.dedent("""
     import json, os, signal, sys
     import zarr.storage._local as zlocal
-    import vermouth_cache.store.location as storage
+    import vermouth_cache.store.local as storage
     mode, k, count_file = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     seen = {"n": 0, "kinds": []}
 
@@ -198,7 +199,7 @@ def test_repair_refuses_when_the_images_changed(small_store, folder):
 def test_disk_full_gives_a_clear_error_a_consistent_store_and_resumes(request_for, folder, tmp_path, monkeypatch):
     import zarr.storage._local as zlocal
 
-    from vermouth_cache.store import location as storage
+    from vermouth_cache.store import local as storage
 
     req = request_for(folder, t=(200,), stages="mid", prompt="null", dtype="fp32")
     ref = extract(req.with_(store=str(tmp_path / "ref")))
@@ -229,7 +230,7 @@ def test_disk_full_gives_a_clear_error_a_consistent_store_and_resumes(request_fo
 
 
 def test_disk_full_on_the_command_line_is_one_line(request_for, folder, tmp_path, monkeypatch, capsys):
-    from vermouth_cache.store import location as storage
+    from vermouth_cache.store import local as storage
     from vermouth_cache.cli.main import run
 
     def no_space(self, key, data):

@@ -273,7 +273,10 @@ def test_sweep_progress_events_travel_from_a_dask_task_to_the_client():
 
 # ---- 10 (S3): remote errors are one line naming the store and what failed ------------------------
 
-from test_remote import CREDENTIALS, _free_port, _objects, s3_server  # noqa: E402,F401  (the moto fixture)
+import test_remote  # noqa: E402
+from test_remote import CREDENTIALS, _free_port, _objects  # noqa: E402
+
+s3_server = test_remote.s3_server  # the moto server fixture, used here too
 
 SHORT = json.dumps({"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2, "read_timeout": 10}})
 

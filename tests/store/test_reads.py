@@ -15,7 +15,8 @@ import pytest
 
 from conftest import cli as run_cli
 from conftest import make_images
-from vermouth_cache.store.check import repair, verify
+from vermouth_cache.extract.repair import repair
+from vermouth_cache.store.check import verify
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.extract.run import extract
 from vermouth_cache.store.lazy import open_tap

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from conftest import make_images, record_content, store_bytes
-from vermouth_cache.store.check import repair, verify
+from vermouth_cache.extract.repair import repair
+from vermouth_cache.store.check import verify
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.extract.run import extract
 from vermouth_cache.store.entries import Store

@@ -10,7 +10,7 @@ import torch
 
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.train.loader import CacheLoader, Field
-from vermouth_cache.store.location import LocalLocation
+from vermouth_cache.store.local import LocalLocation
 from vermouth_cache.store.entries import Store
 
 N, S = 23, 4  # 6 shards, the last one short (3 samples)

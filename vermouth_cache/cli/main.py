@@ -108,10 +108,11 @@ def extract(quiet, **fields):
 def ls_cmd(store, kind):
     """List the entries of STORE (a directory or URL, opened read-only): dataset, model, t, taps,
     resolution, prompt, noise, progress, size."""
+    from vermouth_cache.models.taps import summarize_taps
     from vermouth_cache.store.listing import table
     from vermouth_cache.store.entries import Store
 
-    click.echo(table(Store(store, read_only=True), kind))
+    click.echo(table(Store(store, read_only=True), kind, summarize_taps=summarize_taps))
 
 
 @main.command()
@@ -135,7 +136,7 @@ def export(store, out, entry, taps, dataset, split, image_root, layout, t, resol
            sd_model, **pins):
     """Export one feature entry of STORE to HDF5: /sample_ids, /labels, /captions, /features/<tap>."""
     from vermouth_cache.store.export import export_h5
-    from vermouth_cache.extract.selection import pop_pins
+    from vermouth_cache.extract.selection import find_features, pop_pins
     from vermouth_cache.store.entries import Store
 
     ds = query = None
@@ -157,8 +158,9 @@ def export(store, out, entry, taps, dataset, split, image_root, layout, t, resol
     elif pins or sd_model:
         raise VermouthError("--sd-model and the options that select features by recipe go with --dataset "
                             "(--entry names the entry itself)")
-    res = export_h5(Store(store), out, entry_key=entry, taps=[t.strip() for t in taps.split(",")] if taps else None,
-                    dataset=ds, query=query)
+    st, taps = Store(store), [t.strip() for t in taps.split(",")] if taps else None
+    found = find_features(st, ds, query, arrays=taps) if ds is not None else None  # else --entry, or the only one
+    res = export_h5(st, out, entry=found, entry_key=entry, taps=taps)
     click.echo(f"wrote {res['path']}: {res['samples']} samples, taps {', '.join(res['taps'])}"
                + (f" ({res['excluded']} failed samples excluded)" if res["excluded"] else ""))
 

@@ -1,4 +1,5 @@
-"""`vermouth-cache verify | repair | gc STORE`: checking and mending a store (thin layer over `check`, `gc`)."""
+"""`vermouth-cache verify | repair | gc STORE`: checking and mending a store (a thin layer over
+`store.check.verify`, `extract.repair.repair` and `store.gc`)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def verify(store, deep, quiet):
 def repair(store, shallow, device, quiet):
     """Recompute exactly the shards `verify` finds bad in STORE, from the dataset and models named in
     each entry's manifest (refused if they changed since), then verify again."""
-    from vermouth_cache.store.check import repair as run_repair
+    from vermouth_cache.extract.repair import repair as run_repair
     from vermouth_cache.store.entries import Store
 
     rep = run_repair(Store(store), deep=not shallow, progress=not quiet, device=device)

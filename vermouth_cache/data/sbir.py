@@ -14,8 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from vermouth_cache.data.datasets import Dataset, Sample, _abspath, load_dataset
 from vermouth_cache.core.errors import VermouthError
+from vermouth_cache.data.datasets import load_dataset
+from vermouth_cache.data.paths import abspath
+from vermouth_cache.data.samples import Dataset, Sample
+from vermouth_cache.data.vocab import read_name_list, unseen_classes
 
 # (photo dir, sketch dir, dataset) in the order they are tried; None: guessed from the root name.
 SBIR_TREES = (
@@ -58,7 +61,7 @@ def _has_classes(d: Path) -> bool:
 
 def find_sbir_trees(root: str | Path) -> tuple[Path, Path, str | None]:
     """(photo_dir, sketch_dir, name_guess) of the first known layout with class folders."""
-    root = _abspath(root)
+    root = abspath(root)
     if not root.is_dir():
         raise VermouthError(f"SBIR dataset root is not a directory: {root}")
     for photo, sketch, name in SBIR_TREES:
@@ -100,22 +103,15 @@ def load_sbir(root: str | Path, unseen=None) -> SbirData:
     """
     photo_dir, sketch_dir, name = find_sbir_trees(root)
     photos, sketches = load_dataset(photo_dir), load_dataset(sketch_dir)
-    root = _abspath(root)
+    root = abspath(root)
     if unseen is None and (root / "unseen.txt").is_file():
         unseen = root / "unseen.txt"
     if isinstance(unseen, (str, Path)):
-        from vermouth_cache.data.seg import read_classnames_file
-
-        unseen = read_classnames_file(_abspath(unseen))
+        unseen = read_name_list(abspath(unseen))
     elif unseen is None:
         if name is None:
             raise VermouthError(f"{root}: unseen classes not given and the dataset is not "
                                 "recognised; pass a list or write root/unseen.txt")
-        try:
-            from vermouth_cache.data.vocab import unseen_classes
-        except ImportError:
-            raise VermouthError(f"{root}: no unseen list for {name} (vermouth_cache.data.vocab "
-                                "missing); pass one") from None
         unseen = unseen_classes(name)
     split = sbir_split(photos.classnames, sketches.classnames, list(unseen))
     return SbirData(name, photos, sketches, split)

@@ -29,8 +29,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from vermouth_cache.data.datasets import Dataset, Sample, _abspath, _inside
 from vermouth_cache.core.errors import VermouthError
+from vermouth_cache.data import vocab
+from vermouth_cache.data.paths import abspath, check_inside
+from vermouth_cache.data.samples import Dataset, Sample
 
 MAX_PIXELS = 100_000_000  # images.MAX_PIXELS, not imported: that module pulls in torch
 
@@ -130,7 +132,7 @@ def detect_layout(root: str | Path) -> str | None:
 def load_seg_dataset(root: str | Path, layout: str | None, split: str | None,
                      classnames_file: str | Path | None = None) -> Dataset:
     """Images with masks of one split; layout None = `detect_layout(root)`."""
-    root = _abspath(root)
+    root = abspath(root)
     if not root.is_dir():
         raise VermouthError(f"segmentation dataset root is not a directory: {root}")
     name = layout if layout is not None else detect_layout(root)
@@ -145,13 +147,13 @@ def load_seg_dataset(root: str | Path, layout: str | None, split: str | None,
     mask_dir = _first_dir(root, lay, lay.mask_dirs, split, "mask")
 
     if classnames_file is not None:
-        classnames = read_classnames_file(_abspath(classnames_file))
+        classnames = vocab.read_name_list(abspath(classnames_file))
     elif lay.vocab is None:
         if not (root / "classnames.txt").is_file():
             raise VermouthError(f"{root}: layout {name} needs classnames.txt (one name a line)")
-        classnames = read_classnames_file(root / "classnames.txt")
+        classnames = vocab.read_name_list(root / "classnames.txt")
     else:
-        classnames = _vocab_classnames(lay.vocab)
+        classnames = vocab.classnames(lay.vocab)
     rule = LABEL_RULES[lay.label_rule]
     if lay.vocab is None and len(classnames) > LABEL_RULES["identity"].ignore:
         rule = LABEL_RULES["identity16"]  # a generic set with more classes than uint8 holds
@@ -194,7 +196,7 @@ def load_seg_dataset(root: str | Path, layout: str | None, split: str | None,
     source = {"kind": "seg", "layout": name, "spec": str(root), "split": split,
               "label_rule": rule.name}
     if classnames_file is not None:
-        source["classnames_file"] = str(_abspath(classnames_file))
+        source["classnames_file"] = str(abspath(classnames_file))
     return Dataset(f"{title}/{split}" if split else title, image_dir, samples, classnames, source)
 
 
@@ -227,7 +229,7 @@ def _scan(d: Path, suffixes, recursive: bool, what: str, root: Path) -> dict[str
                 continue
             p = Path(dirpath) / f
             if os.path.islink(p):
-                _inside(root_real, p, str(root), what)
+                check_inside(root_real, p, str(root), what)
             key = p.relative_to(d).with_suffix("").as_posix()
             if key in found:
                 if what == "image":
@@ -246,22 +248,6 @@ def _read_split_list(path: Path) -> list[str]:
     except (OSError, UnicodeDecodeError) as e:
         raise VermouthError(f"{path}: cannot read split list: {e}") from None
     return [ln.split()[0] for ln in lines if ln.strip()]
-
-
-def read_classnames_file(path: Path) -> tuple[str, ...]:
-    """One class name a line (index = line among non-blank lines); '#' starts a comment line."""
-    from vermouth_cache.data.vocab import read_name_list  # the one reader of name files; lazy: vocab needs no seg code
-
-    return read_name_list(path)
-
-
-def _vocab_classnames(name: str) -> tuple[str, ...]:
-    try:
-        from vermouth_cache.data import vocab
-    except ImportError:
-        raise VermouthError(f"class-name list {name!r} needs vermouth_cache.data.vocab; "
-                            "pass classnames_file instead") from None
-    return tuple(vocab.classnames(name))
 
 
 def ignore_index(dtype) -> int:

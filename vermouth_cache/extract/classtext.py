@@ -25,7 +25,8 @@ import torch
 from vermouth_cache import SCHEMA_VERSION
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.models.loading import Placement, directory_identity, load_pretrained, resolve_model_dir
-from vermouth_cache.store.entries import OK, Store
+from vermouth_cache.store.entries import Store
+from vermouth_cache.store.records import OK
 from vermouth_cache.data.vocab import prompt_text
 
 

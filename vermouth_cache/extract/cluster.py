@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from vermouth_cache.core.errors import VermouthError
+from vermouth_cache.core.extras import require
 from vermouth_cache.core.progress import Progress
 from vermouth_cache.extract.compute import torch_threads
 from vermouth_cache.extract.plan import plan_from_keys, plan_keys
@@ -34,6 +35,7 @@ from vermouth_cache.store.entries import Store
 
 def client_for(workers: int | None, scheduler: str | None):
     """(client, cluster): the cluster at `scheduler`, or a new local one of `workers` processes."""
+    require("distributed", "running on dask workers (--workers, --scheduler, sweeps)")  # the `dist` extra
     from distributed import Client, LocalCluster
 
     if scheduler:

@@ -18,12 +18,14 @@ import hashlib
 import numpy as np
 
 from vermouth_cache import SCHEMA_VERSION
-from vermouth_cache.data.datasets import Dataset
+from vermouth_cache.data.samples import Dataset
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.core.progress import track
 from vermouth_cache.core.hashing import canonical_json, file_sha256
 from vermouth_cache.data.seg import LABEL_RULES, mask_for_training, read_mask
-from vermouth_cache.store.entries import OK, Entry, Store
+from vermouth_cache.store.entries import Store
+from vermouth_cache.store.entry import Entry
+from vermouth_cache.store.records import OK
 
 ARRAY = "mask"
 

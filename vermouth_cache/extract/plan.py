@@ -14,14 +14,15 @@ from dataclasses import dataclass, field
 
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.core.hashing import recipe_key
-from vermouth_cache.data.datasets import Dataset
+from vermouth_cache.data.samples import Dataset
 from vermouth_cache.extract.recipes import captions_recipe, expert_recipe, features_recipe, latents_recipe, text_recipe
 from vermouth_cache.extract.request import ExtractRequest
 from vermouth_cache.methods import method_named
 from vermouth_cache.methods.conditioning import conditioning_of
 from vermouth_cache.models.pipeline import StableDiffusion
 from vermouth_cache.models.taps import blocks_with_cross_attention
-from vermouth_cache.store.entries import Entry, Store
+from vermouth_cache.store.entries import Store
+from vermouth_cache.store.entry import Entry
 
 CAPTIONS, TEXT, LATENTS = "captions", "cond", "latent"
 EXPERT_LEVELS = [f"expert.level{i}" for i in range(4)]

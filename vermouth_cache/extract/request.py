@@ -25,7 +25,7 @@ from vermouth_cache.models.backbones.base import TEXT_LAYERS
 from vermouth_cache.models.loading import DEFAULT_CAPTIONER, EXPERT_MODELS, PRECISIONS
 from vermouth_cache.models.noise import NOISE_MODES
 from vermouth_cache.models.taps import BLOCK_ORDER, parse_stages, taps_for
-from vermouth_cache.store.entries import STORAGE_DTYPES
+from vermouth_cache.store.arrays import STORAGE_DTYPES
 
 PROMPT_MODES = tuple(c.name for c in CONDITIONINGS.values() if not c.syntax)
 ON_ERROR = ("fail", "skip")

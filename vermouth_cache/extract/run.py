@@ -29,7 +29,8 @@ from vermouth_cache.extract.plan import (CAPTIONS, LATENTS, Plan, arrays_of, dat
 from vermouth_cache.extract.request import ExtractRequest
 from vermouth_cache.extract.shards import ExtractReport, Models, ShardRunner, wait_poll
 from vermouth_cache.store.claims import Claims
-from vermouth_cache.store.entries import OK, Store
+from vermouth_cache.store.entries import Store
+from vermouth_cache.store.records import OK
 
 log = get_logger(__name__)
 

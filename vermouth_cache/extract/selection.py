@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vermouth_cache.data.datasets import Dataset
+from vermouth_cache.data.samples import Dataset
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.extract.request import ExtractRequest
 from vermouth_cache.methods import DEFAULT_METHOD
 from vermouth_cache.models.loading import Captioner
-from vermouth_cache.store.entries import Entry, Store
+from vermouth_cache.store.entries import Store
+from vermouth_cache.store.entry import Entry
 
 
 @dataclass(frozen=True)

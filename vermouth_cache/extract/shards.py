@@ -25,7 +25,9 @@ from vermouth_cache.methods.conditioning import conditioning_of
 from vermouth_cache.models.loading import Captioner, Expert, Placement, resolve_device, resolve_precision
 from vermouth_cache.models.pipeline import StableDiffusion
 from vermouth_cache.store.claims import Claims
-from vermouth_cache.store.entries import OK, STORAGE_DTYPES, Entry
+from vermouth_cache.store.arrays import STORAGE_DTYPES
+from vermouth_cache.store.entry import Entry
+from vermouth_cache.store.records import OK
 
 
 @dataclass

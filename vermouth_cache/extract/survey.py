@@ -26,7 +26,9 @@ from vermouth_cache.models.pipeline import StableDiffusion
 from vermouth_cache.extract.request import ExtractRequest
 from vermouth_cache.methods import method_named
 from vermouth_cache.methods.conditioning import conditioning_of
-from vermouth_cache.store.entries import STORAGE_DTYPES, Entry, Store
+from vermouth_cache.store.arrays import STORAGE_DTYPES
+from vermouth_cache.store.entries import Store
+from vermouth_cache.store.entry import Entry
 from vermouth_cache.models.taps import run_taps
 
 

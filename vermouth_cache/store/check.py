@@ -1,7 +1,6 @@
-"""`verify` and `repair`: find every damaged shard of a store, and recompute exactly those.
+"""`verify`: find every damaged shard of a store, naming its samples; nothing is written.
 
     vermouth-cache verify STORE [--deep]      # names every bad shard and its samples; exit 1 if any
-    vermouth-cache repair STORE               # recomputes them, then verifies again
 
 `verify` checks, per entry: the manifest and array metadata parse (and hold no pickled types);
 every shard record parses and matches the entry's shard bounds; every committed chunk exists
@@ -11,10 +10,8 @@ record (a flipped byte, or a chunk swapped for another). Shards without a record
 incomplete (an extraction still running or interrupted), not as damage; samples whose image
 failed are listed as recorded failures.
 
-`repair` deletes each bad shard's record and chunk and recomputes them from the request kept in
-the entry's manifest (the same dataset path and models), after checking that those inputs still
-give the same entry key: images or weights that changed since are refused, never mixed in.
-Only the bad shards are computed (plus upstream shards they read, if those are missing too).
+Recomputing what `verify` finds is extraction: `vermouth_cache.extract.repair`. `remove_dead_claims`
+and `remove_debris` clear what killed writers left, which no reader ever opens.
 """
 
 from __future__ import annotations
@@ -24,9 +21,11 @@ from dataclasses import dataclass, field
 
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.core.progress import track
-from vermouth_cache.store.entries import KINDS, OK, Entry, ShardDamage, Store
+from vermouth_cache.store.claims import Claims
+from vermouth_cache.store.entries import KINDS, Store
+from vermouth_cache.store.entry import Entry
+from vermouth_cache.store.records import OK, ShardDamage
 
-EXTRACT_KINDS = ("captions", "text", "latents", "features", "expert")
 DEBRIS_AGE = 3600.0  # seconds: temporary files older than this belong to no live writer
 
 
@@ -165,8 +164,6 @@ def _verify_entry(store: Store, entry: Entry, v: Verification) -> None:
             bad = entry.broken.get(name) or _check_shard(store, entry, name, shard, specs, v, failed, ids)
             if bad:
                 v.problems.append(Problem(entry.prefix, name, shard, bad, ids[start:stop]))
-    from vermouth_cache.store.claims import Claims
-
     judge = Claims(store.loc)
     for name in store.loc.list(f"{entry.prefix}/claims"):
         try:
@@ -201,75 +198,18 @@ def _check_shard(store, entry: Entry, name: str, shard: int, specs: dict, v: Ver
     return None
 
 
-# -- repair --------------------------------------------------------------------------------------
-
-@dataclass
-class RepairReport:
-    repaired: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # entry -> array -> shards
-    refused: dict[str, str] = field(default_factory=dict)  # entry -> why it could not be repaired
-    claims_removed: int = 0
-    debris_removed: int = 0
-    after: Verification | None = None
-
-
-def repair(store: Store, *, deep: bool = True, progress: bool = True, device: str | None = None) -> RepairReport:
-    """Recompute every bad shard `verify` finds; returns what was done and a verification after."""
-    v = verify(store, deep=deep, progress=progress)
-    out = RepairReport()
-    for p in v.problems:
-        if p.array is None:
-            out.refused[p.entry] = p.what
-    for prefix, arrays in v.bad_shards().items():
-        entry = Entry(store.loc, *prefix.split("/"))
-        try:
-            _repair_entry(store, entry, arrays, progress, device)
-            out.repaired[prefix] = {a: sorted(s) for a, s in arrays.items()}
-        except VermouthError as exc:
-            out.refused[prefix] = str(exc)
-    out.claims_removed = remove_dead_claims(store)
-    for entry in store.entries():  # an hour old: no live writer is still filling it
-        for key in store.loc.debris(entry.prefix, older_than=DEBRIS_AGE):
-            store.loc.delete(key)
-            out.debris_removed += 1
-    out.after = verify(store, deep=deep, progress=progress)
-    return out
-
-
-def _repair_entry(store: Store, entry: Entry, arrays: dict[str, set[int]], progress: bool, device) -> None:
-    kind, about = entry.kind, entry.manifest.get("about", {})
-    for name in arrays:
-        if name in entry.broken:  # altered or missing metadata: the array is made again from scratch
-            for shard in entry.done_shards(name):
-                store.loc.delete(entry.record_key(name, shard))
-            store.loc.delete_prefix(f"{entry.prefix}/arrays/{name}")
-            arrays[name] = set(range(entry.n_shards))
-    if kind in EXTRACT_KINDS:
-        from vermouth_cache.extract.run import extract
-        from vermouth_cache.extract.request import ExtractRequest
-
-        saved = about.get("request")
-        if not saved:
-            raise VermouthError("its manifest keeps no request (made by an older vermouth-cache); remove it with "
-                                "`vermouth-cache gc --entry` and extract again")
-        t = (about["t"],) if kind == "features" else tuple(saved.get("t") or (200,))
-        req = ExtractRequest.from_json(saved, store=str(store.root), t=t, progress=progress,
-                                       **({"device": device} if device else {}))
-        extract(req, only={entry.prefix: arrays})
-    elif kind == "masks":
-        from vermouth_cache.extract.masks import refill_masks
-
-        refill_masks(store, entry, arrays, progress=progress)
-    elif kind == "classtext":
-        from vermouth_cache.extract.classtext import refill_classtext
-
-        refill_classtext(store, entry)
-    else:
-        raise VermouthError(f"no repair for entries of kind {kind}")
-
-
 def remove_dead_claims(store: Store) -> int:
     """Delete claim files whose holder is dead; returns how many."""
-    from vermouth_cache.store.claims import Claims
-
     claims = Claims(store.loc)
     return sum(claims.remove_dead(entry.prefix) for entry in store.entries())
+
+
+def remove_debris(store: Store) -> int:
+    """Delete the temporary files killed writers left (`DEBRIS_AGE` old: no live writer is still
+    filling them); returns how many."""
+    removed = 0
+    for entry in store.entries():
+        for key in store.loc.debris(entry.prefix, older_than=DEBRIS_AGE):
+            store.loc.delete(key)
+            removed += 1
+    return removed

@@ -19,7 +19,10 @@ import numpy as np
 
 from vermouth_cache.core.atomic import commit, temp_beside
 from vermouth_cache.core.errors import VermouthError
-from vermouth_cache.store.entries import OK, Entry, Store
+from vermouth_cache.store.entries import Store
+from vermouth_cache.store.entry import Entry
+from vermouth_cache.store.gc import mark_used
+from vermouth_cache.store.records import OK
 
 
 def select_features_entry(store: Store, key: str | None) -> Entry:
@@ -66,19 +69,14 @@ def _remove(tmp: Path) -> None:
         pass  # e.g. the directory vanished: nothing of ours is left under the final name anyway
 
 
-def export_h5(store: Store, out: str | os.PathLike, *, entry_key: str | None = None,
-              taps: list[str] | None = None, dataset=None, query=None) -> dict:
-    """Export the entry `entry_key`, or the one of `dataset` (a Dataset) matching `query` (a
-    selection.FeatureQuery): a request the store does not hold is refused with the fields that differ."""
+def export_h5(store: Store, out: str | os.PathLike, *, entry: Entry | None = None, entry_key: str | None = None,
+              taps: list[str] | None = None) -> dict:
+    """Export `entry`, or the features entry `entry_key` names (a key prefix is enough), or the
+    store's only features entry. An entry found from a dataset and recipe fields is
+    `vermouth_cache.extract.selection.find_features`'s to find."""
     out = _output_path(out)  # an impossible --out is refused before anything is read
-    if dataset is not None:
-        from vermouth_cache.extract.selection import find_features
-
-        entry = find_features(store, dataset, query, arrays=taps)
-    else:
+    if entry is None:
         entry = select_features_entry(store, entry_key)
-    from vermouth_cache.store.gc import mark_used
-
     mark_used(store, entry)  # and the captions it exports, the text and latents it was made from
     names = entry.array_names()
     taps = taps or names

@@ -8,7 +8,7 @@ the file, never a KeyError three calls later. Beyond shape, the files vouch for 
 - a dataset record must hash to its own key (rotated ids or labels are not served);
 - every shard record carries the sha256 of the manifest and of the array metadata (`zarr.json`)
   it was written under, and the size and CRC32C of its chunk, so an edit of either, or a chunk
-  swapped for another well-formed one, is refused by every read (see `store.Entry.read`);
+  swapped for another well-formed one, is refused by every read (see `entry.Entry.read`, `records`);
 - every shard record is sealed with the sha256 of its own fields, so a status edited from an
   error to "ok" (which would serve the NaN fill of a failed sample) is refused.
 """
@@ -16,7 +16,9 @@ the file, never a KeyError three calls later. Beyond shape, the files vouch for 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
@@ -39,6 +41,15 @@ def check_key(key: object, what: str) -> str:
 def digest(obj: Any) -> str:
     """sha256 of the canonical JSON of a parsed file: formatting does not matter, content does."""
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
+
+
+def read_json(path: str | Path):
+    """A local JSON file the caller trusts the shape of (a run's config.json, a sweep's point
+    record); unparsable, it is one line naming the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise VermouthError(f"corrupt store file {path}: {exc}") from None
 
 
 class _File(BaseModel):

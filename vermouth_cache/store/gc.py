@@ -19,7 +19,9 @@ import time
 from dataclasses import dataclass
 
 from vermouth_cache.core.errors import VermouthError
-from vermouth_cache.store.entries import KINDS, Entry, Store
+from vermouth_cache.store.entries import KINDS, Store
+from vermouth_cache.store.entry import Entry
+from vermouth_cache.store.listing import human_bytes
 
 _KEY = re.compile(r"[0-9a-f]{16}")  # a store key (`hashing.recipe_key`); longer hashes are identities
 
@@ -56,8 +58,6 @@ class Doomed:
     bytes: int
 
     def line(self) -> str:
-        from vermouth_cache.store.listing import human_bytes
-
         age = (time.time() - self.last_used) / 86400 if self.last_used else float("inf")
         try:
             about = self.entry.manifest.get("about", {})

@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vermouth_cache.core.errors import VermouthError
-from vermouth_cache.store.entries import OK, Entry, Store
+from vermouth_cache.store.entries import Store
+from vermouth_cache.store.entry import Entry
+from vermouth_cache.store.records import OK
 
 
 @dataclass
@@ -59,7 +61,7 @@ def _entry(store: Store, name: str) -> Entry:
 def open_tap(store: str | os.PathLike, entry: str, tap: str, *, samples: str = "ok",
              storage_options: dict | None = None) -> TapView:
     """`entry` is "kind/key" (a key prefix is enough) or a features key; `tap` one of its arrays."""
-    import dask
+    import dask  # only for a lazy view: the rest of the store never needs it
     import dask.array as da
 
     if samples not in ("ok", "all"):

@@ -1,10 +1,22 @@
-"""`ls`: one row per store entry, with how many samples are done and how much disk it takes."""
+"""`ls`: one row per store entry, with how many samples are done and how much disk it takes.
+
+    table(store, "features", summarize_taps=summarize_taps)   # the CLI passes models.taps' summary
+
+The store knows its arrays by name only; how a list of tap names reads short ("mid,up
++attn(up)") is the backbone's to say, so the caller passes it (`summarize_taps`); by default the
+names are listed.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 from vermouth_cache.core.errors import VermouthError
-from vermouth_cache.store.entries import OK, Entry, Store
-from vermouth_cache.models.taps import summarize_taps
+from vermouth_cache.store.entries import Store
+from vermouth_cache.store.entry import Entry
+from vermouth_cache.store.records import OK
+
+TapSummary = Callable[[Iterable[str]], str]
 
 COLUMNS = ("kind", "key", "dataset", "model", "t", "taps", "res", "prompt", "noise", "dtype", "done/total", "size")
 
@@ -26,7 +38,7 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def entry_row(entry: Entry) -> dict[str, str]:
+def entry_row(entry: Entry, summarize_taps: TapSummary = ",".join) -> dict[str, str]:
     about = entry.manifest.get("about", {})
     ok, failed, total = entry_progress(entry)
     taps = [n for n in entry.array_names() if entry.kind in ("features", "expert")]
@@ -84,11 +96,12 @@ def _noise(entry: Entry) -> str:
     return out
 
 
-def table(store: Store, kind: str | None = None) -> str:
+def table(store: Store, kind: str | None = None, *, summarize_taps: TapSummary = ",".join) -> str:
+    """The `ls` table of the entries of `store` (of `kind`), a damaged one as a row saying so."""
     rows = []
     for e in store.entries(kind):
         try:
-            rows.append(entry_row(e))
+            rows.append(entry_row(e, summarize_taps))
         except VermouthError as exc:
             rows.append(damaged_row(e, exc))
     if not rows:

@@ -14,7 +14,7 @@ from pathlib import Path
 from vermouth_cache.core.hashing import canonical_json
 from vermouth_cache.extract.request import ExtractRequest
 from vermouth_cache.models.taps import STAGES, parse_stages
-from vermouth_cache.store.entries import read_json
+from vermouth_cache.store.files import read_json
 from vermouth_cache.sweep.recipe import DatasetSpec, Models, Point, Recipe
 from vermouth_cache.train.common import pass_key
 

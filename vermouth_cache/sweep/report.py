@@ -29,7 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vermouth_cache.core.atomic import atomic_write
+from vermouth_cache.core.extras import available, install_hint
+from vermouth_cache.core.progress import get_logger
 
+log = get_logger(__name__)
 _MISSING = object()
 
 
@@ -199,6 +202,9 @@ def plot_name(key: str) -> str:
 
 
 def write_plots(records: list[dict], plots: Path) -> list[Path]:
+    if not available("matplotlib"):  # the tables are the result; the plots redraw them
+        log.warning("%s: no plots, drawing them needs matplotlib: %s", plots, install_hint("matplotlib"))
+        return []
     written = []
     for key in _first_seen(k for r in records for k in r.get("varied", {})):
         series = series_for(records, key)

@@ -28,8 +28,8 @@ from pathlib import Path
 
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.core.progress import Progress, get_logger, work_sink
+from vermouth_cache.core.atomic import atomic_write_json
 from vermouth_cache.extract.run import extract
-from vermouth_cache.store.entries import write_json_atomic
 from vermouth_cache.store.listing import human_bytes
 from vermouth_cache.sweep.plan import (POINT_FILE, ResolvedModels, TrainGroup, extraction_requests, fingerprint,
                                        finished, run_dir, train_groups)
@@ -108,7 +108,7 @@ def run_sweep(recipe: Recipe, opts: SweepOptions) -> SweepResult:
     from vermouth_cache.sweep.report import write_report
 
     result.report = write_report(result.records, out, title=recipe.name)
-    write_json_atomic(out / "sweep.json", {"recipe": recipe.source, "name": recipe.name, "store": opts.store_path,
+    atomic_write_json(out / "sweep.json", {"recipe": recipe.source, "name": recipe.name, "store": opts.store_path,
                                            "models": models.__dict__, "points": [p.name for p in recipe.points],
                                            "this_call": {"extracted": result.extracted, "trained": result.trained,
                                                          "seconds": result.seconds}})
@@ -238,7 +238,7 @@ def train_group(job: GroupJob) -> list[dict]:
         rec["paper"] = [p for p in rec.pop("paper_candidates") if any(
             p["dataset"] == s["dataset"] and p["metric"] == s["metric"] for s in rec["scores"])]
         Path(directory).mkdir(parents=True, exist_ok=True)
-        write_json_atomic(Path(directory) / POINT_FILE, rec)
+        atomic_write_json(Path(directory) / POINT_FILE, rec)
         records.append(rec)
     return records
 

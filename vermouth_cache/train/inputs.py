@@ -11,13 +11,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vermouth_cache.data.datasets import Dataset
+from vermouth_cache.data.samples import Dataset
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.store.gc import mark_used
 from vermouth_cache.train.loader import Field
 from vermouth_cache.train.pyramid import taps_needed
 from vermouth_cache.extract.selection import FeatureQuery, find_by_dataset, find_features, subset_indices
-from vermouth_cache.store.entries import OK, Entry, Store
+from vermouth_cache.store.entries import Store
+from vermouth_cache.store.entry import Entry
+from vermouth_cache.store.records import OK
 from vermouth_cache.models.taps import ATTN_PREFIX, STAGES
 from vermouth_cache.train.settings import TaskSettings
 

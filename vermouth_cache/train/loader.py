@@ -43,7 +43,8 @@ import torch
 
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.core.progress import Progress
-from vermouth_cache.store.entries import OK, Entry
+from vermouth_cache.store.entry import Entry
+from vermouth_cache.store.records import OK
 
 MODES = ("memory", "stream", "auto")
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

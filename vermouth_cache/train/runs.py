@@ -18,12 +18,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from vermouth_cache.core.atomic import atomic_write
+from vermouth_cache.core.atomic import atomic_write, atomic_write_json
 from vermouth_cache.core.errors import VermouthError
+from vermouth_cache.core.extras import available, install_hint
+from vermouth_cache.core.progress import get_logger
 from vermouth_cache.train.heads import HeadSpec, VermouthHead
-from vermouth_cache.store.entries import read_json, write_json_atomic
+from vermouth_cache.store.files import read_json
 from vermouth_cache.train.loop import FitResult, History
 
+log = get_logger(__name__)
 FILES = ("config.json", "metrics.json", "head.safetensors", "curve.png")
 
 
@@ -66,9 +69,13 @@ def write_run(out: Path, *, config: dict, metrics: dict, model: VermouthHead, hi
     meta = {"head_spec": json.dumps(model.spec.to_json()), "out_dim": str(config["out_dim"])}
     # bytes, not save_file: safetensors writes a file of its own with mode 0600 and renames it
     atomic_write(out / "head.safetensors", save(tensors, metadata=meta))
-    write_json_atomic(out / "config.json", config)
-    write_json_atomic(out / "metrics.json", {**metrics, "history": history.to_json()})
-    atomic_write(out / "curve.png", write=lambda p: plot_curve(history, select, p, title=config.get("title", "")))
+    atomic_write_json(out / "config.json", config)
+    atomic_write_json(out / "metrics.json", {**metrics, "history": history.to_json()})
+    if available("matplotlib"):
+        atomic_write(out / "curve.png", write=lambda p: plot_curve(history, select, p, title=config.get("title", "")))
+    else:  # the curve is a by-product: the run stands without it
+        (out / "curve.png").unlink(missing_ok=True)
+        log.warning("%s: no curve.png, drawing it needs matplotlib: %s", out, install_hint("matplotlib"))
 
 
 def finish_run(out: Path, config: dict, metrics: dict, model: VermouthHead, result: FitResult, *,
@@ -81,8 +88,8 @@ def finish_run(out: Path, config: dict, metrics: dict, model: VermouthHead, resu
             (out / name).unlink(missing_ok=True)
         failed = {"task": metrics["task"], "error": result.error, "steps": result.steps,
                   "history": result.history.to_json()}
-        write_json_atomic(out / "config.json", config)
-        write_json_atomic(out / "metrics.json", failed)
+        atomic_write_json(out / "config.json", config)
+        atomic_write_json(out / "metrics.json", failed)
         return failed
     write_run(out, config=config, metrics=metrics, model=model, history=result.history, select=select,
               extra_weights=extra_weights)
