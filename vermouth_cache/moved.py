@@ -55,14 +55,23 @@ MOVED = {
     "vermouth_cache.cli_sweep": "vermouth_cache.cli.sweep",
 }
 
+# old modules whose names went to more than one place
+ALSO = {
+    "vermouth_cache.check": "repair: vermouth_cache.extract.repair",
+    "vermouth_cache.storage": "backends: vermouth_cache.store.local, vermouth_cache.store.remote",
+    "vermouth_cache.store_files": "read_json too",
+    "vermouth_cache.datasets": "Dataset, Sample: vermouth_cache.data.samples",
+}
+
 
 class MovedModules(importlib.abc.MetaPathFinder):
     """Consulted only after the real finders found nothing, so it never shadows a module."""
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname in MOVED:
-            raise ModuleNotFoundError(f"{fullname} moved to {MOVED[fullname]} in vermouth-cache 0.2: import from there",
-                                      name=fullname)
+            also = f" ({ALSO[fullname]})" if fullname in ALSO else ""
+            raise ModuleNotFoundError(f"{fullname} moved to {MOVED[fullname]}{also} in vermouth-cache 0.2: import from "
+                                      "there", name=fullname)
         return None
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from vermouth_cache.core.errors import VermouthError
-from vermouth_cache.core.extras import EXTRAS, MissingExtra, available, install_hint, require
+from vermouth_cache.core.errors import EXTRAS, MissingExtra, available, install_hint, require
 from vermouth_cache.extract.cluster import client_for
 from vermouth_cache.store.entries import Store
 from vermouth_cache.sweep.report import write_plots

@@ -14,7 +14,6 @@ import click
 
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.core.progress import configure_logging
-from vermouth_cache.data.seg import LAYOUTS
 from vermouth_cache.extract.request import Choices, Cli, ExtractRequest, option_name
 from vermouth_cache.extract.selection import pin_options
 from vermouth_cache.store.entries import KINDS
@@ -44,14 +43,17 @@ def _click_type(field):
     return kind if kind in (int, float) else str
 
 
-def request_options(model):
-    """Click arguments and options for every field of a pydantic request, in declaration order:
-    the name, type, choices, default and help are the field's own (a required field without a
-    default is a required option; tuple defaults show as comma-separated text)."""
+def request_options(model, *, only: tuple[str, ...] | None = None, help_prefix: str = ""):
+    """Click arguments and options for the fields of a pydantic request (all, or `only` these as
+    options), in declaration order: the name, type, choices, default and help are the field's own
+    (a required field without a default is a required option; tuple defaults show as comma-separated
+    text)."""
     def decorate(fn):
         for name, field in reversed(list(model.model_fields.items())):
+            if only is not None and name not in only:
+                continue
             cli = next((m for m in field.metadata if isinstance(m, Cli)), Cli())
-            if cli.argument:
+            if cli.argument and only is None:
                 fn = click.argument(name)(fn)
                 continue
             if not cli.option:
@@ -60,10 +62,22 @@ def request_options(model):
             if isinstance(default, tuple):
                 default = ",".join(map(str, default))
             fn = click.option(option_name(name), name, type=_click_type(field), default=default,
-                              required=field.is_required(), metavar=cli.metavar, help=field.description,
+                              required=field.is_required() and only is None, metavar=cli.metavar,
+                              help=help_prefix + (field.description or ""),
                               show_default=default not in (None, ""))(fn)
         return fn
     return decorate
+
+
+def typed_options(fields: dict) -> dict:
+    """The options of `fields` given on the command line: a request's own defaults (and its method's
+    fixed fields) fill the rest."""
+    ctx = click.get_current_context()
+    return {k: v for k, v in fields.items() if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
+
+
+# the features `export --dataset` selects: the extraction options that change them
+EXPORT_QUERY = ("split", "image_root", "layout", "method", "t", "resolution", "prompt", "noise", "text_layer")
 
 
 @main.command()
@@ -78,10 +92,7 @@ def extract(quiet, **fields):
     """
     from vermouth_cache.extract.run import extract as run_extract
 
-    # only what was typed: the request's own defaults (and its method's fixed fields) fill the rest
-    ctx = click.get_current_context()
-    typed = {k: v for k, v in fields.items() if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
-    req = ExtractRequest(**typed, progress=not quiet)
+    req = ExtractRequest(**typed_options(fields), progress=not quiet)
     report = run_extract(req)
     ds = report.dataset
     for note in report.notes:
@@ -120,42 +131,39 @@ def ls_cmd(store, kind):
 @click.option("--out", required=True, help="HDF5 file to write (through a temporary name).")
 @click.option("--entry", help="Key (or key prefix) of the feature entry; needed when the store has several.")
 @click.option("--taps", help="Taps to export, comma-separated (default: all of the entry's).")
-@click.option("--dataset", help="Instead of --entry: the features of this dataset matching --t, --resolution, "
-                                "--prompt, --noise, --text-layer (refused, naming the fields that differ, if none does).")
-@click.option("--split", help="With --dataset: its split.")
-@click.option("--image-root", help="With --dataset: its image root.")
-@click.option("--layout", type=click.Choice(list(LAYOUTS)), help="With --dataset: its segmentation layout.")
-@click.option("--t", "t", type=int, default=200, show_default=True, help="With --dataset: the timestep.")
-@click.option("--resolution", type=int, default=256, show_default=True, help="With --dataset: the resolution.")
-@click.option("--prompt", default="blip", show_default=True, help="With --dataset: the caption source.")
-@click.option("--noise", default="ddpm", show_default=True, help="With --dataset: the noise mode.")
-@click.option("--text-layer", default="final", show_default=True, help="With --dataset: the text layer.")
+@click.option("--dataset", help="Instead of --entry: the features of this dataset matching --method, --t, "
+                                "--resolution, --prompt, --noise, --text-layer (refused, naming the fields that "
+                                "differ, if none does).")
+@request_options(ExtractRequest, only=EXPORT_QUERY, help_prefix="With --dataset: ")
 @click.option("--sd-model", help="With --dataset: only features of this SD model (hub id or directory) [any].")
 @pin_options
-def export(store, out, entry, taps, dataset, split, image_root, layout, t, resolution, prompt, noise, text_layer,
-           sd_model, **pins):
+def export(store, out, entry, taps, dataset, sd_model, **options):
     """Export one feature entry of STORE to HDF5: /sample_ids, /labels, /captions, /features/<tap>."""
     from vermouth_cache.store.export import export_h5
     from vermouth_cache.extract.selection import find_features, pop_pins
     from vermouth_cache.store.entries import Store
 
     ds = query = None
-    pins = pop_pins(pins)
+    pins = pop_pins(options)
     if dataset:
         if entry:
             raise VermouthError("give --entry or --dataset, not both")
         from vermouth_cache.data.datasets import load_dataset
         from vermouth_cache.extract.selection import FeatureQuery, resolve_pins
 
-        ds = load_dataset(dataset, image_root=image_root, split=split, layout=layout)
+        # validated as an extraction would be; the method's fixed fields fill what was not typed
+        want = ExtractRequest(dataset=dataset, store=store, **typed_options(options))
+        if len(want.t) != 1:
+            raise VermouthError(f"--t: export one timestep at a time (got {','.join(map(str, want.t))})")
+        ds = load_dataset(dataset, image_root=want.image_root, split=want.split, layout=want.layout)
         unet = None
         if sd_model:
             from vermouth_cache.train.common import RunOptions, unet_identity
 
             unet = unet_identity(RunOptions(store=store, sd_model=sd_model))
-        query = FeatureQuery(t=t, resolution=resolution, prompt=prompt, noise=noise, text_layer=text_layer, unet=unet,
-                             pins=resolve_pins(pins))
-    elif pins or sd_model:
+        query = FeatureQuery(t=want.t[0], resolution=want.resolution, prompt=want.prompt, noise=want.noise,
+                             text_layer=want.text_layer, method=want.method, unet=unet, pins=resolve_pins(pins))
+    elif pins or sd_model or typed_options(options):
         raise VermouthError("--sd-model and the options that select features by recipe go with --dataset "
                             "(--entry names the entry itself)")
     st, taps = Store(store), [t.strip() for t in taps.split(",")] if taps else None

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from vermouth_cache.core.errors import VermouthError
-from vermouth_cache.core.extras import require
+from vermouth_cache.core.errors import require
 from vermouth_cache.core.progress import Progress
 from vermouth_cache.extract.compute import torch_threads
 from vermouth_cache.extract.plan import plan_from_keys, plan_keys

@@ -12,3 +12,8 @@ From the bytes up:
     check, gc       verify (repair is extraction: vermouth_cache.extract.repair); removal
     listing, export, lazy   `ls`, HDF5 export, any tap as a dask array
 """
+
+from vermouth_cache.store.entries import Store
+from vermouth_cache.store.entry import Entry
+
+__all__ = ["Entry", "Store"]

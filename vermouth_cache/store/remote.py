@@ -23,7 +23,7 @@ from fsspec.asyn import AsyncFileSystem
 from zarr.storage import FsspecStore
 
 from vermouth_cache.core.errors import VermouthError
-from vermouth_cache.core.extras import require
+from vermouth_cache.core.errors import require
 from vermouth_cache.store.location import Location, safe_key, space_error
 from vermouth_cache.store.remote_errors import RemoteErrors, guarded_zarr_store, one_line, remote_error
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vermouth_cache.core.atomic import atomic_write
-from vermouth_cache.core.extras import available, install_hint
+from vermouth_cache.core.errors import available, install_hint
 from vermouth_cache.core.progress import get_logger
 
 log = get_logger(__name__)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save
 
 from vermouth_cache.core.atomic import atomic_write, atomic_write_json
 from vermouth_cache.core.errors import VermouthError
-from vermouth_cache.core.extras import available, install_hint
+from vermouth_cache.core.errors import available, install_hint
 from vermouth_cache.core.progress import get_logger
 from vermouth_cache.train.heads import HeadSpec, VermouthHead
 from vermouth_cache.store.files import read_json
