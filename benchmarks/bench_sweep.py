@@ -106,7 +106,7 @@ GRID_STAGES = ["mid,up", "down,mid"]
 BATCH = 8
 PAPER_EPOCHS, FAST_EPOCHS = 100, 10
 # the extract defaults the naive side copies (caption prompt and length, noise seed)
-REQ = {f.name: f.default for f in fields(ExtractRequest)}
+REQ = {name: f.default for name, f in ExtractRequest.model_fields.items()}
 
 
 def sync(device: torch.device) -> None:

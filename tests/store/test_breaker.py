@@ -158,14 +158,13 @@ def test_a_rerun_does_not_call_a_shard_cached_when_its_record_is_a_directory(pri
     extraction again. Found: extract prints "computed: nothing (all cached)" and exits 0 (its
     listing counts the name), while every reader says samples #0-1 were "never computed" and
     `export` says "run extract again to finish it": the user is sent in a circle."""
-    import dataclasses
 
     root, entry = copy
     path = entry.loc.path(entry.record_key(TAP, 0))
     path.unlink()
     path.mkdir()
     try:
-        extract(dataclasses.replace(pristine["req"], store=str(root)))
+        extract(pristine["req"].with_(store=str(root)))
     except VermouthError:
         return  # refusing, naming the shard, is also honest
     Store(root).find("features", entry.key).read(TAP, [0, 1])
@@ -191,7 +190,6 @@ def test_a_malformed_claim_file_is_one_line_not_a_traceback(pristine, copy, body
     TypeError traceback from `claims.ClaimManager.alive` (claim files are not validated like the
     store's other JSON files). Expected: the damaged claim is taken over (as an unreadable one is)
     or one line naming the file."""
-    import dataclasses
 
     root, entry = copy
     entry.loc.path(entry.record_key(TAP, 0)).unlink()
@@ -199,7 +197,7 @@ def test_a_malformed_claim_file_is_one_line_not_a_traceback(pristine, copy, body
     claim.parent.mkdir(exist_ok=True)
     claim.write_text(body)
     try:
-        extract(dataclasses.replace(pristine["req"], store=str(root)))
+        extract(pristine["req"].with_(store=str(root)))
     except VermouthError:
         return
     Store(root).find("features", entry.key).read(TAP, [0, 1])
