@@ -8,9 +8,8 @@ how cross-attention maps are aggregated (`models.taps.AttentionMaps`), and which
 head of its features uses (a name `train/pyramid.py` defines). The extractor and the recipes read
 these declarations; they never test a method's name.
 
-A new method is one file, `methods/<name>.py`, that builds a `Method` and calls `register_method`
-(imported in `methods/__init__.py` to ship with the package; a test or a plug-in may register one
-at run time). Its recipes carry "method": <name>, so its features never share a key with another
+A new method is one file, `methods/<name>.py`, ending with `METHOD = Method(...)` (the package
+registers every such module on import; a test or a plug-in may call `register_method` at run time). Its recipes carry "method": <name>, so its features never share a key with another
 method's, while the artifacts it shares (captions, text states, latents of the same rules) are
 computed once.
 """

@@ -14,10 +14,10 @@ them as they are keeps every Vermouth store's keys valid.
 
 from __future__ import annotations
 
-from vermouth_cache.methods.base import BLOCK_OUTPUTS, SCALED, Method, register_method
+from vermouth_cache.methods.base import BLOCK_OUTPUTS, SCALED, Method
 from vermouth_cache.models.taps import PER_BLOCK
 
-VERMOUTH = register_method(Method(
+METHOD = Method(
     name="vermouth",
     summary="vermouth (SD block outputs at t, BLIP captions, the paper's U-head)",
     conditionings=("blip", "null", "random", "classname", "text"),
@@ -27,4 +27,4 @@ VERMOUTH = register_method(Method(
     merge="stages",
     default_stages="mid,up",
     keyed=False,
-))
+)
