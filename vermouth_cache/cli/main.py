@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import logging
 import sys
-from types import UnionType
-from typing import Union, get_args, get_origin
 
 import click
 
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.core.progress import configure_logging
-from vermouth_cache.extract.request import Choices, Cli, ExtractRequest, option_name
-from vermouth_cache.extract.selection import pin_options
+from vermouth_cache.cli.options import pin_options, request_options, typed_options
+from vermouth_cache.extract.request import ExtractRequest
 from vermouth_cache.store.entries import KINDS
 
 
@@ -32,52 +30,8 @@ def main(ctx):
         configure_logging(logging.INFO)
 
 
-def _click_type(field):
-    """The click type of a request field: its Choices as a click.Choice, else int, float or text."""
-    for rule in field.metadata:
-        if isinstance(rule, Choices):
-            return click.Choice(list(rule.values()))
-    ann = field.annotation
-    kind = next(a for a in get_args(ann) if a is not type(None)) if get_origin(ann) in (Union, UnionType) else ann
-    # str: text, and tuples of ints typed as "100,200" (the request parses them)
-    return kind if kind in (int, float) else str
-
-
-def request_options(model, *, only: tuple[str, ...] | None = None, help_prefix: str = ""):
-    """Click arguments and options for the fields of a pydantic request (all, or `only` these as
-    options), in declaration order: the name, type, choices, default and help are the field's own
-    (a required field without a default is a required option; tuple defaults show as comma-separated
-    text)."""
-    def decorate(fn):
-        for name, field in reversed(list(model.model_fields.items())):
-            if only is not None and name not in only:
-                continue
-            cli = next((m for m in field.metadata if isinstance(m, Cli)), Cli())
-            if cli.argument and only is None:
-                fn = click.argument(name)(fn)
-                continue
-            if not cli.option:
-                continue
-            default = None if field.is_required() else field.default
-            if isinstance(default, tuple):
-                default = ",".join(map(str, default))
-            fn = click.option(option_name(name), name, type=_click_type(field), default=default,
-                              required=field.is_required() and only is None, metavar=cli.metavar,
-                              help=help_prefix + (field.description or ""),
-                              show_default=default not in (None, ""))(fn)
-        return fn
-    return decorate
-
-
-def typed_options(fields: dict) -> dict:
-    """The options of `fields` given on the command line: a request's own defaults (and its method's
-    fixed fields) fill the rest."""
-    ctx = click.get_current_context()
-    return {k: v for k, v in fields.items() if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
-
-
 # the features `export --dataset` selects: the extraction options that change them
-EXPORT_QUERY = ("split", "image_root", "layout", "method", "t", "resolution", "prompt", "noise", "text_layer")
+EXPORT_QUERY = ("split", "image_root", "layout", "t", "resolution", "prompt", "noise", "text_layer")
 
 
 @main.command()
@@ -131,9 +85,9 @@ def ls_cmd(store, kind):
 @click.option("--out", required=True, help="HDF5 file to write (through a temporary name).")
 @click.option("--entry", help="Key (or key prefix) of the feature entry; needed when the store has several.")
 @click.option("--taps", help="Taps to export, comma-separated (default: all of the entry's).")
-@click.option("--dataset", help="Instead of --entry: the features of this dataset matching --method, --t, "
-                                "--resolution, --prompt, --noise, --text-layer (refused, naming the fields that "
-                                "differ, if none does).")
+@click.option("--dataset", help="Instead of --entry: the features of this dataset matching --t, --resolution, "
+                                "--prompt, --noise, --text-layer and the options below (refused, naming the fields "
+                                "that differ, if none does).")
 @request_options(ExtractRequest, only=EXPORT_QUERY, help_prefix="With --dataset: ")
 @click.option("--sd-model", help="With --dataset: only features of this SD model (hub id or directory) [any].")
 @pin_options
@@ -152,7 +106,8 @@ def export(store, out, entry, taps, dataset, sd_model, **options):
         from vermouth_cache.extract.selection import FeatureQuery, resolve_pins
 
         # validated as an extraction would be; the method's fixed fields fill what was not typed
-        want = ExtractRequest(dataset=dataset, store=store, **typed_options(options))
+        method = {"method": pins["method"]} if "method" in pins else {}
+        want = ExtractRequest(dataset=dataset, store=store, **typed_options(options), **method)
         if len(want.t) != 1:
             raise VermouthError(f"--t: export one timestep at a time (got {','.join(map(str, want.t))})")
         ds = load_dataset(dataset, image_root=want.image_root, split=want.split, layout=want.layout)
@@ -162,7 +117,7 @@ def export(store, out, entry, taps, dataset, sd_model, **options):
 
             unet = unet_identity(RunOptions(store=store, sd_model=sd_model))
         query = FeatureQuery(t=want.t[0], resolution=want.resolution, prompt=want.prompt, noise=want.noise,
-                             text_layer=want.text_layer, method=want.method, unet=unet, pins=resolve_pins(pins))
+                             text_layer=want.text_layer, unet=unet, pins=resolve_pins(pins))
     elif pins or sd_model or typed_options(options):
         raise VermouthError("--sd-model and the options that select features by recipe go with --dataset "
                             "(--entry names the entry itself)")

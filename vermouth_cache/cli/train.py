@@ -16,7 +16,8 @@ from dataclasses import fields
 
 import click
 
-from vermouth_cache.extract.selection import pin_options, pop_pins
+from vermouth_cache.cli.options import pin_options
+from vermouth_cache.extract.selection import pop_pins
 from vermouth_cache.models.loading import DEFAULT_CLIP_MODEL
 from vermouth_cache.train.common import RunOptions
 from vermouth_cache.train.config import base_type, choices_of

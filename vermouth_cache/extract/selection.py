@@ -23,47 +23,36 @@ from vermouth_cache.store.entry import Entry
 @dataclass(frozen=True)
 class Pin:
     """A recipe field that tells cached entries apart and that `train`, `export` and a sweep's
-    `extract:` options select by. PINS below is the one list all three read."""
+    `extract:` options select by. PINS below is the one list all three read; an option's type and
+    choices are those of its ExtractRequest field."""
     name: str  # the FeatureQuery / fact name and RunOptions.select key
     option: str  # the option of `train` and `export`
     extract: str  # the ExtractRequest field (the `extract` option, a sweep's `extract:` key) it selects
-    type: type
     help: str
-    choices: tuple[str, ...] | None = None
 
 
 PINS = (
-    Pin("noise_seed", "--noise-seed", "seed", int,
+    Pin("method", "--method", "method", "Only features made by this method (`extract --method`) [any]."),
+    Pin("noise_seed", "--noise-seed", "seed",
         "Only features extracted with this noise seed (`extract --seed`; also a random prompt's seed) [any]."),
-    Pin("noise_draws", "--noise-draws", "noise_draws", int,
+    Pin("noise_draws", "--noise-draws", "noise_draws",
         "Only features averaged over this many DDPM draws (`extract --noise-draws`) [any]."),
-    Pin("inversion_steps", "--inversion-steps", "inversion_steps", int,
+    Pin("inversion_steps", "--inversion-steps", "inversion_steps",
         "Only DDIM-inversion features of this many steps (`extract --inversion-steps`) [any]."),
-    Pin("dtype", "--dtype", "dtype", str, "Only features (and expert features) stored in this dtype [any].",
-        ("fp16", "bf16", "fp32")),
-    Pin("captioner", "--captioner", "captioner", str,
+    Pin("dtype", "--dtype", "dtype", "Only features (and expert features) stored in this dtype [any]."),
+    Pin("captioner", "--captioner", "captioner",
         "Only features whose BLIP captions came from this captioner (hub id or directory) [any]."),
-    Pin("caption_prefix", "--caption-prefix", "caption_prefix", str,
+    Pin("caption_prefix", "--caption-prefix", "caption_prefix",
         "Only features whose BLIP captions continued this prefix (`extract --caption-prefix`) [any]."),
-    Pin("caption_min_tokens", "--caption-min-tokens", "caption_min_tokens", int,
+    Pin("caption_min_tokens", "--caption-min-tokens", "caption_min_tokens",
         "Only features of BLIP captions with this minimum of new tokens [any]."),
-    Pin("caption_max_tokens", "--caption-max-tokens", "caption_max_tokens", int,
+    Pin("caption_max_tokens", "--caption-max-tokens", "caption_max_tokens",
         "Only features of BLIP captions with this maximum of new tokens [any]."),
 )
 # the option that selects each fact, for "add --noise-seed" hints (t ... text layer are the
 # train settings and export options of the same name; the SD model pins the U-net)
 OPTION_OF = {"t": "--t", "resolution": "--resolution", "prompt": "--prompt", "noise": "--noise",
              "text_layer": "--text-layer", "unet": "--sd-model", **{p.name: p.option for p in PINS}}
-
-
-def pin_options(fn):
-    """Add every PINS option to a click command (`train TASK`, `export`)."""
-    import click
-
-    for p in reversed(PINS):
-        kind = click.Choice(list(p.choices)) if p.choices else p.type
-        fn = click.option(p.option, p.name, type=kind, default=None, help=p.help)(fn)
-    return fn
 
 
 def pop_pins(kw: dict) -> dict:
@@ -98,7 +87,7 @@ class FeatureQuery:
     noise: str | None = "ddpm"
     text_layer: str | None = "final"
     unet: str | None = None  # unet identity (sha256), when the user named the SD model
-    method: str | None = DEFAULT_METHOD  # the method that made the features
+    method: str | None = None  # the method that made the features (a pin: --method); None: any
     pins: dict = field(default_factory=dict)  # PINS facts (resolved): noise_seed, dtype, captioner identity, ...
 
     def wanted(self) -> dict:
