@@ -69,7 +69,6 @@ import platform
 import sys
 import time
 import warnings
-from dataclasses import fields
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -89,8 +88,9 @@ from vermouth_cache.extract.classtext import encode_prompts  # noqa: E402
 from vermouth_cache.data.datasets import load_dataset  # noqa: E402
 from vermouth_cache.train.heads import HeadSpec, TextClassifier, VermouthHead  # noqa: E402
 from vermouth_cache.data.images import decode_image  # noqa: E402
-from vermouth_cache.models.loading import Captioner, Placement, resolve_precision
-from vermouth_cache.models.pipeline import StableDiffusion
+from vermouth_cache.methods.vermouth import VERMOUTH  # noqa: E402
+from vermouth_cache.models.loading import Captioner, Placement, resolve_precision  # noqa: E402
+from vermouth_cache.models.pipeline import StableDiffusion  # noqa: E402
 from vermouth_cache.train.pyramid import taps_needed  # noqa: E402
 from vermouth_cache.extract.request import ExtractRequest  # noqa: E402
 from vermouth_cache.sweep.recipe import load_recipe  # noqa: E402
@@ -167,10 +167,11 @@ class Online:
         caps = compute.blip_captions(self.captioner, images, prefix=REQ["caption_prefix"],
                                      min_new=REQ["caption_min_tokens"], max_new=REQ["caption_max_tokens"],
                                      batch=self.call)
-        cond = compute.text_conditions(self.sd, caps, layer="final", batch=self.call)
-        lat = compute.vae_latents(self.sd, images, resolution=self.resolution, batch=self.call)
+        cond = self.sd.text_states(caps, layer=REQ["text_layer"], batch=self.call)
+        lat = compute.vae_latents(self.sd, images, resolution=self.resolution, rule=VERMOUTH.latent, batch=self.call)
         out = compute.unet_features(self.sd, lat, cond, [x.id for x in samples], t=t, taps=taps, noise="ddpm",
-                                    seed=REQ["seed"], draws=1, inversion_steps=REQ["inversion_steps"], batch=self.call)
+                                    seed=REQ["seed"], draws=1, inversion_steps=REQ["inversion_steps"],
+                                    attention=VERMOUTH.attention, batch=self.call)
         feats = {k: torch.from_numpy(v).to(self.device) for k, v in out.items()}
         sync(self.device)
         self.seconds += time.perf_counter() - t0
@@ -305,7 +306,9 @@ def main() -> None:
     os.environ["VERMOUTH_CACHE_HOME"] = str(be.fresh_dir(out / "sweep-cache-home"))  # cold file-hash memo
     device = torch.device(args.device)
 
-    # library imports the package does lazily inside its timers: here, so that neither side pays them
+    # library imports the package does lazily inside its timers: here, so that neither side pays them.
+    # Warm-up only: the names are never used (noqa for flake8/ruff; pyflakes ignores noqa, the `del`
+    # tells it)
     import diffusers  # noqa: F401
     import distributed  # noqa: F401
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: F401
@@ -315,6 +318,8 @@ def main() -> None:
         CLIPTextModel,
         CLIPTokenizer,
     )
+    del diffusers, distributed, AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    del BlipForConditionalGeneration, BlipProcessor, CLIPTextModel, CLIPTokenizer
 
     tiny_dir = out / "models-tiny"
     if not (tiny_dir / "clip" / "config.json").is_file():

@@ -40,7 +40,8 @@ from vermouth_cache.data.datasets import load_dataset  # noqa: E402
 from vermouth_cache.extract.run import extract  # noqa: E402
 from vermouth_cache.train.heads import TextClassifier  # noqa: E402
 from vermouth_cache.data.images import decode_image  # noqa: E402
-from vermouth_cache.models.loading import Captioner, Placement, resolve_precision
+from vermouth_cache.methods.vermouth import VERMOUTH  # noqa: E402
+from vermouth_cache.models.loading import Captioner, Placement, resolve_precision  # noqa: E402
 from vermouth_cache.models.pipeline import StableDiffusion  # noqa: E402
 from vermouth_cache.extract.request import ExtractRequest  # noqa: E402
 from vermouth_cache.store.entries import Store  # noqa: E402
@@ -122,10 +123,11 @@ def main() -> None:
             samples = [ds.samples[int(i)] for i in batch["index"]]
             images = [decode_image(x.path, x.id) for x in samples]
             caps = compute.blip_captions(captioner, images, prefix="", min_new=5, max_new=20, batch=call)
-            cond = compute.text_conditions(sd, caps, layer="final", batch=call)
-            lat = compute.vae_latents(sd, images, resolution=args.resolution, batch=call)
+            cond = sd.text_states(caps, layer="final", batch=call)
+            lat = compute.vae_latents(sd, images, resolution=args.resolution, rule=VERMOUTH.latent, batch=call)
             taps = compute.unet_features(sd, lat, cond, [x.id for x in samples], t=T, taps=split.tap_names,
-                                         noise="ddpm", seed=0, draws=1, inversion_steps=10, batch=call)
+                                         noise="ddpm", seed=0, draws=1, inversion_steps=10,
+                                         attention=VERMOUTH.attention, batch=call)
             step({**{k: torch.from_numpy(v).to(device) for k, v in taps.items()}, "label": batch["label"]})
         sync(device)
         return time.perf_counter() - t0

@@ -60,7 +60,7 @@ def write_tiny_models(
     }
     paths: dict[str, Path] = {}
     # fork_rng: the per-model manual_seed calls must not leak into the caller's global RNG.
-    with torch.random.fork_rng(devices=[]), _quiet_libraries():
+    with torch.random.fork_rng(devices=[]), quiet_libraries():
         for name, write in writers.items():
             d = out / name
             if d.exists():
@@ -88,12 +88,12 @@ def write_tiny_sd2(out_dir: str | Path, seed: int = 0, *, words_file: str | Path
         shutil.rmtree(out)
     out.mkdir(parents=True)
     vocab, merges = build_clip_bpe(load_words(words_file))
-    with torch.random.fork_rng(devices=[]), _quiet_libraries():
+    with torch.random.fork_rng(devices=[]), quiet_libraries():
         write_sd2(out, seed, vocab, merges)
     return out
 
 
-class _quiet_libraries:
+class quiet_libraries:
     """Silence transformers/diffusers chatter (backend fallbacks, shard progress bars) while writing.
 
     Uses the libraries' own verbosity switches: both reset their root logger's level when first
