@@ -31,7 +31,7 @@ def main(ctx):
 
 
 # the features `export --dataset` selects: the extraction options that change them
-EXPORT_QUERY = ("split", "image_root", "layout", "t", "resolution", "prompt", "noise", "text_layer")
+EXPORT_QUERY = ("split", "image_root", "layout", "method", "t", "resolution", "prompt", "noise", "text_layer")
 
 
 @main.command()
@@ -102,22 +102,20 @@ def export(store, out, entry, taps, dataset, sd_model, **options):
     if dataset:
         if entry:
             raise VermouthError("give --entry or --dataset, not both")
-        from vermouth_cache.data.datasets import load_dataset
         from vermouth_cache.extract.selection import FeatureQuery, resolve_pins
 
         # validated as an extraction would be; the method's fixed fields fill what was not typed
-        method = {"method": pins["method"]} if "method" in pins else {}
-        want = ExtractRequest(dataset=dataset, store=store, **typed_options(options), **method)
+        want = ExtractRequest(dataset=dataset, store=store, **typed_options(options))
         if len(want.t) != 1:
             raise VermouthError(f"--t: export one timestep at a time (got {','.join(map(str, want.t))})")
-        ds = load_dataset(dataset, image_root=want.image_root, split=want.split, layout=want.layout)
+        ds = want.load_dataset()
         unet = None
         if sd_model:
             from vermouth_cache.train.common import RunOptions, unet_identity
 
             unet = unet_identity(RunOptions(store=store, sd_model=sd_model))
         query = FeatureQuery(t=want.t[0], resolution=want.resolution, prompt=want.prompt, noise=want.noise,
-                             text_layer=want.text_layer, unet=unet, pins=resolve_pins(pins))
+                             text_layer=want.text_layer, unet=unet, method=want.method, pins=resolve_pins(pins))
     elif pins or sd_model or typed_options(options):
         raise VermouthError("--sd-model and the options that select features by recipe go with --dataset "
                             "(--entry names the entry itself)")
@@ -170,8 +168,9 @@ from vermouth_cache.cli.sweep import sweep  # noqa: E402
 main.add_command(sweep)
 
 from vermouth_cache.cli.store import gc, repair, verify  # noqa: E402
+from vermouth_cache.cli.tables import tables  # noqa: E402
 
-for _command in (verify, repair, gc):
+for _command in (verify, repair, gc, tables):
     main.add_command(_command)
 
 

@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 
 from vermouth_cache.core.errors import VermouthError
+from vermouth_cache.data.depth import is_depth_root, load_depth_dataset
 from vermouth_cache.data.manifests import load_coop, load_manifest
 from vermouth_cache.data.paths import abspath, check_inside, path_exists
 from vermouth_cache.data.samples import Dataset, Sample
@@ -33,7 +34,7 @@ _COOP_NAME = re.compile(r"^split_zhou_(?P<name>.+)\.json$")
 
 def load_dataset(spec: str | Path, *, image_root: str | Path | None = None,
                  split: str | None = None, shots: int | None = None,
-                 shot_seed: int = 0, layout: str | None = None) -> Dataset:
+                 shot_seed: int = 0, layout: str | None = None, views: int = 1) -> Dataset:
     """Load a folder tree, CoOp split file or CSV/JSONL manifest; see the module docstring.
 
     With `layout`, or a directory that `seg.detect_layout` recognises, the spec is a
@@ -46,6 +47,10 @@ def load_dataset(spec: str | Path, *, image_root: str | Path | None = None,
         raise VermouthError(f"shots must be an integer >= 1, got {shots!r}")
     if not path_exists(spec, "dataset"):
         raise VermouthError(f"dataset not found: {spec}")
+    if layout is None and is_depth_root(spec):  # a depth dataset: views of its images (data/depth.py)
+        if image_root is not None or shots is not None:
+            raise VermouthError(f"{spec} is a depth root: image_root and shots do not apply")
+        return load_depth_dataset(spec, split, views=views, seed=shot_seed)
     if layout is None and spec.is_dir():
         layout = detect_layout(spec)
         if layout is not None and split is None and LAYOUTS[layout].splits:

@@ -1,7 +1,7 @@
 """Datasets described by a file: CoOp split files and CSV / JSONL manifests.
 
     split_zhou_<Name>.json     {"train": [[rel_path, label, classname], ...], "val": ..., "test": ...}
-    manifest.csv | .jsonl      path, and optionally label, classname, split, domain, mask
+    manifest.csv | .jsonl      path, and optionally label, classname, split, domain, mask, text
 
 Both are read whole and checked before any image is looked at: a label with two class names, a
 label out of range, a duplicate id or a path leaving the image root is one line naming the file
@@ -173,7 +173,7 @@ def load_manifest(spec: Path, root: Path, split: str | None) -> tuple[list[Sampl
         label = label_of.get(n)
         cls = None if label is None else classnames[label]
         sample = Sample(rel, existing_file(root, rel, where), label, cls, r.get("split"),
-                        r.get("domain"), mask)
+                        r.get("domain"), mask, r.get("text"))
         placed.append((where, sample))
     if split is not None and not placed:
         found = ", ".join(sorted({r["split"] for _, r in rows if r.get("split")}))

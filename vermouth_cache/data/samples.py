@@ -16,6 +16,7 @@ from pathlib import Path
 
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.core.hashing import canonical_json, file_sha256
+from vermouth_cache.data.views import View
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class Sample:
     split: str | None = None
     domain: str | None = None
     mask: Path | None = None  # absolute path of a label map, when the manifest has one
+    text: str | None = None  # the sample's own sentence (a referring expression), when it has one
+    view: View | None = None  # a crop of the image (its id names it), when the dataset is one of views
+    depth: Path | None = None  # absolute path of a depth map (uint16 PNG), when the dataset has them
 
 
 @dataclass(frozen=True)

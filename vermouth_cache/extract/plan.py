@@ -65,18 +65,23 @@ def make_plan(req: ExtractRequest, ds: Dataset, make_entry, sd: StableDiffusion,
     schedule = sd.schedule_recipe(req.noise)
     ident = ds.identity()
     n = len(ds)
+    views = any(s.view is not None for s in ds.samples)  # crops named in the ids (data/views.py)
     # the request travels in every manifest so that `repair` can recompute a bad shard
     about = {"dataset": ds.name, "dataset_record": ds_key, "n_samples": n, "request": req.to_json()}
-    labels_key = recipe_key({"labels": [s.label for s in ds.samples], "classnames": list(ds.classnames)})
+    labels = {"labels": [s.label for s in ds.samples], "classnames": list(ds.classnames)}
+    if any(s.text is not None for s in ds.samples):  # per-sample sentences: what --prompt sentence reads
+        labels["texts"] = [s.text for s in ds.samples]
+    labels_key = recipe_key(labels)
     cap_r = captions_recipe(req, ident, captioner_id=captioner.identity if captioner else None, labels_key=labels_key)
     txt_r = text_recipe(recipe_key(cap_r), tokenizer_id=sd.identity("tokenizer"),
-                        text_encoder_id=sd.identity("text_encoder"), layer=req.text_layer)
-    lat_r = latents_recipe(ident, vae_id=sd.identity("vae"), resolution=req.resolution, rule=method.latent)
+                        text_encoder_id=sd.identity("text_encoder"), layer=req.text_layer, tokens=req.text_tokens)
+    lat_r = latents_recipe(ident, vae_id=sd.identity("vae"), resolution=req.resolution, rule=method.latent,
+                           views=views)
     feat_rs = {t: features_recipe(req, method, t, latents_key=recipe_key(lat_r), text_key=recipe_key(txt_r),
                                   unet_id=sd.identity("unet"), schedule=schedule) for t in req.t}
     exp_r = None
     if expert is not None:
-        exp_r = expert_recipe(req, ident, expert_id=expert.identity, image_stats=expert.image_stats)
+        exp_r = expert_recipe(req, ident, expert_id=expert.identity, image_stats=expert.image_stats, views=views)
     chain = [("captions", cap_r), ("text", txt_r), ("latents", lat_r), *(("features", r) for r in feat_rs.values())]
     chain += [("expert", exp_r)] if exp_r is not None else []
     size, note = chain_shard_size(req, n, [(kind, recipe_key(r)) for kind, r in chain], shard_size_of)

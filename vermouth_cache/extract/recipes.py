@@ -10,6 +10,7 @@ method's name on its features (`Method.recipe_tag`; none for Vermouth, whose key
 from __future__ import annotations
 
 from vermouth_cache import SCHEMA_VERSION
+from vermouth_cache.data.views import VIEW_GEOMETRY
 from vermouth_cache.extract.request import ExtractRequest
 from vermouth_cache.methods import Method
 from vermouth_cache.methods.base import LatentRule
@@ -25,8 +26,10 @@ def captions_recipe(req: ExtractRequest, dataset_identity: str, *, captioner_id:
     return {"kind": "captions", "schema": SCHEMA_VERSION, "dataset": dataset_identity, "prompt": prompt}
 
 
-def text_recipe(captions_key: str, *, tokenizer_id: str, text_encoder_id: str, layer: str) -> dict:
-    return {
+def text_recipe(captions_key: str, *, tokenizer_id: str, text_encoder_id: str, layer: str,
+                tokens: int | None = None) -> dict:
+    # tokens: only when a request sets it, so that the keys of the default (77) never changed
+    return {**({"tokens": tokens} if tokens is not None else {}),
         "kind": "text",
         "schema": SCHEMA_VERSION,
         "captions": captions_key,
@@ -37,14 +40,14 @@ def text_recipe(captions_key: str, *, tokenizer_id: str, text_encoder_id: str, l
     }
 
 
-def latents_recipe(dataset_identity: str, *, vae_id: str, resolution: int, rule: LatentRule) -> dict:
+def latents_recipe(dataset_identity: str, *, vae_id: str, resolution: int, rule: LatentRule, views: bool = False) -> dict:
     return {
         "kind": "latents",
         "schema": SCHEMA_VERSION,
         "dataset": dataset_identity,
         "vae": vae_id,
         "resolution": resolution,
-        "resize": RESIZE,
+        "resize": VIEW_GEOMETRY if views else RESIZE,
         "pixels": PIXELS,
         "latent": rule.recipe,
         "dtype": "float32",
@@ -73,7 +76,7 @@ def features_recipe(req: ExtractRequest, method: Method, t: int, *, latents_key:
     }
 
 
-def expert_recipe(req: ExtractRequest, dataset_identity: str, *, expert_id: str, image_stats) -> dict:
+def expert_recipe(req: ExtractRequest, dataset_identity: str, *, expert_id: str, image_stats, views: bool = False) -> dict:
     return {
         "kind": "expert",
         "schema": SCHEMA_VERSION,
@@ -81,7 +84,7 @@ def expert_recipe(req: ExtractRequest, dataset_identity: str, *, expert_id: str,
         "expert": req.expert,
         "model": expert_id,
         "resolution": req.resolution,
-        "resize": RESIZE,
+        "resize": VIEW_GEOMETRY if views else RESIZE,
         "normalize": {"mean": list(image_stats[0]), "std": list(image_stats[1])},
         "dtype": req.dtype,
     }

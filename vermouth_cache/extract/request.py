@@ -24,7 +24,7 @@ from vermouth_cache.models.backbones import DEFAULT_SD_MODEL
 from vermouth_cache.models.backbones.base import TEXT_LAYERS
 from vermouth_cache.models.loading import DEFAULT_CAPTIONER, EXPERT_MODELS, PRECISIONS
 from vermouth_cache.models.noise import NOISE_MODES
-from vermouth_cache.models.taps import BLOCK_ORDER, parse_stages, taps_for
+from vermouth_cache.models.taps import BLOCK_ORDER, taps_for
 from vermouth_cache.store.arrays import STORAGE_DTYPES
 
 PROMPT_MODES = tuple(c.name for c in CONDITIONINGS.values() if not c.syntax)
@@ -83,7 +83,10 @@ class ExtractRequest(BaseModel):
     layout: Annotated[str | None, Choices("layout", lambda: LAYOUTS)] = Field(
         None, description="Segmentation dataset layout (default: detected when --split is given).")
     shots: int | None = Field(None, description="Extract only a K-shot-per-class subset (CoOp-style).")
-    shot_seed: int = Field(0, description="Seed of the K-shot subset.")
+    shot_seed: int = Field(0, description="Seed of the K-shot subset (and of a depth dataset's drawn views).")
+    views: Annotated[int, AtLeast(1)] = Field(1, description="Drawn crops (each mirrored or not, seeded) per training "
+                                                             "image of a depth dataset: the cache's stand-in for "
+                                                             "VPD's per-step random crop and flip.")
     method: Annotated[str, Choices("method", lambda: METHODS)] = Field(
         DEFAULT_METHOD, description=_help("How features are made: " + "; ".join(m.summary for m in METHODS.values())
                                           + "."))
@@ -92,7 +95,9 @@ class ExtractRequest(BaseModel):
                                                  "mid,up for vermouth, unless --taps is given].")
     taps: str | None = Field(None, description=f"Blocks to keep, by name ({BLOCK_ORDER[0][:-1]}0-3, mid_block, "
                                                f"{BLOCK_ORDER[-1][:-1]}0-3); adds to --stages.")
-    attn_maps: str | None = Field(None, description="Also keep cross-attention maps of these stages (up, down, mid).")
+    attn_maps: str | None = Field(None, description="Also keep cross-attention maps: of these stages (vermouth: up, "
+                                                    "down, mid), or a32 / a64 / none (vpd: maps up to 32 or 64 px at "
+                                                    "512, [a32]).")
     expert: Annotated[str | None, Choices("expert", lambda: EXPERT_MODELS)] = Field(
         None, description="Also cache this expert's multi-scale features.")
     expert_model: str | None = Field(None, description="Hub id or directory of the expert (default: the expert's "
@@ -106,6 +111,12 @@ class ExtractRequest(BaseModel):
     caption_max_tokens: int = Field(20, description="BLIP maximum new tokens.")
     text_layer: Annotated[str, Choices("text layer", lambda: TEXT_LAYERS)] = Field(
         "final", description="CLIP text layer used as the condition.")
+    text_tokens: Annotated[int | None, AtLeast(1)] = Field(
+        None, description="Tokens of each text condition, padded, no mask (VPD refer: 40 RefCOCO/+, 77 G-Ref) "
+                          "[the tokenizer's, 77].")
+    context_table: Annotated[str | None, Cli(metavar="FILE")] = Field(
+        None, description="Context table (.safetensors from `vermouth-cache tables`) of --prompt table / table-class; "
+                          "its sha256 enters the key.")
     resolution: int = Field(256, description="Shorter side resized to this, then centre-cropped square (256 "
                                              "classification/SBIR, 512 segmentation).")
     noise: Annotated[str, Choices("noise mode", lambda: NOISE_MODES)] = Field(
@@ -161,9 +172,10 @@ class ExtractRequest(BaseModel):
         if not isinstance(data, dict):
             return data
         method = method_named(data.get("method", DEFAULT_METHOD))
-        data = {**{k: v for k, v in method.fixed.items() if k not in data}, **data}
+        data = {**{k: v for k, v in {**method.defaults, **method.fixed}.items() if data.get(k) is None}, **{
+            k: v for k, v in data.items() if v is not None}}
         if data.get("stages") is None and data.get("taps") is None:
-            data["stages"] = method.default_stages
+            data["taps" if method.default_taps else "stages"] = method.default_taps or method.default_stages
         return data
 
     @field_validator("t", mode="before")
@@ -220,7 +232,7 @@ class ExtractRequest(BaseModel):
         taps_for(self.stages, self.taps, layers=method.taps.layers)
         if self.attn_maps:
             try:
-                parse_stages(self.attn_maps)
+                method.attention.check(self.attn_maps)
             except VermouthError as exc:
                 raise VermouthError(f"--attn-maps: {exc}") from None
         if self.expert_model and not self.expert:
@@ -228,6 +240,13 @@ class ExtractRequest(BaseModel):
         if conditioning_of(self.prompt).name not in method.conditionings:
             raise VermouthError(f"method {method.name} takes no --prompt {self.prompt!r} (it takes "
                                 f"{', '.join(method.conditionings)})")
+        cond = conditioning_of(self.prompt)
+        if cond.needs_table and self.text_tokens is not None:
+            raise VermouthError(f"--text-tokens sets the length of tokenized texts; --prompt {self.prompt} reads table "
+                                "rows")
+        if cond.needs_table != bool(self.context_table):
+            raise VermouthError(f"--prompt {self.prompt} needs --context-table" if cond.needs_table else
+                                f"--context-table is read by --prompt table or table-class, not {self.prompt!r}")
         if self.noise != "ddpm" and self.noise_draws != 1:
             raise VermouthError(f"--noise-draws averages random draws; noise mode {self.noise!r} has none")
         if not 0 <= self.caption_min_tokens <= self.caption_max_tokens:
@@ -241,6 +260,13 @@ class ExtractRequest(BaseModel):
         """The U-net taps asked for (stages expanded, explicit taps added), block by block in execution order."""
         return taps_for(self.stages, self.taps, layers=method_named(self.method).taps.layers)
 
+    def load_dataset(self):
+        """The dataset this request names (data.datasets.load_dataset with its dataset options)."""
+        from vermouth_cache.data.datasets import load_dataset
+
+        return load_dataset(self.dataset, image_root=self.image_root, split=self.split, shots=self.shots,
+                            shot_seed=self.shot_seed, layout=self.layout, views=self.views)
+
     def with_(self, **changes) -> "ExtractRequest":
         """A copy with `changes`, validated again."""
         return type(self)(**{**self.model_dump(), **changes})
@@ -251,7 +277,7 @@ class ExtractRequest(BaseModel):
         d["t"] = list(self.t)
         # `repair` may run from any directory: keep the paths it needs absolute (a relative
         # DATASET typed in one directory is another path, or none, in the next)
-        for k in ("dataset", "image_root"):
+        for k in ("dataset", "image_root", "context_table"):
             if d.get(k) is not None:
                 d[k] = _absolute(d[k])
         for k in ("sd_model", "captioner", "expert_model"):  # hub ids stay as typed

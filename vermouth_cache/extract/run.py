@@ -21,7 +21,6 @@ import time
 
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.core.progress import Progress, get_logger
-from vermouth_cache.data.datasets import load_dataset
 from vermouth_cache.extract import compute
 from vermouth_cache.extract.cluster import extract_on_cluster
 from vermouth_cache.extract.plan import (CAPTIONS, LATENTS, Plan, arrays_of, dataset_record, make_plan, missing,
@@ -44,8 +43,7 @@ def extract(req: ExtractRequest, *, only: dict | None = None) -> ExtractReport:
     shards of the given arrays (`repair`).
     """
     wall0 = time.perf_counter()
-    ds = load_dataset(req.dataset, image_root=req.image_root, split=req.split, shots=req.shots,
-                      shot_seed=req.shot_seed, layout=req.layout)
+    ds = req.load_dataset()
     models = Models.of(req)  # refuses an unsupported SD model before the store is touched
     store = Store(req.store, create=True)
     ds_key = store.put_dataset(dataset_record(ds))

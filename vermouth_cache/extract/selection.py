@@ -32,7 +32,6 @@ class Pin:
 
 
 PINS = (
-    Pin("method", "--method", "method", "Only features made by this method (`extract --method`) [any]."),
     Pin("noise_seed", "--noise-seed", "seed",
         "Only features extracted with this noise seed (`extract --seed`; also a random prompt's seed) [any]."),
     Pin("noise_draws", "--noise-draws", "noise_draws",
@@ -87,7 +86,7 @@ class FeatureQuery:
     noise: str | None = "ddpm"
     text_layer: str | None = "final"
     unet: str | None = None  # unet identity (sha256), when the user named the SD model
-    method: str | None = None  # the method that made the features (a pin: --method); None: any
+    method: str | None = None  # the method that made the features (train settings, export --method); None: any
     pins: dict = field(default_factory=dict)  # PINS facts (resolved): noise_seed, dtype, captioner identity, ...
 
     def wanted(self) -> dict:

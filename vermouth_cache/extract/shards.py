@@ -49,9 +49,12 @@ def _decode(samples) -> list:
     """Decoded images, or ImageError objects in place of the ones that fail."""
     def one(s):
         try:
-            return decode_image(s.path, s.id)
+            img = decode_image(s.path, s.id)
+            return s.view.image(img) if s.view is not None else img
         except ImageError as exc:
             return exc
+        except VermouthError as exc:  # a view outside the image (it shrank since the dataset was listed)
+            return ImageError(s.id, str(exc))
     with ThreadPoolExecutor(max_workers=4) as pool:
         return list(pool.map(one, samples))
 
@@ -167,6 +170,7 @@ def _extract_shard(req, samples, plan: Plan, models: Models, shard: int, need: d
     n = len(samples)
     sd, captioner, expert = models.sd, models.captioner, models.expert
     method, cond = method_named(req.method), conditioning_of(req.prompt)
+    padded = any(s.view is not None for s in samples)  # a dataset of views (data/views.py)
     need_images = need["latents"] or need["expert"] or (need["captions"] and cond.needs_captioner)
     status = [OK] * n
     images = [None] * n
@@ -208,16 +212,16 @@ def _extract_shard(req, samples, plan: Plan, models: Models, shard: int, need: d
         rec = plan.captions.record(CAPTIONS, shard)
         status = [s if s != OK else c for s, c in zip(status, rec.status)]  # carry caption failures
         _compute_shard(report, plan.text, [TEXT], "text", shard, status, run, f32, guard, lambda ok: {
-            TEXT: cond.encode(sd, [rec.values[i] for i in ok], layer=req.text_layer, batch=batch)})
+            TEXT: cond.encode(sd, [rec.values[i] for i in ok], req, batch=batch)})
     if need["latents"]:
         _compute_shard(report, plan.latents, [LATENTS], "vae", shard, status, run, f32, guard, lambda ok: {
             LATENTS: compute.vae_latents(sd, [images[i] for i in ok], resolution=req.resolution, rule=method.latent,
-                                         batch=batch)})
+                                         batch=batch, padded=padded)})
     dtype = STORAGE_DTYPES[req.dtype]
     if need["expert"]:
         _compute_shard(report, plan.expert, EXPERT_LEVELS, "expert", shard, status, run, dtype, guard, lambda ok:
                        compute.expert_features(expert, [images[i] for i in ok], resolution=req.resolution,
-                                               batch=batch))
+                                               batch=batch, padded=padded))
     if not need["features"]:
         return
     # the U-net always reads conditions and latents back from the store, so a value computed in

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vermouth_cache.data.datasets import load_dataset
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.extract.compute import expert_maps
 from vermouth_cache.extract.plan import CAPTIONS, EXPERT_LEVELS, LATENTS, TEXT, dataset_record, make_plan, missing
@@ -63,8 +62,7 @@ class _Absent:
 
 def survey(req: ExtractRequest) -> list[EntryPlan]:
     """Every entry `extract(req)` would touch, its state and the bytes it would still write."""
-    ds = load_dataset(req.dataset, image_root=req.image_root, split=req.split, shots=req.shots,
-                      shot_seed=req.shot_seed, layout=req.layout)
+    ds = req.load_dataset()
     cpu = Placement(torch.device("cpu"), torch.float32)
     sd = StableDiffusion(req.sd_model, cpu)
     captioner = Captioner(req.captioner, cpu) if conditioning_of(req.prompt).needs_captioner else None

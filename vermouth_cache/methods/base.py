@@ -61,7 +61,9 @@ class Method:
     attention: AttentionMaps = PER_BLOCK
     merge: str = "stages"  # the pyramid merge a head of these features uses (train/pyramid.py)
     default_stages: str = "mid,up"  # taps of a request that names neither stages nor taps
+    default_taps: str | None = None  # ... by name instead, when set
     fixed: Mapping[str, object] = field(default_factory=dict)  # request fields it sets, e.g. {"t": (1,)}
+    defaults: Mapping[str, object] = field(default_factory=dict)  # request fields it defaults, e.g. {"prompt": ..}
     keyed: bool = True  # recipes carry "method": name (False only for Vermouth, whose keys predate methods)
 
     def recipe_tag(self) -> dict:

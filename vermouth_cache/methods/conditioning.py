@@ -33,6 +33,7 @@ class Conditioning:
     help: str
     needs_captioner = False  # its texts come from the captioner model, which looks at the images
     uses_label = False  # its texts depend on the sample's label (recorded in the captions entry)
+    needs_table = False  # reads the request's --context-table
 
     def accepts(self, prompt: str) -> bool:
         return prompt == self.name
@@ -45,9 +46,9 @@ class Conditioning:
         """One text per sample (sources that need no model)."""
         raise NotImplementedError
 
-    def encode(self, sd, texts: Sequence[str], *, layer: str, batch: int) -> np.ndarray:
-        """(N, L, D) float32 U-net conditions of `texts`."""
-        return sd.text_states(texts, layer=layer, batch=batch)
+    def encode(self, sd, texts: Sequence[str], req, *, batch: int) -> np.ndarray:
+        """(N, L, D) float32 U-net conditions of `texts` (the request's text layer and length)."""
+        return sd.text_states(texts, layer=req.text_layer, batch=batch, max_length=req.text_tokens)
 
 
 class Captions(Conditioning):

@@ -98,11 +98,12 @@ class StableDiffusion:
 
         return load_pretrained(DDPMScheduler, self.dir, subfolder="scheduler")
 
-    def text_states(self, texts, *, layer: str, batch: int) -> np.ndarray:
+    def text_states(self, texts, *, layer: str, batch: int, max_length: int | None = None) -> np.ndarray:
         """(N, L, D) float32: the U-net's text conditions of `texts` (the backbone's encoder and
-        layer), in encoder calls of `batch` texts."""
+        layer), in encoder calls of `batch` texts; L = max_length tokens (default the tokenizer's)."""
         texts = list(texts)
-        return np.concatenate([self.backbone.text_states(self.tokenizer, self.text_encoder, texts[i:i + batch], layer)
+        return np.concatenate([self.backbone.text_states(self.tokenizer, self.text_encoder, texts[i:i + batch], layer,
+                                                         max_length=max_length)
                                for i in range(0, len(texts), batch)])
 
     @property

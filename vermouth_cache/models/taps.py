@@ -78,6 +78,10 @@ class AttentionMaps:
 
     name: str
 
+    def check(self, selector: str) -> None:
+        """Refuse an --attn-maps value this rule does not read."""
+        parse_stages(selector)
+
     def taps(self, stages: str | Iterable[str] | None, with_cross_attention: Iterable[str]) -> tuple[str, ...]:
         raise NotImplementedError
 

@@ -20,7 +20,8 @@ from vermouth_cache.extract.selection import FeatureQuery, find_by_dataset, find
 from vermouth_cache.store.entries import Store
 from vermouth_cache.store.entry import Entry
 from vermouth_cache.store.records import OK
-from vermouth_cache.models.taps import ATTN_PREFIX, STAGES
+from vermouth_cache.methods import method_named
+from vermouth_cache.models.taps import BLOCK_ORDER
 from vermouth_cache.train.settings import TaskSettings
 
 EXPERT_LEVELS = [f"expert.level{i}" for i in range(4)]
@@ -64,14 +65,21 @@ def feature_query(s: TaskSettings, pins: dict | None = None) -> FeatureQuery:
     pins = dict(pins or {})
     unet = pins.pop("unet", None)
     return FeatureQuery(t=s.t, resolution=s.resolution, prompt=s.prompt, noise=s.noise, text_layer=s.text_layer,
-                        unet=unet, pins=pins)
+                        unet=unet, method=s.method, pins=pins)
+
+
+def feature_taps(s: TaskSettings) -> list[str]:
+    """The block or layer taps a head of settings `s` reads: its stages' merge (vermouth), or the
+    method's own taps (vpd's four hierarchical outputs)."""
+    method = method_named(s.method)
+    return taps_needed(s.stages) if method.merge == "stages" else sorted(method.default_taps.split(","))
 
 
 def open_split(store: Store, ds: Dataset, s: TaskSettings, *, pins: dict | None = None,
                superset: Dataset | None = None) -> CachedSplit:
     """The cached rows of `ds` for settings `s` (and the extraction options `pins` names); refuses a
     mismatched, ambiguous or incomplete cache."""
-    base_taps = taps_needed(s.stages)
+    base_taps = feature_taps(s)
     query = feature_query(s, pins)
     source = ds
     try:
@@ -83,7 +91,7 @@ def open_split(store: Store, ds: Dataset, s: TaskSettings, *, pins: dict | None 
         feats = find_features(store, superset, query, base_taps)
     taps = list(base_taps)
     if s.attn_maps:
-        wanted = [ATTN_PREFIX + b for st in s.attn_maps.split(",") for b in STAGES[st.strip()]]
+        wanted = method_named(s.method).attention.taps(s.attn_maps, BLOCK_ORDER)
         have = [n for n in wanted if n in feats.array_names()]
         if not have:
             raise VermouthError(f"features/{feats.key[:12]} of {source.name} hold no cross-attention maps of "

@@ -22,6 +22,7 @@ from vermouth_cache.core.atomic import atomic_write, atomic_write_json
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.core.errors import available, install_hint
 from vermouth_cache.core.progress import get_logger
+from vermouth_cache.train.vpd_heads import VpdHeadSpec, is_vpd_spec
 from vermouth_cache.train.heads import HeadSpec, VermouthHead
 from vermouth_cache.store.files import read_json
 from vermouth_cache.train.loop import FitResult, History
@@ -114,7 +115,11 @@ def load_head(run: str | os.PathLike) -> tuple[VermouthHead, dict, dict[str, tor
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     tensors = load_file(str(path))
-    model = VermouthHead(HeadSpec.from_json(json.loads(meta["head_spec"])), int(meta["out_dim"]))
+    spec = json.loads(meta["head_spec"])
+    if is_vpd_spec(spec):
+        model = VpdHeadSpec(**spec).build()
+    else:
+        model = VermouthHead(HeadSpec.from_json(spec), int(meta["out_dim"]))
     model.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
     model.eval()
     extra = {k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}

@@ -17,7 +17,7 @@ from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.extract.request import PROMPT_MODES, TEXT_LAYERS
 from vermouth_cache.models.loading import EXPERT_MODELS
 from vermouth_cache.models.noise import NOISE_MODES
-from vermouth_cache.models.taps import parse_stages
+from vermouth_cache.methods import method_named
 from vermouth_cache.train.config import Declared, check_keys
 from vermouth_cache.train.heads import HEAD_KINDS
 from vermouth_cache.train.pyramid import merge_plan
@@ -30,12 +30,16 @@ TASK_OWN = "task-own"  # a field only the tasks naming it in Task.own_settings o
 
 class TaskSettings(Declared):
     # which cached features (extract options)
+    method: str = Field("vermouth", description="Method of the cached features (`extract --method`): vermouth's "
+                                                 "pyramid merges --stages; vpd's taps are its four hierarchical "
+                                                 "outputs.")
     resolution: int = Field(description="Input resolution of the cached features.")
     t: int = Field(description="Timestep of the cached features.")
-    stages: str = Field(description="U-net stages merged into the pyramid: down, mid, up, down,mid, mid,up or "
-                                    "down,mid,up.")
+    stages: str | None = Field(None, description="U-net stages merged into the pyramid (vermouth): down, mid, up, "
+                                                 "down,mid, mid,up or down,mid,up.")
     noise: Literal[NOISE_MODES] = Field(description="Noise mode of the cached features.")
-    attn_maps: str | None = Field(description="Stage whose cached cross-attention maps join the pyramid, or none.")
+    attn_maps: str | None = Field(description="Cached cross-attention maps joining the pyramid: a stage (vermouth), "
+                                              "a32 or a64 (vpd), or none.")
     prompt: str = Field("blip", description=f"Prompt mode of the cached features: {', '.join(PROMPT_MODES)} or "
                                             "text:PROMPT.")
     text_layer: Literal[TEXT_LAYERS] = Field("final", description="Text layer of the cached condition.")
@@ -68,6 +72,8 @@ class TaskSettings(Declared):
                                                 "are recomputed online from the cached latents, one U-net "
                                                 "forward+backward per step; needs --sd-model.",
                              json_schema_extra={"cli": TASK_OWN})
+    head_width: float = Field(1.0, description="Width of a VPD head as a fraction of VPD's (1.0: depth 1536/192, "
+                                               "refer 640, FPN 256 channels).", json_schema_extra={"cli": TASK_OWN})
 
     def to_json(self) -> dict:
         return self.model_dump()
@@ -93,9 +99,13 @@ class TaskSettings(Declared):
     @model_validator(mode="after")
     def _consistent(self) -> "TaskSettings":
         try:
-            merge_plan(self.stages)
+            method = method_named(self.method)
+            if method.merge == "stages":
+                if self.stages is None:
+                    raise VermouthError(f"method {self.method} merges stages: give stages")
+                merge_plan(self.stages)
             if self.attn_maps:
-                parse_stages(self.attn_maps)
+                method.attention.check(self.attn_maps)
         except VermouthError as exc:
             raise ValueError(str(exc)) from None
         if self.resolution < 64 or self.resolution % 64:

@@ -131,13 +131,18 @@ class Backbone:
         return float(vae_config.get("scaling_factor", 0.18215))  # AutoencoderKL's default
 
     # -- text
-    def text_states(self, tokenizer, encoder, texts: Sequence[str], layer: str) -> np.ndarray:
-        """(N, L, D) float32 U-net conditions: L = the tokenizer's model_max_length (77 for CLIP).
+    def text_states(self, tokenizer, encoder, texts: Sequence[str], layer: str, *,
+                    max_length: int | None = None) -> np.ndarray:
+        """(N, L, D) float32 U-net conditions: L = max_length, default the tokenizer's model_max_length
+        (77 for CLIP); padded to L, no attention mask (as SD and VPD call it).
         final = last_hidden_state (as SD 1.5 was trained; SD 2's converted OpenCLIP encoder is
         already cut before its last layer); penultimate = final_layer_norm(hidden_states[-2])
         (diffusers' clip_skip=1)."""
         device = next(encoder.parameters()).device
-        ids = tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        if max_length is not None and max_length > tokenizer.model_max_length:
+            raise VermouthError(f"--text-tokens {max_length} exceeds the text encoder's {tokenizer.model_max_length}")
+        ids = tokenizer(list(texts), padding="max_length", max_length=max_length or tokenizer.model_max_length,
+                        truncation=True,
                         return_tensors="pt").input_ids.to(device)
         with torch.inference_mode():
             res = encoder(ids, output_hidden_states=layer == "penultimate")

@@ -1,0 +1,95 @@
+"""Views: fixed crops (optionally mirrored) of an image, each cached as a sample of its own.
+
+VPD's depth recipe feeds the U-net 480x480 crops of 480x640 NYU images, zero-padded (in the
+model's [-1, 1] space, i.e. grey) to 512 at the top-left, and tests on two windows plus their
+mirror images. A cache cannot hold a crop drawn anew every step, so it holds K drawn views per
+image: each is a sample whose id names its box and flip (``scene/rgb_1.jpg@0,0,480,480,flip``),
+so the dataset identity, which hashes the ids, keys every view.
+
+    view = View((160, 0, 640, 480), flip=True)
+    img = view.image(decoded)                           # PIL crop, then mirror
+    x = padded_tensor(img, 512)                         # (3, 512, 512), zeros right and below
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from vermouth_cache.core.errors import VermouthError
+from vermouth_cache.data.images import to_model_tensor
+
+# what the latents recipe says of a dataset of views (instead of the shorter-side resize and crop)
+VIEW_GEOMETRY = "view box crop (in the sample id), optional mirror, zero-pad in [-1,1] right and below"
+
+
+@dataclass(frozen=True)
+class View:
+    box: tuple[int, int, int, int]  # left, top, right, bottom in the image's pixels
+    flip: bool = False  # mirrored left-right after the crop
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.box[2] - self.box[0], self.box[3] - self.box[1]
+
+    def suffix(self) -> str:
+        return "@" + ",".join(map(str, self.box)) + (",flip" if self.flip else "")
+
+    def image(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        left, top, right, bottom = self.box
+        if not (0 <= left < right <= w and 0 <= top < bottom <= h):
+            raise VermouthError(f"view box {self.box} lies outside the {w}x{h} image")
+        out = img.crop(self.box)
+        return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if self.flip else out
+
+    def array(self, a: np.ndarray) -> np.ndarray:
+        """The same view of a per-pixel map (H, W) such as a depth map."""
+        left, top, right, bottom = self.box
+        out = a[top:bottom, left:right]
+        return np.ascontiguousarray(out[:, ::-1] if self.flip else out)
+
+
+def padded_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
+    """(3, r, r) in [-1, 1]: the view's pixels at the top-left, zeros (grey) right and below."""
+    x = to_model_tensor(img)
+    h, w = x.shape[-2:]
+    if h > resolution or w > resolution:
+        raise VermouthError(f"a {w}x{h} view does not fit in --resolution {resolution}")
+    return F.pad(x, (0, resolution - w, 0, resolution - h))
+
+
+def pad_map(a: np.ndarray, resolution: int, value: float = 0.0) -> np.ndarray:
+    """A view's per-pixel map padded like its image (0: no ground truth)."""
+    h, w = a.shape
+    out = np.full((resolution, resolution), value, dtype=a.dtype)
+    out[:h, :w] = a
+    return out
+
+
+def windows(width: int, height: int, crop: int) -> list[tuple[int, int, int, int]]:
+    """VPD's shift-window test: crops of `crop` at both ends of the long side (x=0 and x=W-crop on
+    a 640-wide image with 480 crops: the two windows of `--shift_window_test`)."""
+    cw, ch = min(crop, width), min(crop, height)
+    xs = sorted({0, width - cw})
+    ys = sorted({0, height - ch})
+    return [(x, y, x + cw, y + ch) for y in ys for x in xs]
+
+
+def drawn_views(sample_id: str, width: int, height: int, crop: int, k: int, seed: int) -> list[View]:
+    """K training views of an image: seeded random crops of `crop` and a seeded mirror each (the
+    drawn stand-in for VPD's per-step RandomCrop and HorizontalFlip)."""
+    out = []
+    for i in range(k):
+        s = int.from_bytes(hashlib.sha256(f"{seed}:{sample_id}:view{i}".encode()).digest()[:8], "little")
+        rng = random.Random(s)
+        cw, ch = min(crop, width), min(crop, height)
+        x, y = rng.randint(0, width - cw), rng.randint(0, height - ch)
+        out.append(View((x, y, x + cw, y + ch), flip=rng.random() < 0.5))
+    return out
