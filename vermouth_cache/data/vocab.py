@@ -110,6 +110,11 @@ def _templates() -> dict[str, tuple[str, ...]]:
     return {key.lower(): tuple(value) for key, value in raw.items()}
 
 
+def template_sets() -> list[str]:
+    """The names `templates` knows (lower case)."""
+    return sorted(_templates())
+
+
 def templates(name: str | None = None) -> tuple[str, ...]:
     """Prompt templates for a dataset; anything without its own entry gets the plain CLIP prompt."""
     table = _templates()
