@@ -40,7 +40,7 @@ from vermouth_cache.data.datasets import load_dataset  # noqa: E402
 from vermouth_cache.extract.run import extract  # noqa: E402
 from vermouth_cache.train.heads import TextClassifier  # noqa: E402
 from vermouth_cache.data.images import decode_image  # noqa: E402
-from vermouth_cache.methods.vermouth import VERMOUTH  # noqa: E402
+from vermouth_cache.methods.vermouth import METHOD as VERMOUTH  # noqa: E402
 from vermouth_cache.models.loading import Captioner, Placement, resolve_precision  # noqa: E402
 from vermouth_cache.models.pipeline import StableDiffusion  # noqa: E402
 from vermouth_cache.extract.request import ExtractRequest  # noqa: E402

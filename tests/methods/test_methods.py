@@ -70,7 +70,7 @@ def test_a_new_method_is_one_declaration(registered, request_for, two):
 
 def test_methods_are_named_once_and_unknown_ones_refused(registered, request_for, two):
     registered(NULL_AT_50)
-    with pytest.raises(ValueError, match="already registered"):
+    with pytest.raises(VermouthError, match="already registered"):
         register_method(Method(name="vermouth-null", summary="another", conditionings=("blip",)))
     with pytest.raises(VermouthError, match=r"unknown method 'vpd' \(choose from vermouth, vermouth-null\)"):
         request_for(two, method="vpd")
@@ -152,3 +152,17 @@ def test_a_vpd_shaped_method_needs_no_change_to_the_extractor(registered, reques
         assert len(those) >= 2  # a down and an up block at each size: a layer-weighted mean, not a block mean
         want = sum(n_layers[b] * per_block[ATTN_PREFIX + b] for b in those) / sum(n_layers[b] for b in those)
         np.testing.assert_allclose(feats.read(f"attn.scale{f}", [1]), want.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_method_declared_as_architecture_md_writes_it(registered, request_for, two):
+    """`fixed={"t": 1, ...}` (a single value) fixes a tuple field; a method without captions gets its
+    first conditioning as the --prompt default instead of refusing BLIP the user never asked for."""
+    registered(Method(name="plain-null", summary="plain-null", conditionings=("null", "text"),
+                      fixed={"t": 1, "noise": "none"}))
+    req = request_for(two, method="plain-null", stages="mid")
+    assert req.t == (1,) and req.noise == "none" and req.prompt == "null"
+    assert request_for(two, method="plain-null", stages="mid", t=(1,)).t == (1,)
+    with pytest.raises(VermouthError, match="method plain-null fixes --t to 1"):
+        request_for(two, method="plain-null", t=(2,))
+    with pytest.raises(VermouthError, match="needs a text after the colon"):
+        request_for(two, prompt="text:  ")

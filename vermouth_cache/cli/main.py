@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from vermouth_cache import __version__
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.core.progress import configure_logging
 from vermouth_cache.cli.options import pin_options, request_options, typed_options
@@ -18,7 +19,7 @@ from vermouth_cache.store.entries import KINDS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(package_name="vermouth-cache")
+@click.version_option(__version__, package_name="vermouth-cache")
 @click.pass_context
 def main(ctx):
     """Stable Diffusion features for perception, computed once and cached in Zarr.
@@ -71,7 +72,7 @@ def extract(quiet, **fields):
 @click.option("--kind", type=click.Choice(list(KINDS)),
               help="Only entries of this kind.")
 def ls_cmd(store, kind):
-    """List the entries of STORE (a directory or URL, opened read-only): dataset, model, t, taps,
+    """List the entries of STORE (a directory or URL, opened read-only): dataset, model, method, t, taps,
     resolution, prompt, noise, progress, size."""
     from vermouth_cache.models.taps import summarize_taps
     from vermouth_cache.store.listing import table
@@ -88,7 +89,8 @@ def ls_cmd(store, kind):
 @click.option("--dataset", help="Instead of --entry: the features of this dataset matching --t, --resolution, "
                                 "--prompt, --noise, --text-layer and the options below (refused, naming the fields "
                                 "that differ, if none does).")
-@request_options(ExtractRequest, only=EXPORT_QUERY, help_prefix="With --dataset: ")
+@request_options(ExtractRequest, only=EXPORT_QUERY, help_prefix="With --dataset: ",
+                 helps={"t": "The timestep 0-999 of the features (one per export)."})
 @click.option("--sd-model", help="With --dataset: only features of this SD model (hub id or directory) [any].")
 @pin_options
 def export(store, out, entry, taps, dataset, sd_model, **options):
@@ -136,9 +138,10 @@ def models():
 @click.option("--seed", type=int, default=0, show_default=True, help="Weights seed; same seed, same bytes.")
 def models_tiny(directory, seed):
     """Write tiny random models in the real on-disk formats to DIRECTORY (sd, blip, experts, clip)."""
+    from vermouth_cache.core.atomic import output_directory
     from vermouth_cache.models.tiny import write_tiny_models
 
-    for name, path in write_tiny_models(directory, seed=seed).items():
+    for name, path in write_tiny_models(output_directory(directory, "model directory"), seed=seed).items():
         click.echo(f"{name:<10} {path}")
 
 
@@ -147,9 +150,10 @@ def models_tiny(directory, seed):
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo(out, quiet):
     """Run the whole flow on tiny models and the bundled demo data: extract, ls, train fewshot."""
+    from vermouth_cache.core.atomic import output_directory
     from vermouth_cache.demo import run_demo
 
-    res = run_demo(out, progress=not quiet)
+    res = run_demo(output_directory(out, "demo directory"), progress=not quiet)
     m = res.metrics
     click.echo(res.listing)
     click.echo(f"\nfew-shot U-head trained from the cache (t=10, mid+up, up attention maps, ResNet-18 expert): "

@@ -26,11 +26,11 @@ def _click_type(field):
     return kind if kind in (int, float) else str
 
 
-def request_options(model, *, only: tuple[str, ...] | None = None, help_prefix: str = ""):
+def request_options(model, *, only: tuple[str, ...] | None = None, help_prefix: str = "", helps: dict | None = None):
     """Click arguments and options for the fields of a pydantic request (all, or `only` these as
     options), in declaration order: the name, type, choices, default and help are the field's own
     (a required field without a default is a required option; tuple defaults show as comma-separated
-    text)."""
+    text; `helps` replaces a field's help where a command reads it differently)."""
     def decorate(fn):
         for name, field in reversed(list(model.model_fields.items())):
             if only is not None and name not in only:
@@ -46,7 +46,7 @@ def request_options(model, *, only: tuple[str, ...] | None = None, help_prefix: 
                 default = ",".join(map(str, default))
             fn = click.option(option_name(name), name, type=_click_type(field), default=default,
                               required=field.is_required() and only is None, metavar=cli.metavar,
-                              help=help_prefix + (field.description or ""),
+                              help=help_prefix + ((helps or {}).get(name) or field.description or ""),
                               show_default=default not in (None, ""))(fn)
         return fn
     return decorate

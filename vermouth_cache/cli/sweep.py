@@ -25,8 +25,10 @@ def _variables(items: tuple[str, ...]) -> dict[str, str]:
               help="A recipe variable, e.g. --set COOP=/data/coop for ${COOP}; repeatable.")
 @click.option("--config", type=click.Path(dir_okay=False),
               help="A YAML file of recipe variables (NAME: VALUE), e.g. this machine's dataset paths.")
-@click.option("--workers", type=int, help="Local dask workers training points in parallel [one per GPU, else 1].")
-@click.option("--scheduler", metavar="ADDRESS", help="Train on the dask cluster at tcp://HOST:PORT instead of a local one.")
+@click.option("--workers", type=int, help="Local dask workers extracting shards and training points in parallel "
+                                         "[one per GPU, else 1].")
+@click.option("--scheduler", metavar="ADDRESS", help="Extract and train on the dask cluster at tcp://HOST:PORT instead "
+                                                     "of a local one.")
 @click.option("--device", help="cpu, cuda or cuda:N for extraction and training (default: cuda when present; "
                                "local workers take one GPU each).")
 @click.option("--memory-gb", type=float, default=8.0, show_default=True,
@@ -37,13 +39,23 @@ def _variables(items: tuple[str, ...]) -> dict[str, str]:
 def sweep(recipe, out, store, sets, config, workers, scheduler, device, memory_gb, dry_run, quiet):
     """Run an ablation grid from one cache: extract only what the store lacks, train every
     unfinished point (heads that differ only in head settings share one pass over the features),
-    and write results.csv, results.md and plots. Rerun the same command to resume."""
+    and write results.csv, results.md and plots. Rerun the same command to resume.
+
+    RECIPE is a YAML file, or the name of a pipeline installed with the package (demo.yaml,
+    table4_fewshot.yaml, ...: the files of pipelines/)."""
     from vermouth_cache.sweep import SweepOptions, load_recipe
     from vermouth_cache.sweep import dry_run as plan
     from vermouth_cache.sweep import run_sweep
 
     if workers is not None and workers < 1:
         raise VermouthError("--workers must be at least 1")
+    if not 0 <= memory_gb < float("inf"):  # also refuses nan
+        raise VermouthError(f"--memory-gb must be a finite number of GiB >= 0, got {memory_gb}")
+    from vermouth_cache.core.atomic import output_directory
+    from vermouth_cache.store.entries import refuse_inside_store
+
+    refuse_inside_store(out, "sweep directory")
+    output_directory(out, "sweep directory")
     r = load_recipe(recipe, _variables(sets), config)
     opts = SweepOptions(out=out, store=store, workers=workers, scheduler=scheduler, device=device,
                         memory_gb=memory_gb, progress=not quiet)

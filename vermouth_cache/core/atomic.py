@@ -124,3 +124,20 @@ def atomic_create(target: str | os.PathLike, data: bytes) -> bool:
 def atomic_write_json(target: str | os.PathLike, obj) -> None:
     """`obj` as indented, key-sorted JSON (the format of every JSON file vermouth-cache writes)."""
     atomic_write(target, json.dumps(obj, indent=1, sort_keys=True))
+
+
+def output_directory(out: str | os.PathLike, what: str) -> Path:
+    """`out` as a Path for a directory a command will write, refused in one line when it (or a
+    parent) exists and is not a directory, or when the nearest existing parent is not writable."""
+    from vermouth_cache.core.errors import VermouthError
+
+    out = Path(out)
+    for p in (out, *out.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                where = "is" if p == out else f"is inside {p}, which is"
+                raise VermouthError(f"{what} {out} {where} not a directory")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise VermouthError(f"cannot write {what} {out}: {p} is not writable")
+            break
+    return out

@@ -24,7 +24,8 @@ import torch
 
 from vermouth_cache import SCHEMA_VERSION
 from vermouth_cache.core.errors import VermouthError
-from vermouth_cache.models.loading import Placement, directory_identity, load_pretrained, resolve_model_dir
+from vermouth_cache.models.loading import (Placement, config_model_type, directory_identity, load_pretrained,
+                                           resolve_model_dir)
 from vermouth_cache.store.entries import Store
 from vermouth_cache.store.records import OK
 from vermouth_cache.data.vocab import prompt_text
@@ -50,6 +51,7 @@ def class_text_features(store: Store, classnames: Sequence[str], templates: Sequ
                         proj: bool, placement: Placement | None = None) -> np.ndarray:
     """(C, D) float32, unit norm per class; read from the store when already computed."""
     model_dir = resolve_model_dir(clip_model, role="CLIP text model", hub_patterns=["*.json", "*.txt", "*.safetensors"])
+    check_clip(model_dir)
     recipe = classtext_recipe(directory_identity(model_dir), classnames, templates, proj)
     n = len(classnames)
     entry = store.entry("classtext", recipe, n_samples=n, shard_size=n,
@@ -74,11 +76,19 @@ def refill_classtext(store: Store, entry) -> None:
     class_text_features(store, recipe["classnames"], recipe["templates"], about["clip_model"], proj=about["proj"])
 
 
+def check_clip(model_dir) -> None:
+    """Refuse, before any entry is made, a directory that holds another kind of model."""
+    model_type = config_model_type(model_dir)
+    if model_type not in ("clip", "clip_text_model"):
+        raise VermouthError(f"CLIP model {model_dir}: its config.json says model_type {model_type!r}, not a CLIP model")
+
+
 def encode_prompts(model_dir, classnames: Sequence[str], templates: Sequence[str], *, proj: bool,
                    placement: Placement | None = None) -> np.ndarray:
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
     placement = placement or Placement(torch.device("cpu"), torch.float32)
+    check_clip(model_dir)
     tokenizer = load_pretrained(CLIPTokenizer, model_dir)
     model = load_pretrained(CLIPTextModelWithProjection, model_dir, placement)
     out = []

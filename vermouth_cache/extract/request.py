@@ -10,6 +10,7 @@ values are refused in one line (a VermouthError) before any model or image is to
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Annotated, ClassVar
@@ -29,6 +30,8 @@ from vermouth_cache.store.arrays import STORAGE_DTYPES
 
 PROMPT_MODES = tuple(c.name for c in CONDITIONINGS.values() if not c.syntax)
 ON_ERROR = ("fail", "skip")
+SCHEDULER_ADDRESS = re.compile(r"^(?:(?:tcp|tls|ucx|inproc)://)?[^\s:/]+:\d{1,5}$")
+PROMPT_DEFAULT = "blip"  # of a method that takes captions; else the method's first conditioning
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,16 @@ class AtLeast:
     def check(self, name: str, value) -> None:
         if value is not None and value < self.minimum:
             raise VermouthError(f"{option_name(name)} must be at least {self.minimum}")
+
+
+@dataclass(frozen=True)
+class AtMost:
+    maximum: int
+    why: str
+
+    def check(self, name: str, value) -> None:
+        if value is not None and value > self.maximum:
+            raise VermouthError(f"{option_name(name)} {value} exceeds {self.maximum} ({self.why})")
 
 
 @dataclass(frozen=True)
@@ -104,11 +117,12 @@ class ExtractRequest(BaseModel):
                                                        "standard model).")
     sd_model: str = Field(DEFAULT_SD_MODEL, description="SD pipeline: hub id or diffusers directory.")
     captioner: str = Field(DEFAULT_CAPTIONER, description="BLIP captioner: hub id or directory.")
-    prompt: str = Field("blip", description=_help("Caption source: " + ", ".join(c.help for c in CONDITIONINGS.values())
+    prompt: str = Field(PROMPT_DEFAULT, description=_help("Caption source: " + ", ".join(c.help for c in CONDITIONINGS.values())
                                                   + "."))
     caption_prefix: str = Field("", description="Text BLIP continues (the official code used 'a picture of ').")
     caption_min_tokens: int = Field(5, description="BLIP minimum new tokens.")
-    caption_max_tokens: int = Field(20, description="BLIP maximum new tokens.")
+    caption_max_tokens: Annotated[int, AtMost(256, "BLIP's text decoder has 512 positions")] = Field(
+        20, description="BLIP maximum new tokens.")
     text_layer: Annotated[str, Choices("text layer", lambda: TEXT_LAYERS)] = Field(
         "final", description="CLIP text layer used as the condition.")
     text_tokens: Annotated[int | None, AtLeast(1)] = Field(
@@ -117,13 +131,13 @@ class ExtractRequest(BaseModel):
     context_table: Annotated[str | None, Cli(metavar="FILE")] = Field(
         None, description="Context table (.safetensors from `vermouth-cache tables`) of --prompt table / table-class; "
                           "its sha256 enters the key.")
-    resolution: int = Field(256, description="Shorter side resized to this, then centre-cropped square (256 "
-                                             "classification/SBIR, 512 segmentation).")
+    resolution: int = Field(256, description="Shorter side resized to this, then centre-cropped square; a multiple "
+                                             "of 64 (256 classification/SBIR, 512 segmentation).")
     noise: Annotated[str, Choices("noise mode", lambda: NOISE_MODES)] = Field(
         "ddpm", description="How the latent reaches t: DDPM forward noise, DDIM inversion, or the clean latent.")
     seed: int = Field(0, description="Noise seed (and random-prompt seed).")
-    noise_draws: Annotated[int, AtLeast(1)] = Field(1, description="Average the taps over K DDPM noise draws.")
-    inversion_steps: Annotated[int, AtLeast(1)] = Field(10, description="U-net calls of a DDIM inversion.")
+    noise_draws: Annotated[int, AtLeast(1), AtMost(1000, "U-net passes per sample")] = Field(1, description="Average the taps over K DDPM noise draws.")
+    inversion_steps: Annotated[int, AtLeast(1), AtMost(1000, "the schedule has 1000 timesteps")] = Field(10, description="U-net calls of a DDIM inversion.")
     dtype: Annotated[str, Choices("dtype", lambda: STORAGE_DTYPES)] = Field("fp16", description="Storage dtype of "
                                                                                                 "features.")
     batch_size: Annotated[int, AtLeast(1)] = Field(8, description="Images per model call on CUDA, within one shard "
@@ -176,6 +190,9 @@ class ExtractRequest(BaseModel):
             k: v for k, v in data.items() if v is not None}}
         if data.get("stages") is None and data.get("taps") is None:
             data["taps" if method.default_taps else "stages"] = method.default_taps or method.default_stages
+        if data.get("prompt") is None and PROMPT_DEFAULT not in method.conditionings:
+            # a method without captions: its first conditioning that needs no argument
+            data["prompt"] = next(c for c in method.conditionings if not CONDITIONINGS[c].syntax)
         return data
 
     @field_validator("t", mode="before")
@@ -197,6 +214,8 @@ class ExtractRequest(BaseModel):
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, prompt):
+        if prompt.startswith("text:") and not prompt[len("text:"):].strip():
+            raise VermouthError("--prompt text: needs a text after the colon (the empty prompt is --prompt null)")
         if conditioning_of(prompt) is None:
             raise VermouthError(f"unknown prompt mode {prompt!r} (choose from {', '.join(PROMPT_MODES)}, or "
                                 f"{', '.join(c.syntax for c in CONDITIONINGS.values() if c.syntax)})")
@@ -209,6 +228,13 @@ class ExtractRequest(BaseModel):
             raise VermouthError(f"--resolution {r} must be a multiple of 64")
         return r
 
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, address):
+        if address is not None and not SCHEDULER_ADDRESS.match(address):
+            raise VermouthError(f"--scheduler {address!r} is not a dask scheduler address (tcp://HOST:PORT)")
+        return address
+
     @field_validator("max_error_rate")
     @classmethod
     def _error_rate(cls, rate):
@@ -220,7 +246,7 @@ class ExtractRequest(BaseModel):
     @classmethod
     def _declared_rules(cls, value, info):
         for rule in cls.model_fields[info.field_name].metadata:
-            if isinstance(rule, (Choices, AtLeast)):
+            if isinstance(rule, (Choices, AtLeast, AtMost)):
                 rule.check(info.field_name, value)
         return value
 

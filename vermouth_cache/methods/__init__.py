@@ -11,9 +11,8 @@ package is imported, so `extract --method <name>` offers it. A test or a plug-in
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
+from vermouth_cache.core.errors import VermouthError
+from vermouth_cache.core.plugins import PluginError, discover
 from vermouth_cache.methods.base import METHODS, Method, method_named, register_method
 
 SEAM_MODULES = ("base", "conditioning")  # the seam itself; every other module here declares a METHOD
@@ -21,14 +20,11 @@ DEFAULT_METHOD = "vermouth"
 
 
 def _register_modules() -> None:
-    for module in pkgutil.iter_modules(__path__):
-        if module.name in SEAM_MODULES:
-            continue
-        declared = getattr(importlib.import_module(f"{__name__}.{module.name}"), "METHOD", None)
-        if not isinstance(declared, Method):
-            raise ImportError(f"{__name__}.{module.name} declares no METHOD: every module here but "
-                              f"{' and '.join(SEAM_MODULES)} is a method")
-        register_method(declared)
+    for name, declared in discover(__name__, __path__, "METHOD", Method, skip=SEAM_MODULES):
+        try:
+            register_method(declared)
+        except VermouthError as exc:
+            raise PluginError(f"plug-in {__name__}.{name}: {exc}") from None
 
 
 _register_modules()

@@ -71,8 +71,11 @@ class Method:
         return {"method": self.name} if self.keyed else {}
 
     def check_fixed(self, values: Mapping[str, object]) -> None:
-        """Refuse a request that sets a field this method fixes to another value."""
+        """Refuse a request that sets a field this method fixes to another value (a single value
+        fixes a tuple field to that one value: {"t": 1} is {"t": (1,)})."""
         for k, v in self.fixed.items():
+            if isinstance(values[k], tuple) and not isinstance(v, tuple):
+                v = (v,)
             if values[k] != v:
                 shown = ",".join(map(str, v)) if isinstance(v, tuple) else v
                 raise VermouthError(f"method {self.name} fixes --{k.replace('_', '-')} to {shown}; drop the option "
@@ -85,7 +88,7 @@ METHODS: dict[str, Method] = {}
 def register_method(method: Method) -> Method:
     """Make `method` known by name (`extract --method`); a name is registered once."""
     if METHODS.get(method.name, method) != method:
-        raise ValueError(f"another method is already registered as {method.name!r}")
+        raise VermouthError(f"another method is already registered as {method.name!r}")
     METHODS[method.name] = method
     return method
 

@@ -31,6 +31,7 @@ EXPERT_MODELS = {
     "dino": "facebook/dino-vitb16",
     "dinov2": "facebook/dinov2-base",
 }
+EXPERT_MODEL_TYPES = {"resnet18": "resnet", "dino": "vit", "dinov2": "dinov2"}  # config.json model_type
 
 # Files from_pretrained reads; weight variants (fp16, non-EMA) and other frameworks are not.
 _READ_PATTERNS = ("*.json", "*.txt", "*.model", "*.safetensors", "*.bin")
@@ -204,6 +205,10 @@ class Expert:
         self.spec = spec or EXPERT_MODELS[name]
         self.placement = placement
         self.dir = resolve_model_dir(self.spec, role=f"expert {name}", hub_patterns=["*.json", "*.safetensors"])
+        kind = config_model_type(self.dir)
+        if kind != EXPERT_MODEL_TYPES[name]:
+            raise VermouthError(f"expert {name}: {self.spec} is a {kind or 'model without a config.json model_type'}, "
+                                f"not a {EXPERT_MODEL_TYPES[name]} model")
 
     @functools.cached_property
     def identity(self) -> str:
@@ -229,6 +234,13 @@ class Expert:
     def skeleton(self):
         """The expert built from its config on the meta device (shapes only)."""
         return skeleton(self.dir, "transformers")
+
+
+def config_model_type(directory: Path) -> str | None:
+    try:
+        return json.loads((directory / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def skeleton(directory: Path, family: str):

@@ -43,6 +43,17 @@ KINDS = ("captions", "text", "latents", "features", "expert", "masks", "depths",
 STORE_MARKER = "vermouth-store.json"
 
 
+def refuse_inside_store(path: str | os.PathLike, what: str) -> None:
+    """Refuse to write `what` at `path` when a local store holds it: the store's own files would be
+    replaced (an export over a manifest) or read as damage (a run directory among its entries)."""
+    if is_url(str(path)):
+        return
+    p = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+    for d in (p, *p.parents):
+        if (d / STORE_MARKER).is_file():
+            raise VermouthError(f"{what} {path} lies inside the store {d}: write it elsewhere")
+
+
 def is_url(path: str) -> bool:
     return "://" in str(path) and not str(path).startswith("file://")
 

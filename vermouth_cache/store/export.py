@@ -19,7 +19,7 @@ import numpy as np
 
 from vermouth_cache.core.atomic import commit, temp_beside
 from vermouth_cache.core.errors import VermouthError
-from vermouth_cache.store.entries import Store
+from vermouth_cache.store.entries import Store, refuse_inside_store
 from vermouth_cache.store.entry import Entry
 from vermouth_cache.store.gc import mark_used
 from vermouth_cache.store.records import OK
@@ -75,6 +75,7 @@ def export_h5(store: Store, out: str | os.PathLike, *, entry: Entry | None = Non
     store's only features entry. An entry found from a dataset and recipe fields is
     `vermouth_cache.extract.selection.find_features`'s to find."""
     out = _output_path(out)  # an impossible --out is refused before anything is read
+    refuse_inside_store(out, "export file")
     if entry is None:
         entry = select_features_entry(store, entry_key)
     mark_used(store, entry)  # and the captions it exports, the text and latents it was made from

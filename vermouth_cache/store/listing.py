@@ -18,7 +18,7 @@ from vermouth_cache.store.records import OK
 
 TapSummary = Callable[[Iterable[str]], str]
 
-COLUMNS = ("kind", "key", "dataset", "model", "t", "taps", "res", "prompt", "noise", "dtype", "done/total", "size")
+COLUMNS = ("kind", "key", "dataset", "model", "method", "t", "taps", "res", "prompt", "noise", "dtype", "done/total", "size")
 
 
 def entry_progress(entry: Entry) -> tuple[int, int, int]:
@@ -47,6 +47,7 @@ def entry_row(entry: Entry, summarize_taps: TapSummary = ",".join) -> dict[str, 
         "key": entry.key,
         "dataset": str(about.get("dataset", "")),
         "model": str(about.get("sd_model") or about.get("model") or about.get("captioner") or about.get("clip_model") or ""),
+        "method": str(about.get("method", "")),  # features only (made by a method); "" elsewhere
         "t": str(about.get("t", "")),
         "taps": summarize_taps(taps),
         "res": str(about.get("resolution", "")),

@@ -30,7 +30,7 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from vermouth_cache.core.errors import VermouthError
-from vermouth_cache.data.bundled import data_dir
+from vermouth_cache.data.bundled import data_dir, pipeline_file
 from vermouth_cache.extract.selection import PINS
 from vermouth_cache.models.backbones import DEFAULT_SD_MODEL
 from vermouth_cache.models.loading import DEFAULT_CAPTIONER, DEFAULT_CLIP_MODEL, EXPERT_MODELS
@@ -134,10 +134,16 @@ class Recipe:
 
 def load_recipe(path: str | os.PathLike, variables: dict[str, str] | None = None,
                 config: str | os.PathLike | None = None) -> Recipe:
-    """Read, substitute and check a recipe; `variables` beat the `config` file, which beats the environment."""
+    """Read, substitute and check a recipe (a file, or the name of a bundled pipeline such as
+    demo.yaml); `variables` beat the `config` file, which beats the environment."""
     path = Path(path)
     if not path.is_file():
-        raise VermouthError(f"recipe not found: {path}")
+        if path.parent != Path(".") or path.suffix not in (".yaml", ".yml"):
+            raise VermouthError(f"recipe not found: {path}")
+        try:
+            path = pipeline_file(path.name)  # the pipelines installed with the package
+        except VermouthError as exc:
+            raise VermouthError(f"recipe not found: {path} ({exc})") from None
     env = {**os.environ, "BUNDLED": str(data_dir()), "RECIPE_DIR": str(path.resolve().parent)}
     if config is not None:
         env.update({k: str(v) for k, v in _mapping(_read_yaml(Path(config)), f"config {config}").items()})
@@ -186,6 +192,7 @@ def _parse(raw: dict, path: Path) -> Recipe:
         raise VermouthError(f"{where}: unknown task {top.task!r} (choose from {', '.join(TASKS)})")
     datasets = _datasets(top.datasets, top.task, where)
     check_keys(top.extract, EXTRACT_KEYS, f"{where}: extract")
+    _check_extract_values(top.extract, f"{where}: extract")
     check_keys(top.train, ("schedule", *TASKS, *SETTING_KEYS), f"{where}: train")
     for task in TASKS:
         check_keys(_mapping(top.train.get(task), f"{where}: train.{task}"), SETTING_KEYS, f"{where}: train.{task}")
@@ -204,6 +211,16 @@ def _parse(raw: dict, path: Path) -> Recipe:
     return Recipe(str(top.name or path.stem), str(path), datasets, top.models, top.extract, points, paper)
 
 
+def _check_extract_values(options: dict, where: str) -> None:
+    """The values of `extract:` checked as `extract` would check them (types, choices, bounds)."""
+    from vermouth_cache.extract.request import ExtractRequest
+
+    try:
+        ExtractRequest(dataset=".", store=".", **options)
+    except VermouthError as exc:
+        raise VermouthError(f"{where}: {exc}") from None
+
+
 def _datasets(raw: dict, default_task: str | None, where: str) -> dict[str, DatasetSpec]:
     """Each entry checked by its task's DataOptions: the keys a task takes are its data options."""
     if not raw:
@@ -213,8 +230,10 @@ def _datasets(raw: dict, default_task: str | None, where: str) -> dict[str, Data
         w = f"{where}: datasets.{label}"
         spec = {"path": spec} if isinstance(spec, str) else dict(_mapping(spec, w))
         task = spec.pop("task", default_task)
-        if task not in TASKS:
+        if task is None:
             raise VermouthError(f"{w}: give its task ({', '.join(TASKS)}), here or as the recipe's `task`")
+        if task not in TASKS:
+            raise VermouthError(f"{w}: unknown task {task!r} (choose from {', '.join(TASKS)})")
         options = get_task(task).options
         check_keys(spec, ("task", *options.model_fields), w)
         if not spec.get("path"):

@@ -135,6 +135,9 @@ def fit_many(members: list[Member], loader: CacheLoader, s: TaskSettings, *,
     for m, st in zip(members, states):
         if st.best_state is not None:
             m.model.load_state_dict(st.best_state)
+        if st.error is None and not all(torch.isfinite(p).all() for p in m.model.state_dict().values()
+                                        if p.is_floating_point()):
+            st.error = f"non-finite weights after step {st.steps}"  # an update that overflowed, loss still finite
         m.model.eval()
         out.append(FitResult(st.history, st.steps, st.best_step, st.best, st.error))
     return out

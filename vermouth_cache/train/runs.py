@@ -22,6 +22,8 @@ from vermouth_cache.core.atomic import atomic_write, atomic_write_json
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.core.errors import available, install_hint
 from vermouth_cache.core.progress import get_logger
+from vermouth_cache.core.atomic import output_directory
+from vermouth_cache.store.entries import refuse_inside_store
 from vermouth_cache.train.vpd_heads import VpdHeadSpec, is_vpd_spec
 from vermouth_cache.train.heads import HeadSpec, VermouthHead
 from vermouth_cache.store.files import read_json
@@ -33,14 +35,8 @@ FILES = ("config.json", "metrics.json", "head.safetensors", "curve.png")
 
 def check_run_dir(out: str | os.PathLike) -> Path:
     """`out` as a Path, refused if it (or a parent) exists and is not a directory."""
-    out = Path(out)
-    for p in (out, *out.parents):
-        if p.exists() or p.is_symlink():
-            if not p.is_dir():
-                what = "is" if p == out else f"is inside {p}, which is"
-                raise VermouthError(f"run directory {out} {what} not a directory")
-            break
-    return out
+    refuse_inside_store(out, "run directory")
+    return output_directory(out, "run directory")
 
 
 def prepare_run_dir(out: str | os.PathLike, overwrite: bool) -> Path:

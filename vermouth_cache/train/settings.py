@@ -9,11 +9,13 @@ choices. Values the paper leaves open are marked and recorded in every run's con
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from vermouth_cache.core.errors import VermouthError
+from vermouth_cache.data.vocab import template_sets
 from vermouth_cache.extract.request import PROMPT_MODES, TEXT_LAYERS
 from vermouth_cache.models.loading import EXPERT_MODELS
 from vermouth_cache.models.noise import NOISE_MODES
@@ -112,8 +114,19 @@ class TaskSettings(Declared):
             raise ValueError(f"resolution {self.resolution} must be a multiple of 64")
         if not 0 <= self.t <= 999:
             raise ValueError(f"timestep {self.t} is outside 0-999")
+        for name in ("lr", "temperature", "gamma", "power", "weight_decay", "grad_clip"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.lr <= 0 or self.batch_size < 1 or self.temperature <= 0:
             raise ValueError("lr, batch size and temperature must be positive")
+        if self.lr > 10:
+            raise ValueError(f"lr {self.lr} is not a learning rate (above 10)")
+        if self.weight_decay < 0 or self.grad_clip <= 0 or self.power < 0 or not 0 < self.gamma <= 1:
+            raise ValueError("weight decay and power must be >= 0, grad clip > 0, gamma in (0, 1]")
+        if self.templates is not None and self.templates.lower() not in template_sets():
+            raise ValueError(f"unknown template set {self.templates!r} (choose from {', '.join(template_sets())})")
+        if self.eval_every < 1:
+            raise ValueError(f"eval_every must be at least 1, got {self.eval_every}")
         if (self.epochs is None) == (self.iters is None):
             raise ValueError("give exactly one of epochs and iterations")
         if (self.epochs is not None and self.epochs < 1) or (self.iters is not None and self.iters < 1):

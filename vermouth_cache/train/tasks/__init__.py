@@ -18,9 +18,7 @@ train, its report column) and `task_settings("depth")` read it from TASKS.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
+from vermouth_cache.core.plugins import PluginError, discover
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.train.settings import TaskSettings
 from vermouth_cache.train.tasks.base import Task
@@ -48,13 +46,11 @@ def task_settings(task: str, schedule: str = "paper", **overrides) -> TaskSettin
 
 
 def _register_modules() -> None:
-    for module in pkgutil.iter_modules(__path__):
-        if module.name == "base":
-            continue
-        declared = getattr(importlib.import_module(f"{__name__}.{module.name}"), "TASK", None)
-        if not isinstance(declared, Task):
-            raise ImportError(f"{__name__}.{module.name} declares no TASK: every module here but base is a task")
-        register(declared)
+    for name, declared in discover(__name__, __path__, "TASK", Task, skip=("base",)):
+        try:
+            register(declared)
+        except VermouthError as exc:
+            raise PluginError(f"plug-in {__name__}.{name}: {exc}") from None
 
 
 _register_modules()
