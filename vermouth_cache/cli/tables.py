@@ -12,9 +12,13 @@ from vermouth_cache.models.loading import DEFAULT_CLIP_MODEL
 
 
 def _names(spec: str) -> list[str]:
-    """Class names from a bundled list (ade150, ...) or a text file, one per line."""
+    """Class names from a bundled list (ade150, ...), a text file (one per line), or a depth root
+    (its scene classes, as `train depth` reads them)."""
+    from vermouth_cache.data.depth import is_depth_root, scene_classes
     from vermouth_cache.data.vocab import classnames, read_name_list
 
+    if is_depth_root(Path(spec)):
+        return list(scene_classes(Path(spec)))
     return list(read_name_list(spec) if Path(spec).is_file() else classnames(spec))
 
 
@@ -26,7 +30,8 @@ def tables():
 @tables.command()
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--classes", required=True, metavar="LIST",
-              help="Class names: a bundled list (ade150, pc59, ...) or a text file with one name per line.")
+              help="Class names: a bundled list (ade150, pc59, ...), a text file with one name per line, or a "
+                   "depth root (its scene classes).")
 @click.option("--templates", "template_set", default=None, metavar="NAME",
               help="A bundled template set (e.g. imagenet_ensemble: CLIP's 80, as VPD's NYU table) [default: "
                    "'a photo of a {}.', as VPD's ADE20K table is read].")

@@ -8,6 +8,7 @@ Optional dependencies: the pip extra that brings each one, and the one-line erro
     pip install 'vermouth-cache[s3]'      # s3fs: stores on S3 (s3://bucket/prefix)
     pip install 'vermouth-cache[dist]'    # dask.distributed: --workers / --scheduler
     pip install 'vermouth-cache[plots]'   # matplotlib: curve.png of a run, a sweep's plots
+    pip install 'vermouth-cache[refer]'   # pycocotools: referring masks from COCO polygons
     pip install 'vermouth-cache[test]'    # all of the above, and what the tests need
 
 The extras are declared in pyproject.toml; `EXTRAS` names the module each one provides, so the
@@ -41,6 +42,7 @@ EXTRAS = {
     "s3fs": "s3",
     "distributed": "dist",
     "matplotlib": "plots",
+    "pycocotools": "refer",
 }
 
 

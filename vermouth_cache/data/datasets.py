@@ -23,6 +23,7 @@ from pathlib import Path
 
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.data.depth import is_depth_root, load_depth_dataset
+from vermouth_cache.data.refer import is_refer_root, load_refer_dataset
 from vermouth_cache.data.manifests import load_coop, load_manifest
 from vermouth_cache.data.paths import abspath, check_inside, path_exists
 from vermouth_cache.data.samples import Dataset, Sample
@@ -47,6 +48,10 @@ def load_dataset(spec: str | Path, *, image_root: str | Path | None = None,
         raise VermouthError(f"shots must be an integer >= 1, got {shots!r}")
     if not path_exists(spec, "dataset"):
         raise VermouthError(f"dataset not found: {spec}")
+    if layout is None and is_refer_root(spec):  # referring expressions: one sample per sentence (data/refer.py)
+        if split is None or shots is not None:
+            raise VermouthError(f"{spec} is a referring dataset: give --split (train, val, testA, ...); no shots")
+        return load_refer_dataset(spec, split, image_root=image_root)
     if layout is None and is_depth_root(spec):  # a depth dataset: views of its images (data/depth.py)
         if image_root is not None or shots is not None:
             raise VermouthError(f"{spec} is a depth root: image_root and shots do not apply")

@@ -31,6 +31,7 @@ class Sample:
     text: str | None = None  # the sample's own sentence (a referring expression), when it has one
     view: View | None = None  # a crop of the image (its id names it), when the dataset is one of views
     depth: Path | None = None  # absolute path of a depth map (uint16 PNG), when the dataset has them
+    region: str | None = None  # the referred object's COCO segmentation (JSON), for referring datasets
 
 
 @dataclass(frozen=True)

@@ -26,20 +26,26 @@ from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.data.images import to_model_tensor
 
 # what the latents recipe says of a dataset of views (instead of the shorter-side resize and crop)
-VIEW_GEOMETRY = "view box crop (in the sample id), optional mirror, zero-pad in [-1,1] right and below"
+GEOMETRIES = {
+    "pad": "view box crop (in the sample id), optional mirror, zero-pad in [-1,1] right and below",
+    "squash": "view box crop (in the sample id), optional mirror, bilinear resize to resolution x resolution "
+              "(aspect not kept)",
+}
 
 
 @dataclass(frozen=True)
 class View:
     box: tuple[int, int, int, int]  # left, top, right, bottom in the image's pixels
     flip: bool = False  # mirrored left-right after the crop
+    geometry: str = "pad"  # how the crop reaches the model's square input: GEOMETRIES
 
     @property
     def size(self) -> tuple[int, int]:
         return self.box[2] - self.box[0], self.box[3] - self.box[1]
 
     def suffix(self) -> str:
-        return "@" + ",".join(map(str, self.box)) + (",flip" if self.flip else "")
+        return "@" + ",".join(map(str, self.box)) + (",flip" if self.flip else "") + (
+            f",{self.geometry}" if self.geometry != "pad" else "")
 
     def image(self, img: Image.Image) -> Image.Image:
         w, h = img.size
@@ -56,8 +62,19 @@ class View:
         return np.ascontiguousarray(out[:, ::-1] if self.flip else out)
 
 
-def padded_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
-    """(3, r, r) in [-1, 1]: the view's pixels at the top-left, zeros (grey) right and below."""
+def view_geometry(samples) -> str | None:
+    """The one geometry of a dataset's views, None when it has none; a mix is refused."""
+    kinds = {s.view.geometry if s.view is not None else None for s in samples}
+    if len(kinds) > 1:
+        raise VermouthError(f"a dataset mixes views of geometries {sorted(map(str, kinds))}")
+    return next(iter(kinds), None)
+
+
+def view_tensor(img: Image.Image, resolution: int, geometry: str = "pad") -> torch.Tensor:
+    """(3, r, r) in [-1, 1]: the view's pixels at the top-left, zeros (grey) right and below ("pad"),
+    or resized to r x r, bilinear ("squash", VPD refer's torchvision Resize((512, 512)))."""
+    if geometry == "squash":
+        return to_model_tensor(img.resize((resolution, resolution), Image.Resampling.BILINEAR, reducing_gap=None))
     x = to_model_tensor(img)
     h, w = x.shape[-2:]
     if h > resolution or w > resolution:
@@ -65,8 +82,11 @@ def padded_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
     return F.pad(x, (0, resolution - w, 0, resolution - h))
 
 
-def pad_map(a: np.ndarray, resolution: int, value: float = 0.0) -> np.ndarray:
-    """A view's per-pixel map padded like its image (0: no ground truth)."""
+def view_map(a: np.ndarray, resolution: int, geometry: str = "pad", value: float = 0.0) -> np.ndarray:
+    """A view's per-pixel map placed like its image: padded (`value`: no ground truth), or resized
+    to r x r by nearest neighbour ("squash": a label map)."""
+    if geometry == "squash":
+        return np.asarray(Image.fromarray(a).resize((resolution, resolution), Image.Resampling.NEAREST))
     h, w = a.shape
     out = np.full((resolution, resolution), value, dtype=a.dtype)
     out[:h, :w] = a

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from vermouth_cache.data.images import resize_center_crop, to_model_tensor
-from vermouth_cache.data.views import padded_tensor
+from vermouth_cache.data.views import view_tensor
 from vermouth_cache.methods.base import LatentRule
 from vermouth_cache.models.noise import batch_noise, ddim_invert, ddpm_noised
 from vermouth_cache.models.taps import AttentionMaps, run_taps, unet_output
@@ -73,23 +73,23 @@ def blip_captions(captioner, images: Sequence[Image.Image], *, prefix: str, min_
 
 
 # -- latents ----------------------------------------------------------------------------------
-def pixel_batch(images: Sequence[Image.Image], resolution: int, padded: bool = False) -> torch.Tensor:
-    """(B, 3, r, r) in [-1, 1] after the shorter-side resize and centre crop, or, for views
-    (`padded`), the view's pixels zero-padded right and below (data/views.py)."""
-    if padded:
-        return torch.stack([padded_tensor(img, resolution) for img in images])
+def pixel_batch(images: Sequence[Image.Image], resolution: int, geometry: str | None = None) -> torch.Tensor:
+    """(B, 3, r, r) in [-1, 1] after the shorter-side resize and centre crop, or, for views, the
+    view placed by its `geometry` (padded or squashed: data/views.py)."""
+    if geometry:
+        return torch.stack([view_tensor(img, resolution, geometry) for img in images])
     return torch.stack([to_model_tensor(resize_center_crop(img, resolution)) for img in images])
 
 
 def vae_latents(sd, images: Sequence[Image.Image], *, resolution: int, rule: LatentRule, batch: int,
-                padded: bool = False) -> np.ndarray:
+                geometry: str | None = None) -> np.ndarray:
     """(N, 4, r/8, r/8) float32: E(x).latent_dist.mean, times the backbone's scaling_factor by the
     method's latent rule."""
     vae, scale = sd.vae, sd.latent_scale
     device, dtype = _first_device(vae), next(vae.parameters()).dtype
     out = []
     for chunk in in_batches(list(images), batch):
-        x = pixel_batch(chunk, resolution, padded).to(device, dtype)
+        x = pixel_batch(chunk, resolution, geometry).to(device, dtype)
         with torch.inference_mode():
             z = rule.latent(vae.encode(x).latent_dist.mean, scale)
         out.append(z.float().cpu().numpy())
@@ -131,7 +131,7 @@ def _noised(unet, scheduler, z0, c, ids, *, t, draw, noise, seed, steps) -> torc
 
 # -- expert -----------------------------------------------------------------------------------
 def expert_features(expert, images: Sequence[Image.Image], *, resolution: int, batch: int,
-                    padded: bool = False) -> dict[str, np.ndarray]:
+                    geometry: str | None = None) -> dict[str, np.ndarray]:
     """Four feature maps per image, highest resolution first: `expert.level0`-`expert.level3`.
 
     ResNet: the outputs of its 4 stages. ViT (DINO, DINOv2): patch tokens of 4 evenly spaced
@@ -143,7 +143,7 @@ def expert_features(expert, images: Sequence[Image.Image], *, resolution: int, b
     std = torch.tensor(expert.image_stats[1]).view(1, 3, 1, 1)
     levels: list[list[np.ndarray]] = [[] for _ in range(4)]
     for chunk in in_batches(list(images), batch):
-        x = (pixel_batch(chunk, resolution, padded) + 1) / 2  # back to [0, 1] from the SD pixel range
+        x = (pixel_batch(chunk, resolution, geometry) + 1) / 2  # back to [0, 1] from the SD pixel range
         x = ((x - mean) / std).to(device, dtype)
         with torch.inference_mode():
             maps = expert_maps(expert.name, model, x)

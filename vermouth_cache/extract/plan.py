@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.core.hashing import recipe_key
 from vermouth_cache.data.samples import Dataset
+from vermouth_cache.data.views import view_geometry
 from vermouth_cache.extract.recipes import captions_recipe, expert_recipe, features_recipe, latents_recipe, text_recipe
 from vermouth_cache.extract.request import ExtractRequest
 from vermouth_cache.methods import method_named
@@ -26,6 +27,15 @@ from vermouth_cache.store.entry import Entry
 
 CAPTIONS, TEXT, LATENTS = "captions", "cond", "latent"
 EXPERT_LEVELS = [f"expert.level{i}" for i in range(4)]
+
+
+def labels_key(ds: Dataset) -> str:
+    """What texts made from the labels depend on: labels and class names, and each sample's own
+    sentence when the dataset has them (what --prompt sentence reads)."""
+    labels = {"labels": [s.label for s in ds.samples], "classnames": list(ds.classnames)}
+    if any(s.text is not None for s in ds.samples):
+        labels["texts"] = [s.text for s in ds.samples]
+    return recipe_key(labels)
 
 
 def dataset_record(ds: Dataset) -> dict:
@@ -65,14 +75,11 @@ def make_plan(req: ExtractRequest, ds: Dataset, make_entry, sd: StableDiffusion,
     schedule = sd.schedule_recipe(req.noise)
     ident = ds.identity()
     n = len(ds)
-    views = any(s.view is not None for s in ds.samples)  # crops named in the ids (data/views.py)
+    views = view_geometry(ds.samples)  # a dataset of views: crops named in the ids (data/views.py)
     # the request travels in every manifest so that `repair` can recompute a bad shard
     about = {"dataset": ds.name, "dataset_record": ds_key, "n_samples": n, "request": req.to_json()}
-    labels = {"labels": [s.label for s in ds.samples], "classnames": list(ds.classnames)}
-    if any(s.text is not None for s in ds.samples):  # per-sample sentences: what --prompt sentence reads
-        labels["texts"] = [s.text for s in ds.samples]
-    labels_key = recipe_key(labels)
-    cap_r = captions_recipe(req, ident, captioner_id=captioner.identity if captioner else None, labels_key=labels_key)
+    labels = labels_key(ds)
+    cap_r = captions_recipe(req, ident, captioner_id=captioner.identity if captioner else None, labels_key=labels)
     txt_r = text_recipe(recipe_key(cap_r), tokenizer_id=sd.identity("tokenizer"),
                         text_encoder_id=sd.identity("text_encoder"), layer=req.text_layer, tokens=req.text_tokens)
     lat_r = latents_recipe(ident, vae_id=sd.identity("vae"), resolution=req.resolution, rule=method.latent,

@@ -10,7 +10,7 @@ method's name on its features (`Method.recipe_tag`; none for Vermouth, whose key
 from __future__ import annotations
 
 from vermouth_cache import SCHEMA_VERSION
-from vermouth_cache.data.views import VIEW_GEOMETRY
+from vermouth_cache.data.views import GEOMETRIES
 from vermouth_cache.extract.request import ExtractRequest
 from vermouth_cache.methods import Method
 from vermouth_cache.methods.base import LatentRule
@@ -40,14 +40,14 @@ def text_recipe(captions_key: str, *, tokenizer_id: str, text_encoder_id: str, l
     }
 
 
-def latents_recipe(dataset_identity: str, *, vae_id: str, resolution: int, rule: LatentRule, views: bool = False) -> dict:
+def latents_recipe(dataset_identity: str, *, vae_id: str, resolution: int, rule: LatentRule, views: str | None = None) -> dict:
     return {
         "kind": "latents",
         "schema": SCHEMA_VERSION,
         "dataset": dataset_identity,
         "vae": vae_id,
         "resolution": resolution,
-        "resize": VIEW_GEOMETRY if views else RESIZE,
+        "resize": GEOMETRIES[views] if views else RESIZE,
         "pixels": PIXELS,
         "latent": rule.recipe,
         "dtype": "float32",
@@ -76,7 +76,7 @@ def features_recipe(req: ExtractRequest, method: Method, t: int, *, latents_key:
     }
 
 
-def expert_recipe(req: ExtractRequest, dataset_identity: str, *, expert_id: str, image_stats, views: bool = False) -> dict:
+def expert_recipe(req: ExtractRequest, dataset_identity: str, *, expert_id: str, image_stats, views: str | None = None) -> dict:
     return {
         "kind": "expert",
         "schema": SCHEMA_VERSION,
@@ -84,7 +84,7 @@ def expert_recipe(req: ExtractRequest, dataset_identity: str, *, expert_id: str,
         "expert": req.expert,
         "model": expert_id,
         "resolution": req.resolution,
-        "resize": VIEW_GEOMETRY if views else RESIZE,
+        "resize": GEOMETRIES[views] if views else RESIZE,
         "normalize": {"mean": list(image_stats[0]), "std": list(image_stats[1])},
         "dtype": req.dtype,
     }

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.extract.classtext import refill_classtext
-from vermouth_cache.extract.depths import refill_depths
+from vermouth_cache.extract.targets import TARGETS, refill_targets
 from vermouth_cache.extract.masks import refill_masks
 from vermouth_cache.extract.request import ExtractRequest
 from vermouth_cache.extract.run import extract
@@ -79,8 +79,8 @@ def _repair_entry(store: Store, entry: Entry, arrays: dict[str, set[int]], progr
         extract(req, only={entry.prefix: arrays})
     elif kind == "masks":
         refill_masks(store, entry, arrays, progress=progress)
-    elif kind == "depths":
-        refill_depths(store, entry, arrays, progress=progress)
+    elif kind in TARGETS:
+        refill_targets(store, entry, arrays, progress=progress)
     elif kind == "classtext":
         refill_classtext(store, entry)
     else:

@@ -112,7 +112,8 @@ def features_facts(store: Store, entry: Entry) -> dict:
             "noise_seed": noise.get("seed", p.get("seed")), "noise_draws": noise.get("draws"),
             "inversion_steps": noise.get("steps"), "captioner": p.get("captioner"),
             "caption_prefix": p.get("prefix"), "caption_min_tokens": p.get("min_new_tokens"),
-            "caption_max_tokens": p.get("max_new_tokens")}
+            "caption_max_tokens": p.get("max_new_tokens"), "sentences": p.get("sentences"),
+            "table": p.get("table")}
 
 
 def _differs(fact, wanted) -> bool:
@@ -167,6 +168,10 @@ def find_features(store: Store, ds: Dataset, query: FeatureQuery, arrays: list[s
         raise VermouthError(f"store {store.root} has no features of dataset {_describe_dataset(ds)}: "
                             "run `vermouth-cache extract` on it first")
     wanted = query.wanted()
+    if any(s.text is not None for s in ds.samples):  # features of the dataset's sentences as they are now
+        from vermouth_cache.extract.plan import labels_key
+
+        wanted["sentences"] = labels_key(ds)
     scored = []
     for e, facts in cands:
         diff = {k: (facts.get(k), v) for k, v in wanted.items() if _differs(facts.get(k), v)}

@@ -17,6 +17,7 @@ import numpy as np
 
 from vermouth_cache.core.errors import ImageError, VermouthError
 from vermouth_cache.data.images import decode_image
+from vermouth_cache.data.views import view_geometry
 from vermouth_cache.extract import compute
 from vermouth_cache.extract.plan import CAPTIONS, EXPERT_LEVELS, LATENTS, TEXT, Plan, shard_need, writes
 from vermouth_cache.extract.request import ExtractRequest
@@ -170,7 +171,7 @@ def _extract_shard(req, samples, plan: Plan, models: Models, shard: int, need: d
     n = len(samples)
     sd, captioner, expert = models.sd, models.captioner, models.expert
     method, cond = method_named(req.method), conditioning_of(req.prompt)
-    padded = any(s.view is not None for s in samples)  # a dataset of views (data/views.py)
+    geometry = view_geometry(samples)  # a dataset of views (data/views.py), else None
     need_images = need["latents"] or need["expert"] or (need["captions"] and cond.needs_captioner)
     status = [OK] * n
     images = [None] * n
@@ -216,12 +217,12 @@ def _extract_shard(req, samples, plan: Plan, models: Models, shard: int, need: d
     if need["latents"]:
         _compute_shard(report, plan.latents, [LATENTS], "vae", shard, status, run, f32, guard, lambda ok: {
             LATENTS: compute.vae_latents(sd, [images[i] for i in ok], resolution=req.resolution, rule=method.latent,
-                                         batch=batch, padded=padded)})
+                                         batch=batch, geometry=geometry)})
     dtype = STORAGE_DTYPES[req.dtype]
     if need["expert"]:
         _compute_shard(report, plan.expert, EXPERT_LEVELS, "expert", shard, status, run, dtype, guard, lambda ok:
                        compute.expert_features(expert, [images[i] for i in ok], resolution=req.resolution,
-                                               batch=batch, padded=padded))
+                                               batch=batch, geometry=geometry))
     if not need["features"]:
         return
     # the U-net always reads conditions and latents back from the store, so a value computed in

@@ -39,7 +39,7 @@ from vermouth_cache.store.local import LocalLocation
 from vermouth_cache.store.location import Location
 from vermouth_cache.store.remote import FsspecLocation
 
-KINDS = ("captions", "text", "latents", "features", "expert", "masks", "depths", "classtext")
+KINDS = ("captions", "text", "latents", "features", "expert", "masks", "depths", "refmasks", "classtext")
 STORE_MARKER = "vermouth-store.json"
 
 

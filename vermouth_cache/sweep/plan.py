@@ -13,6 +13,7 @@ from pathlib import Path
 
 from vermouth_cache.core.hashing import canonical_json
 from vermouth_cache.extract.request import ExtractRequest
+from vermouth_cache.methods import method_named
 from vermouth_cache.models.taps import STAGES, parse_stages
 from vermouth_cache.store.files import read_json
 from vermouth_cache.sweep.recipe import DatasetSpec, Models, Point, Recipe
@@ -45,27 +46,35 @@ def extraction_requests(points: list[Point], models: ResolvedModels, extract_opt
     merged: dict[str, dict] = {}
     for p in points:
         s = p.settings
+        method = method_named(s.method)
         for part in p.dataset.data_options.extract_parts():
-            fixed = {**part, "resolution": s.resolution, "prompt": s.prompt, "text_layer": s.text_layer,
-                     "noise": s.noise, "expert": s.expert}
+            fixed = {**part, "method": s.method, "resolution": s.resolution, "prompt": s.prompt,
+                     "text_layer": s.text_layer, "noise": s.noise, "expert": s.expert}
             key = canonical_json(fixed)
-            m = merged.setdefault(key, {"fixed": fixed, "t": set(), "stages": set(), "attn": set()})
+            m = merged.setdefault(key, {"fixed": fixed, "t": set(), "stages": set(), "attn": set(),
+                                        "by_stage": method.merge == "stages"})
             m["t"].add(s.t)
-            m["stages"].update(parse_stages(s.stages))
+            if m["by_stage"]:
+                m["stages"].update(parse_stages(s.stages))
             if s.attn_maps:
-                m["attn"].update(parse_stages(s.attn_maps))
+                m["attn"].update(parse_stages(s.attn_maps) if m["by_stage"] else (s.attn_maps,))
     out = []
     for m in merged.values():
         f = m["fixed"]
         expert = f["expert"]
         out.append(ExtractRequest(
             **{k: v for k, v in f.items() if v is not None or k in ("expert",)},
-            store=store, t=tuple(sorted(m["t"])), stages=_stages(m["stages"]),
-            attn_maps=_stages(m["attn"]) or None,
+            store=store, t=tuple(sorted(m["t"])), stages=_stages(m["stages"]) or None,
+            attn_maps=(_stages(m["attn"]) or None) if m["by_stage"] else (_widest(m["attn"]) or "none"),
             expert_model=models.experts.get(expert) if expert else None,
             sd_model=models.sd_model, captioner=models.captioner, device=device, progress=progress,
             **extract_options, **run))
     return out
+
+
+def _widest(selectors: set[str]) -> str | None:
+    """One attention selector holding every point's maps (a64 holds a32's)."""
+    return "a64" if "a64" in selectors else ("a32" if "a32" in selectors else None)
 
 
 def _stages(names: set[str]) -> str:

@@ -7,7 +7,7 @@
     vermouth-cache train depth --store STORE --dataset NYU --out RUN
 
 Training views are the cached crops (K per image, `extract --views K`), each with its depth map cut
-the same way (extract/depths.py); the loss is VPD's SiLog (lambda 0.5) on the pixels with ground
+the same way (extract/targets.py); the loss is VPD's SiLog (lambda 0.5) on the pixels with ground
 truth inside the view. Testing predicts each of an image's 4 cached views (two shift windows,
 each mirrored), mirrors back, averages the overlaps at the image's native size and scores the
 raw depth map with VPD's nine metrics per image, averaged (train/dense_metrics.py). The scene
@@ -35,7 +35,7 @@ from vermouth_cache.core.progress import get_logger
 from vermouth_cache.data.datasets import load_dataset
 from vermouth_cache.data.depth import read_depth
 from vermouth_cache.data.images import decode_image
-from vermouth_cache.extract.depths import ensure_depths
+from vermouth_cache.extract.targets import DEPTH, ensure_targets
 from vermouth_cache.store.entries import Store
 from vermouth_cache.train.common import HeadJob, RunOptions, feature_pins, loader_for, shared_settings
 from vermouth_cache.train.dense_metrics import DEPTH_KEYS, depth_errors, mean_depth_metrics
@@ -88,7 +88,7 @@ def prepare_depth(data: DepthData, s: TaskSettings, opts: RunOptions) -> None:
     store = Store(opts.store)
     for ds in _datasets(data):
         split = open_split(store, ds, s, pins=feature_pins(opts))
-        ensure_depths(store, ds, s.resolution, like=split.features, progress=opts.progress)
+        ensure_targets(store, ds, DEPTH, s.resolution, like=split.features, progress=opts.progress)
 
 
 def train_depth(data: DepthData, s: TaskSettings, opts: RunOptions) -> dict:
@@ -103,7 +103,7 @@ def train_depth_heads(data: DepthData, jobs: list[HeadJob], opts: RunOptions) ->
     train = open_split(store, train_ds, s0, pins=pins)
     test = open_split(store, test_ds, s0, pins=pins)
     crop = _crop(train)
-    depths = ensure_depths(store, train_ds, s0.resolution, like=train.features, progress=opts.progress)
+    depths = ensure_targets(store, train_ds, DEPTH, s0.resolution, like=train.features, progress=opts.progress)
     members = []
     for j in jobs:
         torch.manual_seed(j.settings.seed)

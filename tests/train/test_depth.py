@@ -1,0 +1,99 @@
+"""`train depth` from the cache: VPD's depth head learns synthetic scenes well past predicting the
+mean, and the reported metrics equal an independent computation from the saved head.
+
+The data is the BTS/VPD NYU layout written by `make_depth` (scene folders, uint16 mm PNGs with holes);
+features are `extract --method vpd --prompt table-class` on the tiny SD, the table made from its own
+text encoder. Views: 2 drawn crops per training image; the test's two shift windows, each mirrored.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vermouth_cache.data.datasets import load_dataset
+from vermouth_cache.data.depth import read_depth, scene_classes
+from vermouth_cache.data.synthetic_dense import make_depth
+from vermouth_cache.extract.context_tables import make_table
+from vermouth_cache.extract.targets import view_depth
+from vermouth_cache.extract.request import ExtractRequest
+from vermouth_cache.extract.run import extract
+from vermouth_cache.store.entries import Store
+from vermouth_cache.train.common import RunOptions
+from vermouth_cache.train.runs import load_head
+from vermouth_cache.train.tasks import task_settings
+from vermouth_cache.train.tasks.depth import DepthData, train_depth
+
+RES = 128  # views are 96x96 crops of 96x128 images, zero-padded to 128 (VPD: 480 of 480x640, to 512)
+
+
+@pytest.fixture(scope="module")
+def nyu(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("depth")
+    data = make_depth(root / "nyu", n_train=8, n_test=4, size=(96, 128))
+    table = make_table(root / "scenes.safetensors", str(tiny["sd"]), list(scene_classes(data)), ["a photo of a {}."])
+    store = root / "store"
+    for split, views in (("train", 2), ("test", 1)):
+        extract(ExtractRequest(dataset=str(data), split=split, views=views, store=str(store), method="vpd",
+                               prompt="table-class", context_table=str(table), attn_maps="none", resolution=RES,
+                               sd_model=str(tiny["sd"]), device="cpu", progress=False))
+    return {"data": data, "store": store, "root": root}
+
+
+def test_views_and_their_depth_maps_line_up(nyu):
+    train = load_dataset(nyu["data"], split="train", views=2)
+    test = load_dataset(nyu["data"], split="test")
+    assert len(train) == 16 and len(test) == 16  # 8 x 2 drawn views; 4 x 2 windows x 2 mirrors
+    assert {s.classname for s in train.samples} == {"kitchen", "office", "study room", "living room"}
+    s = next(x for x in test.samples if x.view.flip and x.view.box[0] > 0)
+    raw = read_depth(s.depth)
+    left, top, right, bottom = s.view.box
+    want = raw[top:bottom, left:right][:, ::-1]
+    got = view_depth(s, RES)
+    np.testing.assert_array_equal(got[:96, :96], want)
+    assert (got[96:] == 0).all() and (got[:, 96:] == 0).all()  # padding holds no ground truth
+
+
+def _reference_metrics(pred: np.ndarray, gt: np.ndarray) -> dict:
+    valid = (gt > 1e-3) & (gt < 10)
+    p, g = pred[valid], gt[valid]
+    r = np.maximum(p / g, g / p)
+    e = np.log(p) - np.log(g)
+    return {"d1": (r < 1.25).mean(), "abs_rel": (np.abs(p - g) / g).mean(), "rmse": np.sqrt(((p - g) ** 2).mean()),
+            "log10": np.abs(np.log10(p) - np.log10(g)).mean(), "silog": np.sqrt((e ** 2).mean() - 0.5 * e.mean() ** 2)}
+
+
+def test_depth_learns_well_past_the_mean_and_its_metrics_are_independent(nyu, tmp_path):
+    s = task_settings("depth", resolution=RES, epochs=20, batch_size=4, head_width=0.125, lr=1e-3)
+    out = tmp_path / "run"
+    m = train_depth(DepthData(str(nyu["data"]), views=2), s, RunOptions(store=str(nyu["store"]), out=str(out),
+                                                                         progress=False))
+    train = load_dataset(nyu["data"], split="train", views=2)
+    test = load_dataset(nyu["data"], split="test")
+    mean = np.concatenate([read_depth(p)[read_depth(p) > 0] for p in {x.depth for x in train.samples}]).mean()
+    gts = {p: read_depth(p) for p in sorted({x.depth for x in test.samples}, key=str)}
+    baseline = np.mean([_reference_metrics(np.full(g.shape, mean), g)["rmse"] for g in gts.values()])
+    assert m["rmse"] < 0.6 * baseline, (m["rmse"], baseline)  # the trivial predictor: the training mean
+    assert m["images"] == 4 and (out / "depth_examples.png").stat().st_size > 1000
+
+    # the same numbers from the saved head, the cached test features and a by-hand window average
+    head, config, _ = load_head(out)
+    assert config["uses_label_at_test"] is True and json.loads((out / "metrics.json").read_text())["rmse"] == m["rmse"]
+    store = Store(str(nyu["store"]))
+    feats = next(e for e in store.entries("features") if e.manifest["about"]["dataset"] == test.name)
+    sums = {p: np.zeros((96, 128)) for p in gts}
+    counts = {p: np.zeros((96, 128)) for p in gts}
+    with torch.no_grad():
+        for i, x in enumerate(test.samples):
+            batch = {n: torch.from_numpy(feats.read(n, [i])).float() for n in feats.array_names()}
+            pred = head(batch, 96)[0, 0, :96, :96].numpy()
+            pred = pred[:, ::-1] if x.view.flip else pred
+            left, top, right, bottom = x.view.box
+            sums[x.depth][top:bottom, left:right] += pred
+            counts[x.depth][top:bottom, left:right] += 1
+    ref = [_reference_metrics(sums[p] / counts[p], g) for p, g in gts.items()]
+    for k in ("d1", "abs_rel", "rmse", "log10", "silog"):
+        assert m[k] == pytest.approx(np.mean([r[k] for r in ref]), rel=1e-5, abs=1e-6), k
