@@ -173,8 +173,8 @@ def test_recipe_keys_of_a_dataset_come_from_its_task(colour, tmp_path):
     bad = _recipe(tmp_path, "datasets:\n  c: {task: colour, path: x, colour_space: cmyk}\n")
     with pytest.raises(VermouthError, match=r"datasets\.c: unknown colour_space 'cmyk' \(choose from rgb, hsv\)"):
         load_recipe(bad)
-    bad = _recipe(tmp_path, "datasets:\n  c: {task: depth, path: x}\n")
-    with pytest.raises(VermouthError, match=r"give its task \(fewshot, sbir, seg, colour\)"):
+    bad = _recipe(tmp_path, "datasets:\n  c: {task: nosuchtask, path: x}\n")
+    with pytest.raises(VermouthError, match=r"unknown task 'nosuchtask' \(choose from fewshot, sbir, seg, colour\)"):
         load_recipe(bad)
     bad = _recipe(tmp_path, "datasets:\n  p: {task: fewshot, path: x, shots: 3}\n")
     with pytest.raises(VermouthError, match=r"datasets\.p: unknown shots 3 \(choose from 1, 2, 4, 8, 16\)"):
