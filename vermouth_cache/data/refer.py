@@ -16,6 +16,7 @@ sums over them, and VPD keeps pixels equal to 1 (overlaps of two polygons are dr
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -51,13 +52,14 @@ def region_mask(segmentation, height: int, width: int) -> np.ndarray:
     require("pycocotools", "referring segmentation masks")
     from pycocotools import mask as coco_mask
 
-    if isinstance(segmentation, list):
-        rles = coco_mask.frPyObjects(segmentation, height, width)
-        m = coco_mask.decode(rles)
-    elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
-        m = coco_mask.decode(coco_mask.frPyObjects(segmentation, height, width))
-    else:
-        m = coco_mask.decode(segmentation)
+    with warnings.catch_warnings():  # pycocotools 2.0 and numpy 2: a DeprecationWarning per call
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if isinstance(segmentation, list):
+            m = coco_mask.decode(coco_mask.frPyObjects(segmentation, height, width))
+        elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
+            m = coco_mask.decode(coco_mask.frPyObjects(segmentation, height, width))
+        else:
+            m = coco_mask.decode(segmentation)
     if m.ndim == 3:
         m = m.sum(axis=2)
     return (m == 1).astype(np.uint8)
