@@ -42,6 +42,10 @@ def request_options(model, *, only: tuple[str, ...] | None = None, help_prefix: 
             if not cli.option:
                 continue
             default = None if field.is_required() else field.default
+            if field.annotation is bool:  # a switch: --slide
+                fn = click.option(option_name(name), name, is_flag=True, default=default,
+                                  help=help_prefix + ((helps or {}).get(name) or field.description or ""))(fn)
+                continue
             if isinstance(default, tuple):
                 default = ",".join(map(str, default))
             fn = click.option(option_name(name), name, type=_click_type(field), default=default,

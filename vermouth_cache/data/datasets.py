@@ -35,7 +35,8 @@ _COOP_NAME = re.compile(r"^split_zhou_(?P<name>.+)\.json$")
 
 def load_dataset(spec: str | Path, *, image_root: str | Path | None = None,
                  split: str | None = None, shots: int | None = None,
-                 shot_seed: int = 0, layout: str | None = None, views: int = 1) -> Dataset:
+                 shot_seed: int = 0, layout: str | None = None, views: int = 1,
+                 slide: int | None = None) -> Dataset:
     """Load a folder tree, CoOp split file or CSV/JSONL manifest; see the module docstring.
 
     With `layout`, or a directory that `seg.detect_layout` recognises, the spec is a
@@ -43,6 +44,11 @@ def load_dataset(spec: str | Path, *, image_root: str | Path | None = None,
     has fixed splits (all but "generic") needs `split`; without one it is refused rather than
     read as an image folder whose "classes" would be its image and mask directories.
     """
+    if slide:  # sliding windows of the images (data/views.py), for slide inference
+        from vermouth_cache.data.views import as_slide_views
+
+        return as_slide_views(load_dataset(spec, image_root=image_root, split=split, shots=shots, shot_seed=shot_seed,
+                                           layout=layout, views=views), slide)
     spec = abspath(spec)
     if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 1):
         raise VermouthError(f"shots must be an integer >= 1, got {shots!r}")

@@ -30,7 +30,10 @@ GEOMETRIES = {
     "pad": "view box crop (in the sample id), optional mirror, zero-pad in [-1,1] right and below",
     "squash": "view box crop (in the sample id), optional mirror, bilinear resize to resolution x resolution "
               "(aspect not kept)",
+    "slide": "bilinear resize of the shorter side to the view's `short`, then the view box crop (in the sample "
+             "id) of that, zero-padded in [-1,1] right and below",
 }
+SLIDE_STRIDE = 341  # VPD's (mmseg) slide test: crop 512, stride 341
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class View:
     box: tuple[int, int, int, int]  # left, top, right, bottom in the image's pixels
     flip: bool = False  # mirrored left-right after the crop
     geometry: str = "pad"  # how the crop reaches the model's square input: GEOMETRIES
+    short: int | None = None  # "slide": the shorter side the image is resized to before the crop
 
     @property
     def size(self) -> tuple[int, int]:
@@ -45,9 +49,11 @@ class View:
 
     def suffix(self) -> str:
         return "@" + ",".join(map(str, self.box)) + (",flip" if self.flip else "") + (
-            f",{self.geometry}" if self.geometry != "pad" else "")
+            f",{self.geometry}{self.short or ''}" if self.geometry != "pad" else "")
 
     def image(self, img: Image.Image) -> Image.Image:
+        if self.geometry == "slide":
+            img = img.resize(scaled_size(*img.size, self.short), Image.Resampling.BILINEAR, reducing_gap=None)
         w, h = img.size
         left, top, right, bottom = self.box
         if not (0 <= left < right <= w and 0 <= top < bottom <= h):
@@ -68,6 +74,25 @@ def view_geometry(samples) -> str | None:
     if len(kinds) > 1:
         raise VermouthError(f"a dataset mixes views of geometries {sorted(map(str, kinds))}")
     return next(iter(kinds), None)
+
+
+def scaled_size(width: int, height: int, short: int) -> tuple[int, int]:
+    """(w, h) with the shorter side `short`, the aspect kept (rounded as mmcv rescales)."""
+    s = short / min(width, height)
+    return int(width * s + 0.5), int(height * s + 0.5)
+
+
+def slide_views(width: int, height: int, short: int, crop: int, stride: int = SLIDE_STRIDE) -> list[View]:
+    """mmseg's `slide` windows over the image resized to a shorter side of `short`: crops of `crop`
+    every `stride` pixels, the last one flush with the far edge."""
+    w, h = scaled_size(width, height, short)
+    out = []
+    for yi in range(max(h - crop + stride - 1, 0) // stride + 1):
+        for xi in range(max(w - crop + stride - 1, 0) // stride + 1):
+            y2, x2 = min(yi * stride + crop, h), min(xi * stride + crop, w)
+            y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
+            out.append(View((x1, y1, x2, y2), geometry="slide", short=short))
+    return out
 
 
 def view_tensor(img: Image.Image, resolution: int, geometry: str = "pad") -> torch.Tensor:
@@ -113,3 +138,24 @@ def drawn_views(sample_id: str, width: int, height: int, crop: int, k: int, seed
         x, y = rng.randint(0, width - cw), rng.randint(0, height - ch)
         out.append(View((x, y, x + cw, y + ch), flip=rng.random() < 0.5))
     return out
+
+
+def as_slide_views(ds, resolution: int, stride: int = SLIDE_STRIDE):
+    """The dataset's images as sliding windows (one sample each, id `<image>@x1,y1,x2,y2,slide<short>`),
+    for slide inference at the image's native size: crops of `resolution` of the image resized to a
+    shorter side of `resolution` (VPD's ADE20K test: 512, stride 341)."""
+    from dataclasses import replace
+
+    from vermouth_cache.data.samples import Dataset
+
+    samples = []
+    for s in ds.samples:
+        try:
+            with Image.open(s.path) as im:
+                w, h = im.size
+        except OSError as exc:
+            raise VermouthError(f"cannot read the size of {s.path}: {exc}") from None
+        samples += [replace(s, id=s.id + v.suffix(), view=v) for v in slide_views(w, h, resolution, resolution, stride)]
+    samples.sort(key=lambda x: x.id)
+    return Dataset(ds.name, ds.root, tuple(samples), ds.classnames,
+                   {**ds.source, "slide": {"short": resolution, "crop": resolution, "stride": stride}})

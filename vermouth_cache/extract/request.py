@@ -97,6 +97,9 @@ class ExtractRequest(BaseModel):
         None, description="Segmentation dataset layout (default: detected when --split is given).")
     shots: int | None = Field(None, description="Extract only a K-shot-per-class subset (CoOp-style).")
     shot_seed: int = Field(0, description="Seed of the K-shot subset (and of a depth dataset's drawn views).")
+    slide: bool = Field(False, description="Cache sliding windows of each image (crops of --resolution every 341 px "
+                                           "of the image resized to a shorter side of --resolution) instead of its "
+                                           "centre crop: for slide inference at native size (VPD's ADE20K test).")
     views: Annotated[int, AtLeast(1)] = Field(1, description="Drawn crops (each mirrored or not, seeded) per training "
                                                              "image of a depth dataset: the cache's stand-in for "
                                                              "VPD's per-step random crop and flip.")
@@ -286,12 +289,27 @@ class ExtractRequest(BaseModel):
         """The U-net taps asked for (stages expanded, explicit taps added), block by block in execution order."""
         return taps_for(self.stages, self.taps, layers=method_named(self.method).taps.layers)
 
+    @classmethod
+    def check_value(cls, name: str, value) -> None:
+        """Check one field's value alone (its type and declared rules), as a recipe's `extract:` gives it."""
+        from pydantic import TypeAdapter
+
+        field = cls.model_fields[name]
+        try:
+            TypeAdapter(field.annotation).validate_python(value)
+        except ValidationError as exc:
+            raise VermouthError(f"{option_name(name)}: {exc.errors()[0]['msg']} (got {value!r})") from None
+        for rule in field.metadata:
+            if isinstance(rule, (Choices, AtLeast, AtMost)):
+                rule.check(name, value)
+
     def load_dataset(self):
         """The dataset this request names (data.datasets.load_dataset with its dataset options)."""
         from vermouth_cache.data.datasets import load_dataset
 
         return load_dataset(self.dataset, image_root=self.image_root, split=self.split, shots=self.shots,
-                            shot_seed=self.shot_seed, layout=self.layout, views=self.views)
+                            shot_seed=self.shot_seed, layout=self.layout, views=self.views,
+                            slide=self.resolution if self.slide else None)
 
     def with_(self, **changes) -> "ExtractRequest":
         """A copy with `changes`, validated again."""

@@ -14,6 +14,7 @@ from pathlib import Path
 from vermouth_cache.core.hashing import canonical_json
 from vermouth_cache.extract.request import ExtractRequest
 from vermouth_cache.methods import method_named
+from vermouth_cache.methods.conditioning import conditioning_of
 from vermouth_cache.models.taps import STAGES, parse_stages
 from vermouth_cache.store.files import read_json
 from vermouth_cache.sweep.recipe import DatasetSpec, Models, Point, Recipe
@@ -68,8 +69,16 @@ def extraction_requests(points: list[Point], models: ResolvedModels, extract_opt
             attn_maps=(_stages(m["attn"]) or None) if m["by_stage"] else (_widest(m["attn"]) or "none"),
             expert_model=models.experts.get(expert) if expert else None,
             sd_model=models.sd_model, captioner=models.captioner, device=device, progress=progress,
-            **extract_options, **run))
+            **_applicable(extract_options, f["prompt"]), **run))
     return out
+
+
+def _applicable(extract_options: dict, prompt: str) -> dict:
+    """The sweep's extraction options a request of `prompt` reads: a context table only for the
+    table conditionings, a token count only for tokenized texts (a method comparison mixes both)."""
+    needs_table = conditioning_of(prompt).needs_table
+    return {k: v for k, v in extract_options.items()
+            if not (k == "context_table" and not needs_table) and not (k == "text_tokens" and needs_table)}
 
 
 def _widest(selectors: set[str]) -> str | None:

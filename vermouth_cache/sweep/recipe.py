@@ -216,7 +216,8 @@ def _check_extract_values(options: dict, where: str) -> None:
     from vermouth_cache.extract.request import ExtractRequest
 
     try:
-        ExtractRequest(dataset=".", store=".", **options)
+        for name, value in options.items():
+            ExtractRequest.check_value(name, value)
     except VermouthError as exc:
         raise VermouthError(f"{where}: {exc}") from None
 

@@ -174,5 +174,5 @@ def base_config(task: str, s: TaskSettings, opts: RunOptions, classifier: TextCl
         "device": str(opts.torch_device),
         "templates": templates,
         "temperature": classifier.temperature,
-        "out_dim": int(classifier.text.shape[1]),
+        "out_dim": classifier.out_dim,
     }

@@ -208,11 +208,28 @@ class TextClassifier(nn.Module):
         self.register_buffer("text", F.normalize(class_text.float(), dim=-1), persistent=False)
         self.temperature = temperature
 
+    @property
+    def out_dim(self) -> int:
+        return int(self.text.shape[1])
+
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         v = F.normalize(v, dim=1)
         if v.dim() == 2:
             return v @ self.text.T / self.temperature
         return torch.einsum("bdhw,cd->bchw", v, self.text) / self.temperature
+
+
+class ClosedSet(nn.Module):
+    """The logits of a head that predicts its training classes itself (VPD's Semantic FPN): no text."""
+
+    temperature = None
+
+    def __init__(self, n_classes: int):
+        super().__init__()
+        self.out_dim = n_classes
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
 
 
 def _init(module: nn.Module) -> None:

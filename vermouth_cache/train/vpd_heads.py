@@ -1,11 +1,15 @@
 """VPD's heads, read from the authors' code (VPD.md section 2), on VPD's cached taps.
 
-Every head takes the batch's taps and sees VPD's four levels, HIGH resolution first (`vpd_levels`):
+Every head takes the batch's taps and sees four levels, HIGH resolution first. VPD's own (`vpd_levels`):
 
     level 0  up_blocks.3                 (+ attn.level0 with A64)   1/8 of the image  (320 ch in SD 1.5)
     level 1  up_blocks.2.attentions.1    + attn.level1              1/16              (640 + N_ctx)
     level 2  up_blocks.1.attentions.1    + attn.level2              1/32              (1280 + N_ctx)
     level 3  up_blocks.0.resnets.1                                  1/64              (1280)
+
+A head made with `stages` (e.g. "mid,up") reads Vermouth's features instead: the stage pyramid
+of train/pyramid.py (levels m, 2m, 4m, 8m), reversed, so that the same head compares the two
+methods' features on the same data (their strides, 1/64 to 1/8, are VPD's).
 
 - `DepthHead` (depth/models_depth/model.py): level 0 through conv s2, GN(16), ReLU, conv s2 and
   level 1 through a conv s2 to 1/32, concatenated with level 2 and level 3 (nearest x2), a 1x1
@@ -31,6 +35,7 @@ import torch.nn.functional as F
 
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.methods.vpd import VPD_TAPS, attn_level_tap
+from vermouth_cache.train.pyramid import merge_stages, mid_size_of
 
 # VPD_TAPS is listed in U-net order (coarse first); levels run fine first
 LEVEL_TAPS = tuple(reversed(VPD_TAPS))
@@ -46,8 +51,25 @@ def vpd_levels(batch: Mapping[str, torch.Tensor], with_attention: bool = True) -
     return out
 
 
-def level_channels(tap_shapes: Mapping[str, tuple], with_attention: bool = True) -> list[int]:
+def stage_levels(batch: Mapping[str, torch.Tensor], stages: str) -> list[torch.Tensor]:
+    """Vermouth's stage pyramid of `stages`, high resolution first (its attention maps are not read)."""
+    shapes = {k: tuple(v.shape[1:]) for k, v in batch.items() if torch.is_tensor(v) and v.dim() == 4}
+    return list(reversed(merge_stages(batch, stages, mid_size_of(shapes))))
+
+
+def pyramid_stages(s) -> str | None:
+    """The stages whose pyramid a head of settings `s` reads: None for VPD's own levels."""
+    from vermouth_cache.methods import method_named
+
+    return s.stages if method_named(s.method).merge == "stages" else None
+
+
+def level_channels(tap_shapes: Mapping[str, tuple], with_attention: bool = True,
+                   stages: str | None = None) -> list[int]:
     """Channels of each level from the cached array shapes (per sample, (C, H, W))."""
+    if stages is not None:
+        dummy = {k: torch.zeros(1, *v) for k, v in tap_shapes.items() if len(v) == 3}
+        return [x.shape[1] for x in stage_levels(dummy, stages)]
     missing = [t for t in LEVEL_TAPS if t not in tap_shapes]
     if missing:
         raise VermouthError(f"a VPD head needs the cached taps {', '.join(missing)} (extract --method vpd)")
@@ -65,17 +87,22 @@ class VpdHeadSpec:
     channels: list[int]
     width: float = 1.0
     options: dict = field(default_factory=dict)  # max_depth, n_classes
+    stages: str | None = None  # Vermouth's stage pyramid instead of VPD's levels
 
     def to_json(self) -> dict:
         return asdict(self)
 
     def build(self) -> nn.Module:
         cls = {"vpd-depth": DepthHead, "vpd-refer": SimpleDecoding, "vpd-fpn": SemanticFPN}[self.kind]
-        return cls(list(self.channels), width=self.width, **self.options)
+        return cls(list(self.channels), width=self.width, stages=self.stages, **self.options)
 
 
 def is_vpd_spec(spec: dict) -> bool:
     return str(spec.get("kind", "")).startswith("vpd-")
+
+
+def levels_of(spec: VpdHeadSpec, batch, with_attention: bool = True) -> list[torch.Tensor]:
+    return stage_levels(batch, spec.stages) if spec.stages else vpd_levels(batch, with_attention)
 
 
 def _conv(i: int, o: int, k: int = 3, s: int = 1, bias: bool = True) -> nn.Conv2d:
@@ -89,9 +116,10 @@ def _w(n: int, width: float, groups: int = 1) -> int:
 class DepthHead(nn.Module):
     """VPD's depth decoder; `forward(batch, out_size)` -> (B, 1, h, w) metres in (0, max_depth)."""
 
-    def __init__(self, channels: list[int], *, max_depth: float = 10.0, width: float = 1.0):
+    def __init__(self, channels: list[int], *, max_depth: float = 10.0, width: float = 1.0,
+                 stages: str | None = None):
         super().__init__()
-        self.spec = VpdHeadSpec("vpd-depth", list(channels), width, {"max_depth": max_depth})
+        self.spec = VpdHeadSpec("vpd-depth", list(channels), width, {"max_depth": max_depth}, stages)
         c0, c1, c2, c3 = channels
         self.max_depth = max_depth
         self.layer1 = nn.Sequential(_conv(c0, c0, s=2), nn.GroupNorm(16 if c0 % 16 == 0 else 1, c0), nn.ReLU(),
@@ -110,7 +138,7 @@ class DepthHead(nn.Module):
         nn.init.zeros_(self.last[-1].bias)
 
     def forward(self, batch: Mapping[str, torch.Tensor], crop: int | None = None) -> torch.Tensor:
-        f0, f1, f2, f3 = vpd_levels(batch, with_attention=False)
+        f0, f1, f2, f3 = levels_of(self.spec, batch, with_attention=False)
         x = torch.cat([self.layer1(f0), self.layer2(f1), f2, F.interpolate(f3, scale_factor=2, mode="nearest")], 1)
         if crop is not None:  # a view smaller than the padded input: VPD crops 16 -> 15 at 1/32 for 480 in 512
             side = -(-crop // 32)
@@ -132,9 +160,9 @@ def silog_loss(pred: torch.Tensor, gt: torch.Tensor, lambd: float = 0.5) -> torc
 class SimpleDecoding(nn.Module):
     """VPD refer's mask predictor: 2 logits (background, object) at 1/8 of the input."""
 
-    def __init__(self, channels: list[int], *, width: float = 1.0):
+    def __init__(self, channels: list[int], *, width: float = 1.0, stages: str | None = None):
         super().__init__()
-        self.spec = VpdHeadSpec("vpd-refer", list(channels), width)
+        self.spec = VpdHeadSpec("vpd-refer", list(channels), width, stages=stages)
         c0, c1, c2, c3 = channels
         hidden = _w(640, width)
 
@@ -145,7 +173,7 @@ class SimpleDecoding(nn.Module):
         self.cls = nn.Conv2d(hidden, 2, 1)
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        x64, x32, x16, x8 = vpd_levels(batch)
+        x64, x32, x16, x8 = levels_of(self.spec, batch)
 
         def up(x, ref):
             return F.interpolate(x, size=ref.shape[-2:], mode="bilinear", align_corners=True)
@@ -158,9 +186,9 @@ class SimpleDecoding(nn.Module):
 class SemanticFPN(nn.Module):
     """mmseg FPN(out 256, 4 outs) + FPNHead(channels 256, dropout 0.1): logits at 1/8 of the input."""
 
-    def __init__(self, channels: list[int], n_classes: int, *, width: float = 1.0):
+    def __init__(self, channels: list[int], n_classes: int, *, width: float = 1.0, stages: str | None = None):
         super().__init__()
-        self.spec = VpdHeadSpec("vpd-fpn", list(channels), width, {"n_classes": n_classes})
+        self.spec = VpdHeadSpec("vpd-fpn", list(channels), width, {"n_classes": n_classes}, stages)
         c = _w(256, width)
         self.lateral = nn.ModuleList(nn.Conv2d(ci, c, 1) for ci in channels)
         self.fpn_out = nn.ModuleList(_conv(c, c) for _ in channels)
@@ -176,7 +204,7 @@ class SemanticFPN(nn.Module):
         self.cls = nn.Conv2d(c, n_classes, 1)
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        feats = vpd_levels(batch)
+        feats = levels_of(self.spec, batch)
         lat = [conv(f) for conv, f in zip(self.lateral, feats)]
         for i in range(len(lat) - 1, 0, -1):  # top-down, nearest
             lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[-2:], mode="nearest")

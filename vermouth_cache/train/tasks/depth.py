@@ -45,7 +45,7 @@ from vermouth_cache.train.loop import Member, fit_many
 from vermouth_cache.train.runs import finish_run, prepare_run_dir
 from vermouth_cache.train.settings import TaskSettings
 from vermouth_cache.train.tasks.base import DataOptions, Task, metric_keys
-from vermouth_cache.train.vpd_heads import DepthHead, level_channels, silog_loss
+from vermouth_cache.train.vpd_heads import DepthHead, level_channels, pyramid_stages, silog_loss
 
 log = get_logger(__name__)
 MAX_DEPTH = 10.0
@@ -107,8 +107,9 @@ def train_depth_heads(data: DepthData, jobs: list[HeadJob], opts: RunOptions) ->
     members = []
     for j in jobs:
         torch.manual_seed(j.settings.seed)
-        model = DepthHead(level_channels(train.shapes()[0], with_attention=False), max_depth=MAX_DEPTH,
-                          width=j.settings.head_width).to(device)
+        stages = pyramid_stages(j.settings)  # Vermouth's features: its stage pyramid
+        model = DepthHead(level_channels(train.shapes()[0], with_attention=False, stages=stages), max_depth=MAX_DEPTH,
+                          width=j.settings.head_width, stages=stages).to(device)
         members.append(Member(model, list(model.parameters()), _loss(model, crop), j.settings))
     fields = {**train.fields, "depth": LoaderField(depths, "depth")}
     name = train_ds.name.split("/")[0]

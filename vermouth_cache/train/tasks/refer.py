@@ -36,7 +36,7 @@ from vermouth_cache.train.loop import Member, fit_many
 from vermouth_cache.train.runs import finish_run, prepare_run_dir
 from vermouth_cache.train.settings import TaskSettings
 from vermouth_cache.train.tasks.base import DataOptions, Task, metric_keys
-from vermouth_cache.train.vpd_heads import SimpleDecoding, level_channels
+from vermouth_cache.train.vpd_heads import SimpleDecoding, level_channels, pyramid_stages
 
 CLASS_WEIGHTS = (0.9, 1.1)  # background, object (VPD refer/train.py)
 
@@ -90,7 +90,9 @@ def train_refer_heads(data: ReferData, jobs: list[HeadJob], opts: RunOptions) ->
     members = []
     for j in jobs:
         torch.manual_seed(j.settings.seed)
-        model = SimpleDecoding(level_channels(train.shapes()[0]), width=j.settings.head_width).to(device)
+        stages = pyramid_stages(j.settings)  # Vermouth's features: its stage pyramid
+        model = SimpleDecoding(level_channels(train.shapes()[0], stages=stages), width=j.settings.head_width,
+                               stages=stages).to(device)
         members.append(Member(model, list(model.parameters()), _loss(model, weights), j.settings))
     name = train_ds.name.split("/")[0]
     results = fit_many(members, loader_for(train, s0, opts, shuffle=True, desc=f"train refer {name}",

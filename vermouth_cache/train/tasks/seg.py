@@ -26,17 +26,19 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from pydantic import Field, field_validator
 
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.data.datasets import load_dataset
 from vermouth_cache.data.seg import LAYOUTS, crop_box, load_seg_dataset, read_mask
+from vermouth_cache.data.views import as_slide_views, scaled_size
 from vermouth_cache.extract.masks import ensure_masks, ignore_value, label_rule
 from vermouth_cache.store.entries import Store
 from vermouth_cache.train.common import (HeadJob, RunOptions, base_config, build_head, class_text, feature_pins,
                                          head_facts, loader_for, shared_settings)
 from vermouth_cache.train.config import Declared
-from vermouth_cache.train.heads import TextClassifier
+from vermouth_cache.train.heads import ClosedSet, TextClassifier
 from vermouth_cache.train.inputs import CachedSplit, open_split, union_split
 from vermouth_cache.train.loader import Field as LoaderField
 from vermouth_cache.train.loop import Member, fit_many
@@ -44,6 +46,7 @@ from vermouth_cache.train.metrics import confusion_matrix, miou
 from vermouth_cache.train.online import OnlineTaps
 from vermouth_cache.train.runs import finish_run, prepare_run_dir
 from vermouth_cache.train.settings import TaskSettings
+from vermouth_cache.train.vpd_heads import SemanticFPN, level_channels, pyramid_stages
 from vermouth_cache.train.tasks.base import DataOptions, Task
 
 Layout = Literal[tuple(LAYOUTS)]
@@ -56,16 +59,19 @@ class SegSource:
     split: str | None = None
     classnames: str | None = None  # a file of class names replacing the layout's list
 
-    def load(self):
+    def load(self, slide: int | None = None):
+        """The dataset; `slide`: as sliding windows of that size (data/views.py), for slide inference."""
         if self.classnames:
-            return load_seg_dataset(self.path, self.layout, self.split, classnames_file=self.classnames)
-        return load_dataset(self.path, layout=self.layout, split=self.split)
+            ds = load_seg_dataset(self.path, self.layout, self.split, classnames_file=self.classnames)
+            return as_slide_views(ds, slide) if slide else ds
+        return load_dataset(self.path, layout=self.layout, split=self.split, slide=slide)
 
 
 @dataclass(frozen=True)
 class SegData:
     train: SegSource
     evals: tuple[SegSource, ...] = ()
+    slide: bool = False  # score the evaluation sets by sliding windows at native size
 
 
 class EvalSet(Declared):
@@ -84,6 +90,9 @@ class SegOptions(DataOptions):
     eval: dict[str, EvalSet] = Field(
         default_factory=dict, description="Evaluation dataset PATH[:LAYOUT[:SPLIT]], with its own class names; "
                                           "repeatable or comma-separated.")
+    slide: bool = Field(False, description="Score the evaluation sets by sliding windows (crop and short side "
+                                           "--resolution, stride 341), logits averaged, at each image's native size "
+                                           "(VPD's test); extract them with --slide.")
 
     @field_validator("eval", mode="before")
     @classmethod
@@ -97,12 +106,13 @@ class SegOptions(DataOptions):
 
     def data(self) -> SegData:
         return SegData(SegSource(self.path, self.layout, self.split, self.classnames),
-                       tuple(SegSource(e.path, e.layout, e.split, e.classnames) for e in self.eval.values()))
+                       tuple(SegSource(e.path, e.layout, e.split, e.classnames) for e in self.eval.values()), self.slide)
 
     def extract_parts(self) -> list[dict]:
-        """The training split and every evaluation set."""
-        return [{"dataset": src.path, "layout": src.layout, "split": src.split}
-                for src in (self, *self.eval.values())]
+        """The training split and every evaluation set (as sliding windows with `slide`)."""
+        return [{"dataset": self.path, "layout": self.layout, "split": self.split}] + [
+            {"dataset": e.path, "layout": e.layout, "split": e.split, **({"slide": True} if self.slide else {})}
+            for e in self.eval.values()]
 
     def eval_sets(self) -> dict[str, dict]:
         return {label: e.model_dump(exclude_unset=True) for label, e in self.eval.items()}
@@ -142,6 +152,8 @@ def prepare_seg(data: SegData, s: TaskSettings, opts: RunOptions) -> None:
     train_ds = data.train.load()
     train = open_split(store, train_ds, s, pins=feature_pins(opts))
     ensure_masks(store, train_ds, s.resolution, like=train.features, progress=opts.progress)
+    if pyramid_stages(s) is None:
+        return  # a closed-set FPN head: no class prompts
     for ds in [train_ds] + [src.load() for src in data.evals]:
         class_text(store, ds.classnames, "segmentation", s, opts)
 
@@ -157,7 +169,7 @@ def train_seg_heads(data: SegData, jobs: list[HeadJob], opts: RunOptions) -> lis
     pins = feature_pins(opts)
     per_job = [open_split(store, train_ds, j.settings, pins=pins) for j in jobs]
     train = union_split(per_job)
-    eval_sets = [src.load() for src in data.evals]
+    eval_sets = [src.load(s0.resolution if data.slide else None) for src in data.evals]
     evals = [union_split([open_split(store, ds, j.settings, pins=pins) for j in jobs]) for ds in eval_sets]
     masks = ensure_masks(store, train_ds, s0.resolution, like=train.features, progress=opts.progress)
     name = train_ds.name.split("/")[0]
@@ -166,6 +178,17 @@ def train_seg_heads(data: SegData, jobs: list[HeadJob], opts: RunOptions) -> lis
     fields = dict(train.fields)
     members, classifiers, templates_of = [], [], []
     for j, sp in zip(jobs, per_job):
+        if pyramid_stages(j.settings) is None:  # VPD's features: Semantic FPN over the training classes
+            _same_classes(train_ds, eval_sets)
+            torch.manual_seed(j.settings.seed)
+            model = SemanticFPN(level_channels(sp.shapes()[0]), len(train_ds.classnames),
+                                width=j.settings.head_width).to(device)
+            classifier, templates = ClosedSet(len(train_ds.classnames)), []
+            members.append(Member(model, list(model.parameters()), _seg_loss(model, classifier, None,
+                                                                               ignore_value(train_ds)), j.settings))
+            classifiers.append(classifier)
+            templates_of.append(templates)
+            continue
         text, templates = class_text(store, train_ds.classnames, "segmentation", j.settings, opts)
         classifier = TextClassifier(text, j.settings.temperature)
         model = build_head(sp, j.settings, "dense", text.shape[1], device)
@@ -188,7 +211,10 @@ def train_seg_heads(data: SegData, jobs: list[HeadJob], opts: RunOptions) -> lis
         if online is not None:
             ev_fields = {**{k: v for k, v in ev_fields.items() if k.startswith("expert.")}, **online.bind(store, split)}
         predicts = []
-        for j, m in zip(jobs, members):
+        for j, m, own in zip(jobs, members, classifiers):
+            if isinstance(own, ClosedSet):
+                predicts.append(lambda b, model=m.model: model(b))
+                continue
             ev_text, _ = class_text(store, ds.classnames, "segmentation", j.settings, opts)
             c = TextClassifier(ev_text, j.settings.temperature)
             predicts.append(lambda b, c=c, model=m.model: c(model({**b, **online(b)} if online else b)))
@@ -204,16 +230,27 @@ def train_seg_heads(data: SegData, jobs: list[HeadJob], opts: RunOptions) -> lis
         metrics = {"task": "seg", "steps": result.steps, "eval": {k: v[0] for k, v in scores.items()},
                    "n": {"train": len(train.indices)}, "skipped": dict(sp.skipped),
                    "entries": {"train": {**sp.keys(), "masks": masks.key}, **{k: v[1] for k, v in scores.items()}}}
-        config = {**base_config("seg", s, opts, classifier, templates),
+        config = {**base_config("seg", s, opts, classifier, templates), "slide": data.slide,
                   "data": {"train": data.train.__dict__, "evals": [e.__dict__ for e in data.evals]},
                   "classnames": list(train_ds.classnames),
                   "datasets": {"train": {"name": train_ds.name, "identity": train_ds.identity()},
                                **{ds.name: {"name": ds.name, "identity": ds.identity()} for ds in eval_sets}},
-                  "head": head_facts(m.model, s, "dense"), "heads_in_pass": len(jobs),
+                  "head": (head_facts(m.model, s, "dense") if not isinstance(classifier, ClosedSet) else
+                           {"spec": m.model.spec.to_json(),
+                            "trainable_parameters": sum(p.numel() for p in m.model.parameters())}),
+                  "heads_in_pass": len(jobs),
                   "title": f"seg {name}, t={s.t}, {s.stages}, {s.head}" + (" +norms" if s.tune_norms else "")}
         out_metrics.append(finish_run(out, config, metrics, m.model, result, select=None,
                                       extra_weights=online.norm_state() if online else None))
     return out_metrics
+
+
+def _same_classes(train_ds, eval_sets) -> None:
+    """A closed-set head scores only datasets of its training classes."""
+    for ds in eval_sets:
+        if tuple(ds.classnames) != tuple(train_ds.classnames):
+            raise VermouthError(f"a Semantic FPN head (vpd features) predicts the {len(train_ds.classnames)} classes of "
+                                f"{train_ds.name}; {ds.name} has other classes: evaluate it on datasets of those")
 
 
 def _seg_loss(model, classifier, online, ignore: int):
@@ -234,6 +271,8 @@ def evaluate(predicts: list, split: CachedSplit, loader, n_classes: int) -> list
     rule = label_rule(split.dataset)
     confs = [np.zeros((n_classes, n_classes), dtype=np.int64) for _ in predicts]
     resolution = int(split.features.manifest["about"]["resolution"])
+    if split.dataset.source.get("slide"):
+        return _evaluate_slide(predicts, split, loader, n_classes, rule, confs, resolution)
     for batch in loader:
         logits = [p(batch).float() for p in predicts]
         for k, row in enumerate(batch["index"].tolist()):
@@ -246,6 +285,44 @@ def evaluate(predicts: list, split: CachedSplit, loader, n_classes: int) -> list
             for conf, lg in zip(confs, logits):
                 pred = F.interpolate(lg[k][None], size=region.shape, mode="bilinear", align_corners=False)[0].argmax(0)
                 conf += confusion_matrix(pred.cpu().numpy(), target, n_classes, ignore_index=ignore)
+    return [miou(conf) for conf in confs]
+
+
+def _evaluate_slide(predicts: list, split: CachedSplit, loader, n_classes: int, rule: str, confs,
+                    resolution: int) -> list[dict]:
+    """mmseg's slide inference over cached windows: each window's logits upsampled to its crop,
+    summed into the resized image, divided by the windows covering each pixel, resized to the label
+    map's native size (bilinear) and scored on the whole map. Windows of an image come together
+    (ids sort by image), so one image's canvases are held at a time."""
+    current, sums, counts = None, None, None
+
+    def finish():
+        mask = read_mask(current.mask, rule, n_classes=n_classes)
+        ignore = int(np.iinfo(mask.dtype).max)
+        for conf, acc in zip(confs, sums):
+            avg = (acc / counts.clamp(min=1))[None]
+            pred = F.interpolate(avg, size=mask.shape, mode="bilinear", align_corners=False)[0].argmax(0)
+            conf += confusion_matrix(pred.cpu().numpy(), mask.astype(np.int64), n_classes, ignore_index=ignore)
+
+    for batch in loader:
+        logits = [p(batch).float() for p in predicts]
+        for k, row in enumerate(batch["index"].tolist()):
+            sample = split.dataset.samples[row]
+            if current is None or sample.path != current.path:
+                if current is not None:
+                    finish()
+                current = sample
+                with Image.open(sample.path) as im:
+                    w, h = scaled_size(*im.size, sample.view.short)
+                sums = [torch.zeros(n_classes, h, w) for _ in predicts]
+                counts = torch.zeros(h, w)
+            x1, y1, x2, y2 = sample.view.box
+            for acc, lg in zip(sums, logits):  # the window's logits at its padded input size, the padding cut
+                up = F.interpolate(lg[k][None], size=(resolution, resolution), mode="bilinear", align_corners=False)
+                acc[:, y1:y2, x1:x2] += up[0, :, : y2 - y1, : x2 - x1].cpu()
+            counts[y1:y2, x1:x2] += 1
+    if current is not None:
+        finish()
     return [miou(conf) for conf in confs]
 
 
