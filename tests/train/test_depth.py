@@ -97,3 +97,33 @@ def test_depth_learns_well_past_the_mean_and_its_metrics_are_independent(nyu, tm
     ref = [_reference_metrics(sums[p] / counts[p], g) for p, g in gts.items()]
     for k in ("d1", "abs_rel", "rmse", "log10", "silog"):
         assert m[k] == pytest.approx(np.mean([r[k] for r in ref]), rel=1e-5, abs=1e-6), k
+
+
+def test_online_and_frozen_prompt_modes(nyu, tiny, tmp_path):
+    """VPD-online trains the text adapter through the U-net from cached latents; the frozen prompt
+    stores the adapted table, extracts once with it and trains from that cache."""
+    from vermouth_cache.data.tables import read_table
+    from vermouth_cache.train.online import TextAdapter
+
+    base = dict(resolution=RES, epochs=4, batch_size=4, head_width=0.125, lr=1e-3)
+    opts = lambda out: RunOptions(store=str(nyu["store"]), out=str(tmp_path / out), sd_model=str(tiny["sd"]),  # noqa: E731
+                                  progress=False)
+    data = DepthData(str(nyu["data"]), views=2)
+    online = train_depth(data, task_settings("depth", adapter=True, **base), opts("online"))
+    assert online["mode"] == "vpd-online" and online["rmse"] > 0
+    _, _, extra = load_head(tmp_path / "online")
+    gamma = extra["adapter.gamma"]
+    assert gamma.shape == (32,) and not torch.allclose(gamma, torch.full_like(gamma, 1e-4))  # it trained
+    adapter = TextAdapter(32)
+    assert torch.allclose(adapter.gamma, torch.full((32,), 1e-4))  # VPD's init
+
+    frozen_prompt = train_depth(data, task_settings("depth", freeze_prompt_after=6, **base), opts("prompt"))
+    table = read_table(tmp_path / "prompt" / "adapted_table.safetensors")
+    assert frozen_prompt["adapted_table"] == table.sha256 and table.about["adapted_from"]
+    store = Store(str(nyu["store"]))
+    tables = {e.manifest["recipe"]["prompt"].get("table") for e in store.entries("captions")}
+    assert table.sha256 in tables and len(tables) >= 2  # the adapted table's own cache beside the original
+    with pytest.raises(Exception, match="give --sd-model"):
+        train_depth(data, task_settings("depth", adapter=True, **base),
+                    RunOptions(store=str(nyu["store"]), out=str(tmp_path / "x"), progress=False,
+                               select=(("table", str(nyu["root"] / "scenes.safetensors")),)))

@@ -32,6 +32,8 @@ class Pin:
 
 
 PINS = (
+    Pin("table", "--context-table", "context_table",
+        "Only features conditioned on this context table (`extract --context-table`; vpd) [any]."),
     Pin("noise_seed", "--noise-seed", "seed",
         "Only features extracted with this noise seed (`extract --seed`; also a random prompt's seed) [any]."),
     Pin("noise_draws", "--noise-draws", "noise_draws",
@@ -74,6 +76,10 @@ def resolve_pins(pins: dict) -> dict:
     out = dict(pins)
     if out.get("captioner") is not None:
         out["captioner"] = Captioner(out["captioner"], None).identity
+    if out.get("table") is not None:  # a table file: its sha256, as the keys record it
+        from vermouth_cache.data.tables import read_table
+
+        out["table"] = read_table(out["table"]).sha256
     return out
 
 

@@ -105,7 +105,7 @@ def train_groups(points: list[Point]) -> list[TrainGroup]:
     groups: dict[str, TrainGroup] = {}
     for p in points:
         key = canonical_json({"dataset": p.dataset.label, **pass_key(p.settings)})
-        if p.settings.tune_norms:
+        if any(getattr(p.settings, k) for k in ("tune_norms", "adapter", "tune_unet", "freeze_prompt_after")):
             key += p.name  # its features change while it trains: it never shares a pass
         groups.setdefault(key, TrainGroup(p.dataset)).points.append(p)
     return list(groups.values())

@@ -41,7 +41,7 @@ from vermouth_cache.train.tasks.base import DataOptions
 
 # extraction-only options, fixed for the sweep: the recipe fields that select features
 # (selection.PINS; the captioner is `models:`), then how the extraction runs
-EXTRACT_KEYS = (*(p.extract for p in PINS if p.name != "captioner"), "context_table", "text_tokens", "batch_size",
+EXTRACT_KEYS = (*(p.extract for p in PINS if p.name != "captioner"), "text_tokens", "batch_size",
                 "shard_size", "precision", "on_error")
 SETTING_KEYS = tuple(TaskSettings.model_fields)
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")

@@ -53,8 +53,10 @@ def shared_settings(jobs: list[HeadJob]) -> TaskSettings:
         diff = sorted(k for k in first if first[k] != other[k])
         if diff:
             raise VermouthError(f"heads {jobs[0].out} and {j.out} cannot share a pass: they differ in {', '.join(diff)}")
-    if len(jobs) > 1 and jobs[0].settings.tune_norms:
-        raise VermouthError("--tune-norms changes the features: such a head trains alone")
+    online = ("tune_norms", "adapter", "tune_unet", "freeze_prompt_after")
+    if len(jobs) > 1 and any(getattr(jobs[0].settings, k) for k in online):
+        raise VermouthError("--tune-norms, --adapter, --tune-unet and --freeze-prompt-after change the features: "
+                            "such a head trains alone")
     outs = [str(j.out) for j in jobs]
     if len(set(outs)) != len(outs):
         raise VermouthError("two heads of one pass write the same run directory")

@@ -55,7 +55,7 @@ def lr_factor(s: TaskSettings, step: int, total: int, steps_per_epoch: int) -> f
 class Member:
     """One head in a shared pass: its parameters, loss and settings (lr, schedule, clipping)."""
     model: torch.nn.Module
-    params: list
+    params: list  # tensors, or groups {"params": [...], "lr_scale": x}
     loss_fn: Callable[[dict], torch.Tensor]
     settings: TaskSettings
 
@@ -84,7 +84,7 @@ def fit_many(members: list[Member], loader: CacheLoader, s: TaskSettings, *,
     eval_every = s.eval_every * (steps_per_epoch if s.iters is None else 1)
     states = []
     for m in members:
-        opt = torch.optim.AdamW(m.params, lr=m.settings.lr, weight_decay=m.settings.weight_decay)
+        opt = torch.optim.AdamW(_groups(m.params, m.settings.lr), lr=m.settings.lr, weight_decay=m.settings.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda k, ms=m.settings: lr_factor(ms, k, total, steps_per_epoch))
         states.append(_State(opt, sched))
@@ -179,6 +179,18 @@ class _State:
             self.best_state = copy.deepcopy(model.state_dict())
 
 
+def _groups(params: list, lr: float) -> list:
+    """AdamW's parameter groups: a plain list is one group; {"params", "lr_scale"} dicts (a U-net at
+    a task's multiplier) get lr * lr_scale. Groups without parameters are dropped."""
+    if not params or not isinstance(params[0], dict):
+        return [{"params": list(params)}]
+    return [{"params": g["params"], "lr": lr * g.get("lr_scale", 1.0)} for g in params if g["params"]]
+
+
+def _tensors(params: list) -> list:
+    return [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else list(params)
+
+
 def _step(m: Member, st: _State, batch: dict, step: int) -> None:
     loss = m.loss_fn(batch)
     if not math.isfinite(loss.item()):
@@ -186,7 +198,7 @@ def _step(m: Member, st: _State, batch: dict, step: int) -> None:
         return
     st.opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(m.params, m.settings.grad_clip)
+    torch.nn.utils.clip_grad_norm_(_tensors(m.params), m.settings.grad_clip)
     st.opt.step()
     st.sched.step()
     st.steps = step

@@ -1,5 +1,7 @@
 """Features computed during training, for `train seg --tune-norms` (the paper tunes the U-net's
-norm layers for segmentation, so those features change at every step and cannot be cached).
+norm layers for segmentation, so those features change at every step and cannot be cached), and
+for VPD's online modes (`--adapter`: VPD's TextAdapter trains on the cached text rows; `--tune-unet`:
+the U-net too, at the task's lr multipliers, with gradient checkpointing).
 
 What CAN still come from the cache does: the VAE latents and the text conditions of the features
 entry (they do not depend on the norm layers), and the noise follows the same rule as extraction.
@@ -23,12 +25,27 @@ from vermouth_cache.train.inputs import CachedSplit
 from vermouth_cache.train.loader import Field
 
 NORM_TYPES = (nn.GroupNorm, nn.LayerNorm)
+GAMMA_INIT = 1e-4  # VPD's gamma_init_value
+
+
+class TextAdapter(nn.Module):
+    """VPD's TextAdapter (vpd/models.py): c + gamma * MLP(c), the MLP Linear-GELU-Linear of the text
+    width, gamma a per-channel scale initialised to 1e-4; applied to every row / token."""
+
+    def __init__(self, width: int, gamma_init: float = GAMMA_INIT):
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, width))
+        self.gamma = nn.Parameter(torch.ones(width) * gamma_init)
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        return c + self.gamma * self.fc(c)
 
 
 class OnlineTaps(nn.Module):
     """batch {"latent", "cond", "index"} -> {tap: (B, ...)} through a U-net with trainable norms."""
 
-    def __init__(self, sd_model: str, split: CachedSplit, device: torch.device):
+    def __init__(self, sd_model: str, split: CachedSplit, device: torch.device, *, norms: bool = True,
+                 adapter: bool = False, unet: bool = False, seed: int = 0):
         super().__init__()
         recipe = split.features.manifest["recipe"]
         noise = recipe["noise"]
@@ -46,9 +63,36 @@ class OnlineTaps(nn.Module):
         self.taps = list(split.tap_names)
         # the attention maps are aggregated the way the features' method declared (Vermouth's recipes name none)
         self.attention = method_named(recipe.get("method", DEFAULT_METHOD)).attention
-        for p in self.norm_parameters():
+        for p in self.norm_parameters() if norms else ():
             p.requires_grad_(True)
+        self.train_norms, self.train_unet = norms, unet
+        if unet:
+            self.unet.requires_grad_(True)
+            self.unet.enable_gradient_checkpointing()  # VPD's ldm checkpoints every transformer block
+        self.adapter = None
+        if adapter:
+            torch.manual_seed(seed)
+            width = self.unet.config.cross_attention_dim
+            self.adapter = TextAdapter(width if isinstance(width, int) else width[0]).to(device)
         self.ids: list[str] = []
+
+    def parameter_groups(self, unet_scale: dict[str, float]) -> list[dict]:
+        """What trains besides the head, with lr scales: the adapter at 1.0; the U-net at the task's
+        `unet_scale["default"]` and its norm layers at `unet_scale.get("norm", default)` (VPD seg:
+        mmcv's custom keys give norms x1.0, the rest x0.1); norms alone (--tune-norms) at 1.0."""
+        groups = [{"params": list(self.adapter.parameters()), "lr_scale": 1.0}] if self.adapter else []
+        norms = self.norm_parameters() if (self.train_norms or self.train_unet) else []
+        if self.train_unet:
+            ids = {id(p) for p in norms}
+            rest = [p for p in self.unet.parameters() if id(p) not in ids]
+            groups.append({"params": rest, "lr_scale": unet_scale["default"]})
+            groups.append({"params": norms, "lr_scale": unet_scale.get("norm", unet_scale["default"])})
+        elif norms:
+            groups.append({"params": norms, "lr_scale": 1.0})
+        return groups
+
+    def adapted(self, cond: torch.Tensor) -> torch.Tensor:
+        return self.adapter(cond) if self.adapter is not None else cond
 
     def norm_parameters(self) -> list[nn.Parameter]:
         return [p for m in self.unet.modules() if isinstance(m, NORM_TYPES) for p in m.parameters()]
@@ -70,5 +114,5 @@ class OnlineTaps(nn.Module):
             ids = [self.ids[int(i)] for i in batch["index"]]
             eps = batch_noise(self.seed, ids, self.t, 0, z0.shape[1:]).to(z0.device)
             z0 = ddpm_noised(self.scheduler, z0, eps, self.t)
-        return run_taps(self.unet, z0, self.t, batch["cond"], self.taps, grad=torch.is_grad_enabled(),
+        return run_taps(self.unet, z0, self.t, self.adapted(batch["cond"]), self.taps, grad=torch.is_grad_enabled(),
                         attention=self.attention)

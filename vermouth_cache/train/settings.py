@@ -74,6 +74,17 @@ class TaskSettings(Declared):
                                                 "are recomputed online from the cached latents, one U-net "
                                                 "forward+backward per step; needs --sd-model.",
                              json_schema_extra={"cli": TASK_OWN})
+    adapter: bool = Field(False, description="VPD online: train VPD's text adapter (c + gamma MLP(c), gamma 1e-4) "
+                                             "with the head; features recomputed from the cached latents and text, "
+                                             "one U-net forward+backward per step; needs --sd-model.",
+                          json_schema_extra={"cli": TASK_OWN})
+    tune_unet: bool = Field(False, description="VPD online: also train the U-net, at the task's lr multiplier (seg "
+                                               "x0.1 with norms x1.0, depth x0.01, refer x1.0), gradient "
+                                               "checkpointing on; needs --sd-model.", json_schema_extra={"cli": TASK_OWN})
+    freeze_prompt_after: int | None = Field(None, description="Train the adapter online for N steps, store the "
+                                                              "adapted context table, extract once with it and train "
+                                                              "the head from the cache (a table conditioning).",
+                                            json_schema_extra={"cli": TASK_OWN})
     head_width: float = Field(1.0, description="Width of a VPD head as a fraction of VPD's (1.0: depth 1536/192, "
                                                "refer 640, FPN 256 channels).", json_schema_extra={"cli": TASK_OWN})
 
@@ -125,6 +136,8 @@ class TaskSettings(Declared):
             raise ValueError("weight decay and power must be >= 0, grad clip > 0, gamma in (0, 1]")
         if self.templates is not None and self.templates.lower() not in template_sets():
             raise ValueError(f"unknown template set {self.templates!r} (choose from {', '.join(template_sets())})")
+        if self.freeze_prompt_after is not None and (self.freeze_prompt_after < 1 or self.adapter or self.tune_unet):
+            raise ValueError("freeze_prompt_after takes a number of steps >= 1, without adapter or tune_unet")
         if self.eval_every < 1:
             raise ValueError(f"eval_every must be at least 1, got {self.eval_every}")
         if (self.epochs is None) == (self.iters is None):

@@ -35,6 +35,7 @@ from vermouth_cache.core.progress import get_logger
 from vermouth_cache.data.datasets import load_dataset
 from vermouth_cache.data.depth import read_depth
 from vermouth_cache.data.images import decode_image
+from vermouth_cache.data.tables import read_table
 from vermouth_cache.extract.targets import DEPTH, ensure_targets
 from vermouth_cache.store.entries import Store
 from vermouth_cache.train.common import HeadJob, RunOptions, feature_pins, loader_for, shared_settings
@@ -46,6 +47,7 @@ from vermouth_cache.train.runs import finish_run, prepare_run_dir
 from vermouth_cache.train.settings import TaskSettings
 from vermouth_cache.train.tasks.base import DataOptions, Task, metric_keys
 from vermouth_cache.train.vpd_heads import DepthHead, level_channels, pyramid_stages, silog_loss
+from vermouth_cache.train.vpd_online import adapted_table, extract_with_table, online_taps, table_pins, with_steps
 
 log = get_logger(__name__)
 MAX_DEPTH = 10.0
@@ -104,23 +106,28 @@ def train_depth_heads(data: DepthData, jobs: list[HeadJob], opts: RunOptions) ->
     test = open_split(store, test_ds, s0, pins=pins)
     crop = _crop(train)
     depths = ensure_targets(store, train_ds, DEPTH, s0.resolution, like=train.features, progress=opts.progress)
-    members = []
-    for j in jobs:
-        torch.manual_seed(j.settings.seed)
-        stages = pyramid_stages(j.settings)  # Vermouth's features: its stage pyramid
-        model = DepthHead(level_channels(train.shapes()[0], with_attention=False, stages=stages), max_depth=MAX_DEPTH,
-                          width=j.settings.head_width, stages=stages).to(device)
-        members.append(Member(model, list(model.parameters()), _loss(model, crop), j.settings))
-    fields = {**train.fields, "depth": LoaderField(depths, "depth")}
     name = train_ds.name.split("/")[0]
-    results = fit_many(members, loader_for(train, s0, opts, shuffle=True, desc=f"train depth {name}",
-                                           fields=fields), s0)
-    per_member = evaluate([m.model for m in members], test, loader_for(test, s0, opts, shuffle=False),
-                          crop=_crop(test), max_depth=MAX_DEPTH)
+    table = None
+    if s0.freeze_prompt_after:  # the adapter learns the prompt online, then the head trains from a new cache
+        tuned = with_steps(s0, s0.freeze_prompt_after)
+        online = online_taps(tuned, train, opts)
+        _fit(train, store, depths, crop, tuned, opts, online, f"tune prompt {name}")
+        table = adapted_table(online, train.features, outs[0])
+        pins = table_pins(pins, extract_with_table([train.features, test.features], table, opts))
+        train, test = open_split(store, train_ds, s0, pins=pins), open_split(store, test_ds, s0, pins=pins)
+        depths = ensure_targets(store, train_ds, DEPTH, s0.resolution, like=train.features, progress=opts.progress)
+    online = online_taps(s0, train, opts)  # VPD-online: features recomputed through the adapter (and U-net)
+    members, results = _fit(train, store, depths, crop, s0, opts, online, f"train depth {name}", jobs)
+    features = (lambda b: {**b, **online(b)}) if online else (lambda b: b)
+    test_fields = {**test.fields, **online.bind(store, test)} if online else None
+    per_member = evaluate([m.model for m in members], test, loader_for(test, s0, opts, shuffle=False,
+                                                                       fields=test_fields),
+                          crop=_crop(test), max_depth=MAX_DEPTH, features=features)
     out_metrics = []
     for j, m, result, (metrics, predictions), out in zip(jobs, members, results, per_member, outs):
         s = j.settings
-        metrics = {"task": "depth", "steps": result.steps, **metrics, "n": {"train": len(train.indices),
+        metrics = {"task": "depth", "steps": result.steps, **metrics, "mode": _mode(s),
+                   "adapted_table": read_table(table).sha256 if table else None, "n": {"train": len(train.indices),
                    "test_images": metrics["images"]}, "entries": {"train": {**train.keys(), "depths": depths.key},
                                                                    "test": test.keys()}}
         config = {"task": "depth", "vermouth_cache": __version__, "settings": s.to_json(),
@@ -130,28 +137,60 @@ def train_depth_heads(data: DepthData, jobs: list[HeadJob], opts: RunOptions) ->
                                                   "trainable_parameters": sum(p.numel() for p in m.model.parameters())},
                   "datasets": {d.name: {"name": d.name, "identity": d.identity()} for d in (train_ds, test_ds)},
                   "title": f"depth {name}, {s.method} t={s.t}, views {data.views}"}
-        finished = finish_run(out, config, metrics, m.model, result, select=None)
+        extra = {f"adapter.{k}": v for k, v in online.adapter.state_dict().items()} if online else None
+        finished = finish_run(out, config, metrics, m.model, result, select=None, extra_weights=extra)
         if "error" not in finished and available("matplotlib"):
             plot_examples(out / "depth_examples.png", predictions[:EXAMPLES])
         out_metrics.append(finished)
     return out_metrics
 
 
-def _loss(model: DepthHead, crop: int):
+def _mode(s: TaskSettings) -> str:
+    """How the features were made for this head: the label a report shows beside the metric."""
+    if s.method != "vpd":
+        return s.method
+    if s.freeze_prompt_after:
+        return f"vpd-frozen-prompt ({s.freeze_prompt_after} steps)"
+    return "vpd-online" + ("+unet" if s.tune_unet else "") if (s.adapter or s.tune_unet) else "vpd-frozen"
+
+
+def _fit(train: CachedSplit, store, depths, crop: int, s: TaskSettings, opts: RunOptions, online, desc: str,
+         jobs: list[HeadJob] | None = None):
+    """Heads (one per job, or one of settings `s`) trained on the cached views; with `online`, the
+    features come through it and its parameters train too."""
+    members = []
+    for settings in [j.settings for j in jobs] if jobs else [s]:
+        torch.manual_seed(settings.seed)
+        stages = pyramid_stages(settings)  # Vermouth's features: its stage pyramid
+        model = DepthHead(level_channels(train.shapes()[0], with_attention=False, stages=stages), max_depth=MAX_DEPTH,
+                          width=settings.head_width, stages=stages).to(opts.torch_device)
+        params = [{"params": list(model.parameters()), "lr_scale": 1.0}]
+        if online is not None:
+            params += online.parameter_groups(TASK.unet_lr_scale)
+        members.append(Member(model, params, _loss(model, crop, online), settings))
+    fields = {**(online.bind(store, train) if online else train.fields), "depth": LoaderField(depths, "depth")}
+    results = fit_many(members, loader_for(train, s, opts, shuffle=True, desc=desc, fields=fields), s)
+    return members, results
+
+
+def _loss(model: DepthHead, crop: int, online=None):
     def loss_fn(batch):
+        if online is not None:
+            batch = {**batch, **online(batch)}
         pred = model(batch, crop)[:, 0, :crop, :crop]
         return silog_loss(pred, batch["depth"][:, :crop, :crop])
     return loss_fn
 
 
 @torch.no_grad()
-def predict_images(model: DepthHead, split: CachedSplit, loader, crop: int) -> dict[Path, np.ndarray]:
+def predict_images(model: DepthHead, split: CachedSplit, loader, crop: int, features=lambda b: b) -> dict[Path, np.ndarray]:
     """Each test image's depth at its native size: its views predicted, mirrored back and averaged."""
     model.eval()
     loader.set_epoch(0)
     sums: dict[Path, np.ndarray] = {}
     counts: dict[Path, np.ndarray] = {}
-    batches = ((model(b, crop)[:, 0, :crop, :crop].float().cpu().numpy(), b["index"].tolist()) for b in loader)
+    batches = ((model(features(b), crop)[:, 0, :crop, :crop].float().cpu().numpy(), b["index"].tolist())
+               for b in loader)
     for pred, row in ((p, r) for preds, rows in batches for p, r in zip(preds, rows)):
         sample = split.dataset.samples[int(row)]  # rows are dataset indices (no superset here)
         if sample.path not in sums:
@@ -165,13 +204,14 @@ def predict_images(model: DepthHead, split: CachedSplit, loader, crop: int) -> d
     return {path: sums[path] / np.maximum(counts[path], 1) for path in sums}
 
 
-def evaluate(models: list, split: CachedSplit, loader, *, crop: int, max_depth: float) -> list[tuple[dict, list]]:
+def evaluate(models: list, split: CachedSplit, loader, *, crop: int, max_depth: float,
+             features=lambda b: b) -> list[tuple[dict, list]]:
     """Per model: (VPD's nine metrics averaged over images, [(image, gt, prediction)] in image order)."""
     depth_of = {s.path: s.depth for s in split.dataset.samples}
     out = []
     for model in models:
         model.eval()
-        preds = predict_images(model, split, loader, crop)
+        preds = predict_images(model, split, loader, crop, features)
         per_image, shown = [], []
         for path in sorted(preds, key=str):
             gt = read_depth(depth_of[path])
@@ -220,5 +260,6 @@ TASK = Task(
     train_heads=train_depth_heads,
     main_metric="rmse",
     summary=metric_keys(*DEPTH_KEYS),
-    own_settings=("head_width",),
+    own_settings=("head_width", "adapter", "tune_unet", "freeze_prompt_after"),
+    unet_lr_scale={"default": 0.01},  # VPD depth: lr_scale 0.01 for names containing "unet"
 )
