@@ -72,8 +72,8 @@ def test_methods_are_named_once_and_unknown_ones_refused(registered, request_for
     registered(NULL_AT_50)
     with pytest.raises(VermouthError, match="already registered"):
         register_method(Method(name="vermouth-null", summary="another", conditionings=("blip",)))
-    with pytest.raises(VermouthError, match=r"unknown method 'vpd' \(choose from vermouth, vermouth-null\)"):
-        request_for(two, method="vpd")
+    with pytest.raises(VermouthError, match=r"unknown method 'vdp' \(choose from vermouth, vpd, vermouth-null\)"):
+        request_for(two, method="vdp")
     only_blip = registered(Method(name="blip-only", summary="blip only", conditionings=("blip",)))
     with pytest.raises(VermouthError, match="method blip-only takes no --prompt 'null' \\(it takes blip\\)"):
         request_for(two, method=only_blip.name, prompt="null")

@@ -58,7 +58,7 @@ def test_none_is_written_none():
     ({"head": "lineer"}, "unknown head 'lineer' (choose from uhead, baseline, linear)"),
     ({"noise": "loud"}, "unknown noise 'loud' (choose from ddpm, ddim-inversion, none)"),
     ({"prompt": "caption-please"}, "unknown prompt mode 'caption-please' (choose from blip, null, random, "
-                                   "classname, text:...)"),
+                                   "classname, table, table-class, sentence, text:...)"),
     ({"t": 1000}, "timestep 1000 is outside 0-999"),
     ({"resolution": 100}, "resolution 100 must be a multiple of 64"),
     ({"stages": "mid,sideways"}, "unknown stage 'sideways' (choose from down, mid, up)"),
@@ -66,7 +66,7 @@ def test_none_is_written_none():
     ({"epochs": 0}, "epochs / iterations must be at least 1"),
     ({"batch_size": "many"}, "batch_size: input should be a valid integer, unable to parse string as an integer, "
                              "got 'many'"),
-    ({"epochz": 3}, "settings: unknown key(s) epochz (allowed: resolution, t, "),
+    ({"epochz": 3}, "settings: unknown key(s) epochz (allowed: method, resolution, t, "),
 ])
 def test_a_bad_value_is_one_line_naming_it(overrides, message):
     with pytest.raises(VermouthError) as exc:

@@ -61,12 +61,12 @@ def colour(monkeypatch):
 
 # ---- the registry ------------------------------------------------------------------------------
 
-def test_the_registry_lists_exactly_the_three_tasks():
-    assert list(TASKS) == ["fewshot", "sbir", "seg"]
+def test_the_registry_lists_exactly_the_five_tasks():
+    assert list(TASKS) == ["depth", "fewshot", "refer", "sbir", "seg"]
     assert all(TASKS[name].name == name for name in TASKS)
-    assert {t.main_metric for t in TASKS.values()} == {"top1", "mAP@all", "mIoU"}
-    with pytest.raises(VermouthError, match=r"^unknown task 'depth' \(choose from fewshot, sbir, seg\)$"):
-        get_task("depth")
+    assert {t.main_metric for t in TASKS.values()} == {"rmse", "top1", "oIoU", "mAP@all", "mIoU"}
+    with pytest.raises(VermouthError, match=r"^unknown task 'colour' \(choose from depth, fewshot, refer, sbir, seg\)$"):
+        get_task("colour")
     with pytest.raises(VermouthError, match="registered twice"):
         register(TASKS["seg"])
 
@@ -174,7 +174,7 @@ def test_recipe_keys_of_a_dataset_come_from_its_task(colour, tmp_path):
     with pytest.raises(VermouthError, match=r"datasets\.c: unknown colour_space 'cmyk' \(choose from rgb, hsv\)"):
         load_recipe(bad)
     bad = _recipe(tmp_path, "datasets:\n  c: {task: nosuchtask, path: x}\n")
-    with pytest.raises(VermouthError, match=r"unknown task 'nosuchtask' \(choose from fewshot, sbir, seg, colour\)"):
+    with pytest.raises(VermouthError, match=r"unknown task 'nosuchtask' \(choose from depth, fewshot, refer, sbir, seg, colour\)"):
         load_recipe(bad)
     bad = _recipe(tmp_path, "datasets:\n  p: {task: fewshot, path: x, shots: 3}\n")
     with pytest.raises(VermouthError, match=r"datasets\.p: unknown shots 3 \(choose from 1, 2, 4, 8, 16\)"):

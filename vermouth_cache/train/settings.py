@@ -25,6 +25,9 @@ from vermouth_cache.train.heads import HEAD_KINDS
 from vermouth_cache.train.pyramid import merge_plan
 
 SCHEDULES = ("paper", "fast")
+# fields added with VPD (0.3): absent from config.json while they hold these values
+LATER_DEFAULTS = {"method": "vermouth", "adapter": False, "tune_unet": False, "freeze_prompt_after": None,
+                  "head_width": 1.0}
 LR_SCHEDULES = ("none", "exponential", "polynomial")
 ON_OFF = "on/off"  # a bool field offered as `--NAME on|off` (its default differs between tasks)
 TASK_OWN = "task-own"  # a field only the tasks naming it in Task.own_settings offer as an option
@@ -89,7 +92,10 @@ class TaskSettings(Declared):
                                                "refer 640, FPN 256 channels).", json_schema_extra={"cli": TASK_OWN})
 
     def to_json(self) -> dict:
-        return self.model_dump()
+        """The settings as config.json records them; the fields VPD added are left out while they hold
+        their defaults, so a Vermouth run's config (and a sweep point's fingerprint) reads as before."""
+        d = self.model_dump()
+        return {k: v for k, v in d.items() if not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
 
     def with_(self, **changes) -> "TaskSettings":
         """A copy with `changes` (None = keep), checked like the original."""
