@@ -98,3 +98,16 @@ def test_refer_learns_well_past_the_largest_object_and_scores_are_independent(re
     assert m["mIoU"] == pytest.approx(np.mean(ious), abs=1e-9)
     assert m["oIoU"] == pytest.approx(inters / unions, abs=1e-9)
     assert m["P@0.5"] == pytest.approx(np.mean(np.array(ious) >= 0.5), abs=1e-9) and m["pairs"] == len(gts)
+
+
+def test_refer_online_adapts_every_token(refcoco, tiny, tmp_path):
+    s = task_settings("refer", resolution=RES, epochs=2, batch_size=8, head_width=0.125, lr=1e-3, adapter=True)
+    m = train_refer(ReferData(str(refcoco["data"])), s, RunOptions(store=str(refcoco["store"]), out=str(tmp_path / "o"),
+                                                                   sd_model=str(tiny["sd"]), progress=False))
+    assert m["mode"] == "vpd-online" and 0 <= m["oIoU"] <= 1
+    _, _, extra = load_head(tmp_path / "o")
+    assert not torch.allclose(extra["adapter.gamma"], torch.full((32,), 1e-4))
+    with pytest.raises(VermouthError, match="adapts a context table"):
+        task_settings("refer", freeze_prompt_after=5)
+    with pytest.raises(VermouthError, match="online modes: method vpd"):
+        task_settings("fewshot", adapter=True)

@@ -80,3 +80,18 @@ def test_fpn_learns_and_slide_scores_are_independent(ade, tmp_path):
             pred = F.interpolate(logits, size=mask.shape, mode="bilinear", align_corners=False)[0].argmax(0).numpy()
             conf += confusion_matrix(pred, mask.astype(np.int64), 3, ignore_index=255)
     assert score["mIoU"] == pytest.approx(miou(conf)["mIoU"], abs=1e-9)
+
+
+def test_seg_online_trains_the_adapter_with_vpds_multipliers(ade, tiny, tmp_path):
+    from vermouth_cache.train.tasks import get_task
+
+    assert get_task("seg").unet_lr_scale == {"default": 0.1, "norm": 1.0}  # VPD seg's mmcv custom keys
+    s = task_settings("seg", method="vpd", t=1, noise="none", prompt="table", attn_maps="a32", expert="none",
+                      resolution=RES, iters=4, eval_every=4, batch_size=4, head_width=0.125, lr=1e-3, adapter=True)
+    data = SegData(SegSource(str(ade["data"]), "generic", "train"), (SegSource(str(ade["data"]), "generic", "val"),),
+                   slide=True)
+    m = train_seg(data, s, RunOptions(store=str(ade["store"]), out=str(tmp_path / "o"), sd_model=str(tiny["sd"]),
+                                      progress=False))
+    assert 0 <= next(iter(m["eval"].values()))["mIoU"] <= 1
+    _, _, extra = load_head(tmp_path / "o")
+    assert "adapter.gamma" in extra and not torch.allclose(extra["adapter.gamma"], torch.full((32,), 1e-4))

@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import replace
 import re
 from pathlib import Path
+
+from PIL import Image
 
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.data.depth import is_depth_root, load_depth_dataset
@@ -28,6 +31,7 @@ from vermouth_cache.data.manifests import load_coop, load_manifest
 from vermouth_cache.data.paths import abspath, check_inside, path_exists
 from vermouth_cache.data.samples import Dataset, Sample
 from vermouth_cache.data.seg import LAYOUTS, detect_layout, load_seg_dataset
+from vermouth_cache.data.views import SLIDE_STRIDE, slide_views
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 _COOP_NAME = re.compile(r"^split_zhou_(?P<name>.+)\.json$")
@@ -45,8 +49,6 @@ def load_dataset(spec: str | Path, *, image_root: str | Path | None = None,
     read as an image folder whose "classes" would be its image and mask directories.
     """
     if slide:  # sliding windows of the images (data/views.py), for slide inference
-        from vermouth_cache.data.views import as_slide_views
-
         return as_slide_views(load_dataset(spec, image_root=image_root, split=split, shots=shots, shot_seed=shot_seed,
                                            layout=layout, views=views), slide)
     spec = abspath(spec)
@@ -149,3 +151,20 @@ def _few_shot(samples: list[Sample], classnames, k: int, seed: int, spec: Path) 
                                 f"{len(items)} samples, fewer than shots={k}")
         chosen.extend(rng.sample(items, k))
     return sorted(chosen, key=lambda s: s.id)
+
+
+def as_slide_views(ds, resolution: int, stride: int = SLIDE_STRIDE):
+    """The dataset's images as sliding windows (one sample each, id `<image>@x1,y1,x2,y2,slide<short>`),
+    for slide inference at the image's native size: crops of `resolution` of the image resized to a
+    shorter side of `resolution` (VPD's ADE20K test: 512, stride 341)."""
+    samples = []
+    for s in ds.samples:
+        try:
+            with Image.open(s.path) as im:
+                w, h = im.size
+        except OSError as exc:
+            raise VermouthError(f"cannot read the size of {s.path}: {exc}") from None
+        samples += [replace(s, id=s.id + v.suffix(), view=v) for v in slide_views(w, h, resolution, resolution, stride)]
+    samples.sort(key=lambda x: x.id)
+    return Dataset(ds.name, ds.root, tuple(samples), ds.classnames,
+                   {**ds.source, "slide": {"short": resolution, "crop": resolution, "stride": stride}})

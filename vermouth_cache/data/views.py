@@ -139,23 +139,3 @@ def drawn_views(sample_id: str, width: int, height: int, crop: int, k: int, seed
         out.append(View((x, y, x + cw, y + ch), flip=rng.random() < 0.5))
     return out
 
-
-def as_slide_views(ds, resolution: int, stride: int = SLIDE_STRIDE):
-    """The dataset's images as sliding windows (one sample each, id `<image>@x1,y1,x2,y2,slide<short>`),
-    for slide inference at the image's native size: crops of `resolution` of the image resized to a
-    shorter side of `resolution` (VPD's ADE20K test: 512, stride 341)."""
-    from dataclasses import replace
-
-    from vermouth_cache.data.samples import Dataset
-
-    samples = []
-    for s in ds.samples:
-        try:
-            with Image.open(s.path) as im:
-                w, h = im.size
-        except OSError as exc:
-            raise VermouthError(f"cannot read the size of {s.path}: {exc}") from None
-        samples += [replace(s, id=s.id + v.suffix(), view=v) for v in slide_views(w, h, resolution, resolution, stride)]
-    samples.sort(key=lambda x: x.id)
-    return Dataset(ds.name, ds.root, tuple(samples), ds.classnames,
-                   {**ds.source, "slide": {"short": resolution, "crop": resolution, "stride": stride}})

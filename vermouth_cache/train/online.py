@@ -91,6 +91,14 @@ class OnlineTaps(nn.Module):
             groups.append({"params": norms, "lr_scale": 1.0})
         return groups
 
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """What a run keeps beside its head: the tuned norms and the adapter (a tuned U-net's other
+        weights are not written: they are the size of the model)."""
+        out = self.norm_state() if (self.train_norms or self.train_unet) else {}
+        if self.adapter is not None:
+            out.update({f"adapter.{k}": v.detach() for k, v in self.adapter.state_dict().items()})
+        return out
+
     def adapted(self, cond: torch.Tensor) -> torch.Tensor:
         return self.adapter(cond) if self.adapter is not None else cond
 

@@ -144,6 +144,10 @@ class TaskSettings(Declared):
             raise ValueError(f"unknown template set {self.templates!r} (choose from {', '.join(template_sets())})")
         if self.freeze_prompt_after is not None and (self.freeze_prompt_after < 1 or self.adapter or self.tune_unet):
             raise ValueError("freeze_prompt_after takes a number of steps >= 1, without adapter or tune_unet")
+        if self.freeze_prompt_after is not None and self.prompt not in ("table", "table-class"):
+            raise ValueError(f"freeze_prompt_after adapts a context table: prompt {self.prompt!r} reads none")
+        if (self.adapter or self.tune_unet or self.freeze_prompt_after) and self.method != "vpd":
+            raise ValueError("adapter, tune_unet and freeze_prompt_after are VPD's online modes: method vpd")
         if self.eval_every < 1:
             raise ValueError(f"eval_every must be at least 1, got {self.eval_every}")
         if (self.epochs is None) == (self.iters is None):

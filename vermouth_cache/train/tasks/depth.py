@@ -137,7 +137,7 @@ def train_depth_heads(data: DepthData, jobs: list[HeadJob], opts: RunOptions) ->
                                                   "trainable_parameters": sum(p.numel() for p in m.model.parameters())},
                   "datasets": {d.name: {"name": d.name, "identity": d.identity()} for d in (train_ds, test_ds)},
                   "title": f"depth {name}, {s.method} t={s.t}, views {data.views}"}
-        extra = {f"adapter.{k}": v for k, v in online.adapter.state_dict().items()} if online else None
+        extra = online.trained_state() if online else None
         finished = finish_run(out, config, metrics, m.model, result, select=None, extra_weights=extra)
         if "error" not in finished and available("matplotlib"):
             plot_examples(out / "depth_examples.png", predictions[:EXAMPLES])

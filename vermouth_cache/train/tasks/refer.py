@@ -37,6 +37,7 @@ from vermouth_cache.train.runs import finish_run, prepare_run_dir
 from vermouth_cache.train.settings import TaskSettings
 from vermouth_cache.train.tasks.base import DataOptions, Task, metric_keys
 from vermouth_cache.train.vpd_heads import SimpleDecoding, level_channels, pyramid_stages
+from vermouth_cache.train.vpd_online import online_taps
 
 CLASS_WEIGHTS = (0.9, 1.1)  # background, object (VPD refer/train.py)
 
@@ -87,22 +88,29 @@ def train_refer_heads(data: ReferData, jobs: list[HeadJob], opts: RunOptions) ->
     masks = ensure_targets(store, train_ds, REFER_MASK, s0.resolution, like=train.features, progress=opts.progress)
     ev_masks = ensure_targets(store, eval_ds, REFER_MASK, s0.resolution, like=ev.features, progress=opts.progress)
     weights = torch.tensor(CLASS_WEIGHTS, device=device)
+    online = online_taps(s0, train, opts)  # VPD-online: the adapter applied to every token of each sentence
     members = []
     for j in jobs:
         torch.manual_seed(j.settings.seed)
         stages = pyramid_stages(j.settings)  # Vermouth's features: its stage pyramid
         model = SimpleDecoding(level_channels(train.shapes()[0], stages=stages), width=j.settings.head_width,
                                stages=stages).to(device)
-        members.append(Member(model, list(model.parameters()), _loss(model, weights), j.settings))
+        params = [{"params": list(model.parameters()), "lr_scale": 1.0}]
+        params += online.parameter_groups(TASK.unet_lr_scale) if online else []
+        members.append(Member(model, params, _loss(model, weights, online), j.settings))
     name = train_ds.name.split("/")[0]
+    fields = online.bind(store, train) if online else train.fields
     results = fit_many(members, loader_for(train, s0, opts, shuffle=True, desc=f"train refer {name}",
-                                           fields={**train.fields, "mask": LoaderField(masks, "mask")}), s0)
+                                           fields={**fields, "mask": LoaderField(masks, "mask")}), s0)
+    ev_fields = online.bind(store, ev) if online else ev.fields
     scores = evaluate([m.model for m in members], loader_for(ev, s0, opts, shuffle=False,
-                                                             fields={**ev.fields, "mask": LoaderField(ev_masks, "mask")}))
+                                                             fields={**ev_fields, "mask": LoaderField(ev_masks, "mask")}),
+                      features=(lambda b: {**b, **online(b)}) if online else (lambda b: b))
     out_metrics = []
     for j, m, result, score, out in zip(jobs, members, results, scores, outs):
         s = j.settings
         metrics = {"task": "refer", "steps": result.steps, **score, "eval_split": data.eval_split,
+                   "mode": "vpd-online" + ("+unet" if s.tune_unet else "") if online else f"{s.method}-frozen",
                    "n": {"train": len(train.indices), "eval": score["pairs"]},
                    "entries": {"train": {**train.keys(), "masks": masks.key}, "eval": {**ev.keys(), "masks": ev_masks.key}}}
         config = {"task": "refer", "vermouth_cache": __version__, "settings": s.to_json(),
@@ -112,7 +120,8 @@ def train_refer_heads(data: ReferData, jobs: list[HeadJob], opts: RunOptions) ->
                            "trainable_parameters": sum(p.numel() for p in m.model.parameters())},
                   "datasets": {d.name: {"name": d.name, "identity": d.identity()} for d in (train_ds, eval_ds)},
                   "title": f"refer {name}, {s.method} t={s.t}, attn {s.attn_maps}"}
-        out_metrics.append(finish_run(out, config, metrics, m.model, result, select=None))
+        extra = online.trained_state() if online else None
+        out_metrics.append(finish_run(out, config, metrics, m.model, result, select=None, extra_weights=extra))
     return out_metrics
 
 
@@ -121,15 +130,17 @@ def logits_at(model: SimpleDecoding, batch: dict, size: int) -> torch.Tensor:
     return F.interpolate(model(batch), size=(size, size), mode="bilinear", align_corners=True)
 
 
-def _loss(model: SimpleDecoding, weights: torch.Tensor):
+def _loss(model: SimpleDecoding, weights: torch.Tensor, online=None):
     def loss_fn(batch):
+        if online is not None:
+            batch = {**batch, **online(batch)}
         target = batch["mask"].long()
         return F.cross_entropy(logits_at(model, batch, target.shape[-1]), target, weight=weights)
     return loss_fn
 
 
 @torch.no_grad()
-def evaluate(models: list, loader) -> list[dict]:
+def evaluate(models: list, loader, features=lambda b: b) -> list[dict]:
     """VPD's referring scores of each model over one pass of `loader` (pairs at the mask's size)."""
     for m in models:
         m.eval()
@@ -139,8 +150,9 @@ def evaluate(models: list, loader) -> list[dict]:
     for batch in loader:
         target = batch["mask"]
         gts += list(target.cpu().numpy() > 0.5)
+        fb = features(batch)
         for acc, m in zip(preds, models):
-            acc += list(logits_at(m, batch, target.shape[-1]).argmax(1).cpu().numpy() == 1)
+            acc += list(logits_at(m, fb, target.shape[-1]).argmax(1).cpu().numpy() == 1)
     return [referring_scores(p, gts) for p in preds]
 
 
@@ -157,5 +169,6 @@ TASK = Task(
     train_heads=train_refer_heads,
     main_metric="oIoU",
     summary=metric_keys("oIoU", "mIoU", *(f"P@{x}" for x in PRECISION_AT)),
-    own_settings=("head_width",),
+    own_settings=("head_width", "adapter", "tune_unet"),
+    unet_lr_scale={"default": 1.0},  # VPD refer: its 0.01 lr_scale is never read: the U-net trains at the full lr
 )

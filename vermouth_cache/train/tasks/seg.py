@@ -30,9 +30,9 @@ from PIL import Image
 from pydantic import Field, field_validator
 
 from vermouth_cache.core.errors import VermouthError
-from vermouth_cache.data.datasets import load_dataset
+from vermouth_cache.data.datasets import as_slide_views, load_dataset
 from vermouth_cache.data.seg import LAYOUTS, crop_box, load_seg_dataset, read_mask
-from vermouth_cache.data.views import as_slide_views, scaled_size
+from vermouth_cache.data.views import scaled_size
 from vermouth_cache.extract.masks import ensure_masks, ignore_value, label_rule
 from vermouth_cache.store.entries import Store
 from vermouth_cache.train.common import (HeadJob, RunOptions, base_config, build_head, class_text, feature_pins,
@@ -46,6 +46,7 @@ from vermouth_cache.train.metrics import confusion_matrix, miou
 from vermouth_cache.train.online import OnlineTaps
 from vermouth_cache.train.runs import finish_run, prepare_run_dir
 from vermouth_cache.train.settings import TaskSettings
+from vermouth_cache.train.vpd_online import online_taps
 from vermouth_cache.train.vpd_heads import SemanticFPN, level_channels, pyramid_stages
 from vermouth_cache.train.tasks.base import DataOptions, Task
 
@@ -184,8 +185,13 @@ def train_seg_heads(data: SegData, jobs: list[HeadJob], opts: RunOptions) -> lis
             model = SemanticFPN(level_channels(sp.shapes()[0]), len(train_ds.classnames),
                                 width=j.settings.head_width).to(device)
             classifier, templates = ClosedSet(len(train_ds.classnames)), []
-            members.append(Member(model, list(model.parameters()), _seg_loss(model, classifier, None,
-                                                                               ignore_value(train_ds)), j.settings))
+            params = [{"params": list(model.parameters()), "lr_scale": 1.0}]
+            if j.settings.adapter or j.settings.tune_unet:  # VPD-online: the adapter (and U-net) train too
+                online = online_taps(j.settings, train, opts)
+                params += online.parameter_groups(TASK.unet_lr_scale)
+                fields = {**{k: v for k, v in fields.items() if k.startswith("expert.")}, **online.bind(store, train)}
+            members.append(Member(model, params, _seg_loss(model, classifier, online, ignore_value(train_ds)),
+                                  j.settings))
             classifiers.append(classifier)
             templates_of.append(templates)
             continue
@@ -213,7 +219,7 @@ def train_seg_heads(data: SegData, jobs: list[HeadJob], opts: RunOptions) -> lis
         predicts = []
         for j, m, own in zip(jobs, members, classifiers):
             if isinstance(own, ClosedSet):
-                predicts.append(lambda b, model=m.model: model(b))
+                predicts.append(lambda b, model=m.model: model({**b, **online(b)} if online else b))
                 continue
             ev_text, _ = class_text(store, ds.classnames, "segmentation", j.settings, opts)
             c = TextClassifier(ev_text, j.settings.temperature)
@@ -241,7 +247,7 @@ def train_seg_heads(data: SegData, jobs: list[HeadJob], opts: RunOptions) -> lis
                   "heads_in_pass": len(jobs),
                   "title": f"seg {name}, t={s.t}, {s.stages}, {s.head}" + (" +norms" if s.tune_norms else "")}
         out_metrics.append(finish_run(out, config, metrics, m.model, result, select=None,
-                                      extra_weights=online.norm_state() if online else None))
+                                      extra_weights=online.trained_state() if online else None))
     return out_metrics
 
 
@@ -340,5 +346,7 @@ TASK = Task(
     main_metric="mIoU",
     summary=lambda m: {k: {"mIoU": v["mIoU"], "pixel_acc": v["pixel_acc"]} for k, v in m["eval"].items()},
     per_eval_set=True,
-    own_settings=("tune_norms",),
+    own_settings=("tune_norms", "head_width", "adapter", "tune_unet"),
+    # VPD seg: the U-net at x0.1, but mmcv's custom key `norm` gives its transformer norms x1.0
+    unet_lr_scale={"default": 0.1, "norm": 1.0},
 )
