@@ -28,7 +28,8 @@ from vermouth_cache.train.tasks.base import Task
 RUN_OPTIONS = (
     click.option("--store", required=True, help="The feature store written by `vermouth-cache extract`."),
     click.option("--out", required=True, help="Run directory: config.json, metrics.json, head.safetensors, curve.png."),
-    click.option("--sd-model", help="Use only features of this SD model (hub id or directory); needed by --tune-norms."),
+    click.option("--sd-model", help="Use only features of this SD model (hub id or directory); needed by "
+                                    "--tune-norms, --adapter, --tune-unet and --freeze-prompt-after."),
     click.option("--clip-model", default=DEFAULT_CLIP_MODEL, show_default=True,
                  help="CLIP text model (with projection) for the class-prompt features."),
     click.option("--device", help="cpu, cuda or cuda:N (default: cuda when present)."),
@@ -69,6 +70,8 @@ def _kind(annotation):
 
 def data_option(name: str, field):
     """A DataOptions field as an option (`path` as the required --dataset), its default shown."""
+    if base_type(field.annotation) is bool:  # a switch: --slide
+        return click.option(flag(name), name, is_flag=True, default=field.default, help=field.description)
     kind, multiple = _kind(field.annotation)
     default = None if multiple or field.is_required() else field.default
     return click.option(flag(name), name, type=kind, multiple=multiple, required=field.is_required(),

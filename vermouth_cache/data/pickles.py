@@ -125,6 +125,8 @@ def load_torch_tensors(path: str | Path):
     """The tensors of a `torch.save` zip file as numpy arrays (a tensor, or a dict/list of them),
     read without resolving a single global."""
     path = Path(path)
+    if not path.is_file():
+        raise VermouthError(f"{path} does not exist")
     try:
         zf = zipfile.ZipFile(path)
     except (OSError, zipfile.BadZipFile) as exc:

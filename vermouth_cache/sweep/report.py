@@ -121,14 +121,21 @@ def _raw(value) -> str:
     return "" if value is None else repr(value)  # repr: the shortest text that reads back exactly
 
 
-def _pct(value) -> str:
-    return f"{100 * value:.2f}"
+def _scale(metric: str) -> float:
+    """Shares are shown as percentages; a metric in its own unit (depth's RMSE in metres) as it is."""
+    from vermouth_cache.train.tasks import TASKS
+
+    return 1.0 if any(t.main_metric == metric and not t.percent for t in TASKS.values()) else 100.0
 
 
-def _md_metric(ours, paper) -> str:
-    cell = "" if ours is None else _pct(ours)
+def _pct(value, metric: str = "") -> str:
+    return f"{_scale(metric) * value:.{2 if _scale(metric) == 100 else 3}f}"
+
+
+def _md_metric(ours, paper, metric: str = "") -> str:
+    cell = "" if ours is None else _pct(ours, metric)
     if paper is not None:
-        cell = f"{cell} (paper {_pct(paper)})".strip()
+        cell = f"{cell} (paper {_pct(paper, metric)})".strip()
     return cell
 
 
@@ -145,7 +152,7 @@ def _md_text(records: list[dict], cols: Columns, title: str) -> str:
         seconds = "" if r.get("seconds") is None else f"{r['seconds']:.1f}"
         cells = [r["point"], r["dataset"], r["task"], r["status"], *_varied_cells(r, cols),
                  entries.get("features", "")[:12], entries.get("expert", "")[:12],
-                 *(_md_metric(ours.get(m), paper.get(m)) for m in cols.metrics),
+                 *(_md_metric(ours.get(m), paper.get(m), m) for m in cols.metrics),
                  seconds, _raw(r.get("heads_in_pass")), r.get("run", "")]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
@@ -232,7 +239,7 @@ def _figure(size):
 
 
 def _ylabel(series: list[Series]) -> str:
-    return ", ".join(_first_seen(s.metric for s in series)) + " (%)"
+    return ", ".join(_first_seen(s.metric for s in series)) + (" (%)" if _scale(series[0].metric) == 100 else "")
 
 
 def _timestep_figure(series: list[Series], key: str):
@@ -241,10 +248,10 @@ def _timestep_figure(series: list[Series], key: str):
     for i, s in enumerate(series):
         color = f"C{i % 10}"
         ts = sorted(s.ours, key=lambda v: _number(s.raw[v]))
-        ax.plot([_number(s.raw[t]) for t in ts], [100 * s.ours[t] for t in ts], "o-", color=color, label=s.label)
+        ax.plot([_number(s.raw[t]) for t in ts], [_scale(s.metric) * s.ours[t] for t in ts], "o-", color=color, label=s.label)
         tp = [t for t in ts if t in s.paper]
         if tp:
-            ax.plot([_number(s.raw[t]) for t in tp], [100 * s.paper[t] for t in tp], "o--", color=color,
+            ax.plot([_number(s.raw[t]) for t in tp], [_scale(s.metric) * s.paper[t] for t in tp], "o--", color=color,
                     markerfacecolor="none", label=f"{s.label} (paper)")
     ax.set_xlabel("t")
     ax.set_ylabel(_ylabel(series))
@@ -269,13 +276,13 @@ def _ablation_figure(series: list[Series], key: str):
     paper_drawn = False
     for j, v in enumerate(values):
         xs = [i - 0.4 + (j + 0.5) * width for i, s in enumerate(series) if v in s.ours]
-        ys = [100 * s.ours[v] for s in series if v in s.ours]
+        ys = [_scale(s.metric) * s.ours[v] for s in series if v in s.ours]
         bars = ax.bar(xs, ys, width * 0.9, color=f"C{j % 10}", label=f"{key}={v}")
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
         # The paper's number as a black tick across our bar: the gap reads at a glance.
         for x, s in zip(xs, [s for s in series if v in s.ours]):
             if v in s.paper:
-                ax.hlines(100 * s.paper[v], x - width * 0.45, x + width * 0.45, colors="black", lw=2,
+                ax.hlines(_scale(s.metric) * s.paper[v], x - width * 0.45, x + width * 0.45, colors="black", lw=2,
                           label=None if paper_drawn else "paper")
                 paper_drawn = True
     # one line per part of a series label ("demo", "t=10", "head=linear"): long labels never overlap
@@ -283,7 +290,7 @@ def _ablation_figure(series: list[Series], key: str):
     ax.set_ylabel(_ylabel(series))
     ax.set_title(f"ablation: {key}", fontsize=9)
     # Headroom above the tallest bar or tick, so the legend in one row up there covers neither.
-    top = max(100 * v for s in series for v in [*s.ours.values(), *s.paper.values()])
+    top = max(_scale(s.metric) * v for s in series for v in [*s.ours.values(), *s.paper.values()])
     ax.set_ylim(0, 1.3 * top if top > 0 else 1.0)
     ax.legend(fontsize=8, loc="upper center", ncol=len(values) + paper_drawn)
     fig.tight_layout()

@@ -33,8 +33,9 @@ def online_taps(s, split, opts, *, adapter: bool | None = None) -> OnlineTaps | 
     if not (adapter or s.tune_unet):
         return None
     if opts.sd_model is None:
-        raise VermouthError("--adapter and --tune-unet recompute U-net features: give --sd-model")
-    return OnlineTaps(opts.sd_model, split, opts.torch_device, norms=False, adapter=True, unet=s.tune_unet,
+        raise VermouthError("--adapter, --tune-unet and --freeze-prompt-after recompute U-net features: give "
+                            "--sd-model")
+    return OnlineTaps(opts.sd_model, split, opts.torch_device, norms=False, adapter=adapter, unet=s.tune_unet,
                       seed=s.seed)
 
 

@@ -261,5 +261,6 @@ TASK = Task(
     main_metric="rmse",
     summary=metric_keys(*DEPTH_KEYS),
     own_settings=("head_width", "adapter", "tune_unet", "freeze_prompt_after"),
-    unet_lr_scale={"default": 0.01},  # VPD depth: lr_scale 0.01 for names containing "unet"
+    unet_lr_scale={"default": 0.01},
+    percent=False,  # VPD depth: lr_scale 0.01 for names containing "unet"
 )
