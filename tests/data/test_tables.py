@@ -96,3 +96,24 @@ def test_tables_refuse_what_cannot_condition_a_unet(tmp_path):
         table.row("c")
     buf = io.BytesIO(path.read_bytes())
     assert table.sha256 == hashlib.sha256(buf.getvalue()).hexdigest()
+
+
+def test_tables_with_bad_shapes_or_metadata_are_refused_on_read(tmp_path):
+    import json as _json
+
+    from safetensors.numpy import save
+
+    with pytest.raises(VermouthError, match="one row per name"):
+        write_table(tmp_path / "w0.safetensors", np.zeros((2, 0)), ["a", "b"], {})
+    cases = {
+        "empty": ({"context": np.zeros((0, 4), np.float32)}, {"rows": "[]", "about": "{}"}),
+        "ints": ({"context": np.zeros((1, 4), np.int32)}, {"rows": '["a"]', "about": "{}"}),
+        "rows_int": ({"context": np.zeros((1, 4), np.float32)}, {"rows": "3", "about": "{}"}),
+        "rows_dup": ({"context": np.zeros((2, 4), np.float32)}, {"rows": '["a", "a"]', "about": "{}"}),
+        "about_list": ({"context": np.zeros((1, 4), np.float32)}, {"rows": '["a"]', "about": "[1]"}),
+    }
+    for name, (arrays, meta) in cases.items():
+        (tmp_path / f"{name}.safetensors").write_bytes(save(arrays, metadata=meta))
+        with pytest.raises(VermouthError, match=f"context table .*{name}"):
+            read_table(tmp_path / f"{name}.safetensors")
+    assert _json  # the metadata above is JSON text, as safetensors stores it

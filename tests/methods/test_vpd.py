@@ -204,3 +204,11 @@ def test_class_embeddings_are_a_plain_mean_of_pooled_outputs(tiny):
                              return_tensors="pt").input_ids).pooler_output[0] for t in templates]
         np.testing.assert_allclose(row, torch.stack(pooled).mean(0).numpy(), rtol=1e-5, atol=1e-6)
     assert abs(np.linalg.norm(values[0]) - 1) > 1e-3 and about["templates"] == templates
+
+
+def test_a_table_the_unet_cannot_attend_to_is_one_line(tiny, scene, tmp_path):
+    wide = write_table(tmp_path / "wide.safetensors", np.ones((3, 48)), ["kitchen", "office", "bathroom"], {})
+    with pytest.raises(VermouthError, match="rows 48 wide; this U-net attends to 32-wide"):
+        extract(vpd_request(tiny, scene, tmp_path / "s", context_table=str(wide), attn_maps="none"))
+    with pytest.raises(VermouthError, match="--text-tokens must be at least 2"):
+        vpd_request(tiny, scene, tmp_path / "s", prompt="sentence", context_table=None, text_tokens=1)

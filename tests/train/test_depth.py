@@ -127,3 +127,19 @@ def test_online_and_frozen_prompt_modes(nyu, tiny, tmp_path):
         train_depth(data, task_settings("depth", adapter=True, **base),
                     RunOptions(store=str(nyu["store"]), out=str(tmp_path / "x"), progress=False,
                                select=(("table", str(nyu["root"] / "scenes.safetensors")),)))
+
+
+def test_depth_maps_must_be_16_bit_and_as_large_as_their_image(tmp_path):
+    from PIL import Image
+
+    from vermouth_cache.core.errors import VermouthError
+    from vermouth_cache.data.views import View
+    from vermouth_cache.data.samples import Sample
+
+    Image.fromarray(np.full((8, 8), 200, np.uint8)).save(tmp_path / "d8.png")
+    with pytest.raises(VermouthError, match="not a single-channel 16-bit PNG"):
+        read_depth(tmp_path / "d8.png")
+    Image.fromarray(np.full((4, 4), 2000, np.uint16)).save(tmp_path / "small.png")
+    s = Sample("x.png@0,0,8,8", tmp_path / "x.png", 0, "a", view=View((0, 0, 8, 8)), depth=tmp_path / "small.png")
+    with pytest.raises(VermouthError, match="smaller than its image"):
+        view_depth(s, 8)

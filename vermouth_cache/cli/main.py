@@ -107,7 +107,8 @@ def export(store, out, entry, taps, dataset, sd_model, **options):
         from vermouth_cache.extract.selection import FeatureQuery, resolve_pins
 
         # validated as an extraction would be; the method's fixed fields fill what was not typed
-        want = ExtractRequest(dataset=dataset, store=store, **typed_options(options))
+        table = {"context_table": pins["table"]} if pins.get("table") else {}  # also a pin: what selects them
+        want = ExtractRequest(dataset=dataset, store=store, **typed_options(options), **table)
         if len(want.t) != 1:
             raise VermouthError(f"--t: export one timestep at a time (got {','.join(map(str, want.t))})")
         ds = want.load_dataset()

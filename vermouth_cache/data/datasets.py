@@ -153,7 +153,7 @@ def _few_shot(samples: list[Sample], classnames, k: int, seed: int, spec: Path) 
     return sorted(chosen, key=lambda s: s.id)
 
 
-def as_slide_views(ds, resolution: int, stride: int = SLIDE_STRIDE):
+def as_slide_views(ds, resolution: int, stride: int | None = None):
     """The dataset's images as sliding windows (one sample each, id `<image>@x1,y1,x2,y2,slide<short>`),
     for slide inference at the image's native size: crops of `resolution` of the image resized to a
     shorter side of `resolution` (VPD's ADE20K test: 512, stride 341)."""
@@ -167,4 +167,5 @@ def as_slide_views(ds, resolution: int, stride: int = SLIDE_STRIDE):
         samples += [replace(s, id=s.id + v.suffix(), view=v) for v in slide_views(w, h, resolution, resolution, stride)]
     samples.sort(key=lambda x: x.id)
     return Dataset(ds.name, ds.root, tuple(samples), ds.classnames,
-                   {**ds.source, "slide": {"short": resolution, "crop": resolution, "stride": stride}})
+                   {**ds.source, "slide": {"short": resolution, "crop": resolution,
+                                                       "stride": stride or round(resolution * SLIDE_STRIDE / 512)}})

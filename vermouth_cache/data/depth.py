@@ -43,7 +43,7 @@ def read_depth(path: Path) -> np.ndarray:
             a = np.asarray(im)
     except (OSError, ValueError) as exc:
         raise VermouthError(f"cannot read depth map {path}: {exc}") from None
-    if a.ndim != 2 or a.dtype not in (np.uint16, np.int32, np.uint8):
+    if a.ndim != 2 or a.dtype not in (np.uint16, np.int32):  # 8-bit maps would read as at most 0.255 m
         raise VermouthError(f"depth map {path} is not a single-channel 16-bit PNG ({a.dtype}, {a.shape})")
     return a.astype(np.float32) / MM_PER_M
 

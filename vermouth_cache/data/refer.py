@@ -99,6 +99,12 @@ def load_refer_dataset(root: str | Path, split: str, *, image_root: str | Path |
                                   text=str(sent["sent"]), view=view, region=region))
     if not samples:
         raise VermouthError(f"{root}: split {split!r} has no sentences")
+    seen: set[str] = set()
+    for s in samples:
+        if s.id in seen:
+            raise VermouthError(f"{refs_path}: ref {s.id.split('#')[1].split('.')[0]} of {s.id.split('#')[0]} appears "
+                                "twice (ref ids must be unique)")
+        seen.add(s.id)
     samples.sort(key=lambda s: s.id)
     source = {"kind": "refer", "spec": str(root), "split": split, "refs": refs_path.name,
               "image_root": str(img_dir)}

@@ -35,6 +35,12 @@ class ContextTable:
     values: np.ndarray  # (rows, width) float32
     about: dict
 
+    def check_width(self, width: int) -> None:
+        """Refuse a table whose rows the U-net cannot attend to."""
+        if self.values.shape[1] != width:
+            raise VermouthError(f"context table {self.path.name} has rows {self.values.shape[1]} wide; this U-net "
+                                f"attends to {width}-wide text (make the table with its text encoder)")
+
     def row(self, name: str, *, sample: str = "") -> np.ndarray:
         """The (1, width) row called `name`; refuses a name the table lacks."""
         try:
@@ -61,7 +67,7 @@ def write_table(path: str | Path, values: np.ndarray, rows, about: dict) -> Path
     """Write a table atomically; rows name the rows in order (unique)."""
     values = np.asarray(values, dtype=np.float32)
     rows = [str(r) for r in rows]
-    if values.ndim != 2 or values.shape[0] != len(rows) or not len(rows):
+    if values.ndim != 2 or values.shape[0] != len(rows) or not len(rows) or values.shape[1] < 1:
         raise VermouthError(f"a context table needs one row per name: {values.shape} values for {len(rows)} names")
     if len(set(rows)) != len(rows):
         raise VermouthError("context table row names must be unique")
@@ -83,13 +89,20 @@ def _read(path: str, size: int, mtime_ns: int) -> ContextTable:
         arrays = load(raw)
         header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])  # the safetensors header
         meta = header.get("__metadata__") or {}
-        rows = tuple(json.loads(meta.get("rows", "null")) or ())
+        rows = json.loads(meta.get("rows", "null")) or []
+        if not isinstance(rows, list) or not all(isinstance(r, str) for r in rows):
+            raise ValueError("its 'rows' metadata is not a list of names")
+        rows = tuple(rows)
         about = json.loads(meta.get("about", "{}"))
     except (SafetensorError, ValueError, OSError) as exc:
         raise VermouthError(f"context table {p}: not a readable safetensors table ({exc})") from None
     values = arrays.get(ARRAY)
-    if values is None or values.ndim != 2 or values.shape[0] != len(rows):
-        raise VermouthError(f"context table {p}: needs a 2-D {ARRAY!r} array with one row per name in its metadata")
+    if (values is None or values.ndim != 2 or values.shape[0] != len(rows) or 0 in values.shape
+            or values.dtype.kind != "f"):
+        raise VermouthError(f"context table {p}: needs a non-empty 2-D float {ARRAY!r} array with one row per name "
+                            "in its metadata")
+    if not isinstance(about, dict) or len(set(rows)) != len(rows):
+        raise VermouthError(f"context table {p}: its metadata needs unique row names and an 'about' mapping")
     if not np.isfinite(values).all():
         raise VermouthError(f"context table {p}: holds non-finite values")
     digest = hashlib.sha256(raw).hexdigest()
@@ -126,4 +139,7 @@ def convert_pth(src: str | Path, dst: str | Path, rows=None) -> Path:
     if len(names) != obj.shape[0]:
         raise VermouthError(f"{src} has {obj.shape[0]} rows but {len(names)} names were given")
     about = {"source": "converted from a .pth", "pth": Path(src).name, "pth_sha256": file_sha256(Path(src))}
-    return write_table(dst, obj, names, about)
+    try:
+        return write_table(dst, obj, names, about)
+    except VermouthError as exc:
+        raise VermouthError(f"{src}: {exc}") from None

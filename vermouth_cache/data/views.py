@@ -82,9 +82,10 @@ def scaled_size(width: int, height: int, short: int) -> tuple[int, int]:
     return int(width * s + 0.5), int(height * s + 0.5)
 
 
-def slide_views(width: int, height: int, short: int, crop: int, stride: int = SLIDE_STRIDE) -> list[View]:
+def slide_views(width: int, height: int, short: int, crop: int, stride: int | None = None) -> list[View]:
     """mmseg's `slide` windows over the image resized to a shorter side of `short`: crops of `crop`
-    every `stride` pixels, the last one flush with the far edge."""
+    every `stride` pixels (default 341/512 of the crop, VPD's), the last one flush with the far edge."""
+    stride = stride or max(1, round(crop * SLIDE_STRIDE / 512))
     w, h = scaled_size(width, height, short)
     out = []
     for yi in range(max(h - crop + stride - 1, 0) // stride + 1):

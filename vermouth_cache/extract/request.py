@@ -128,7 +128,7 @@ class ExtractRequest(BaseModel):
         20, description="BLIP maximum new tokens.")
     text_layer: Annotated[str, Choices("text layer", lambda: TEXT_LAYERS)] = Field(
         "final", description="CLIP text layer used as the condition.")
-    text_tokens: Annotated[int | None, AtLeast(1)] = Field(
+    text_tokens: Annotated[int | None, AtLeast(2)] = Field(
         None, description="Tokens of each text condition, padded, no mask (VPD refer: 40 RefCOCO/+, 77 G-Ref) "
                           "[the tokenizer's, 77].")
     context_table: Annotated[str | None, Cli(metavar="FILE")] = Field(

@@ -51,7 +51,11 @@ def _depth_source(s: Sample) -> str:
 
 def view_depth(s: Sample, resolution: int) -> np.ndarray:
     """(R, R) float32 metres of one sample's view, 0 where there is none."""
-    return view_map(s.view.array(read_depth(s.depth)), resolution, s.view.geometry)
+    depth = read_depth(s.depth)
+    left, top, right, bottom = s.view.box
+    if bottom > depth.shape[0] or right > depth.shape[1]:
+        raise VermouthError(f"depth map {s.depth} ({depth.shape[1]}x{depth.shape[0]}) is smaller than its image")
+    return view_map(s.view.array(depth), resolution, s.view.geometry)
 
 
 def _region_source(s: Sample) -> str:

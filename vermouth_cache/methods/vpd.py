@@ -77,6 +77,11 @@ class LayerWeightedBySize(AttentionMaps):
         return out
 
 
+def _text_width(sd) -> int:
+    width = sd.config("unet").get("cross_attention_dim")
+    return width if isinstance(width, int) else width[0]
+
+
 class TableRows(Conditioning):
     """Every row of the context table, for every image (VPD seg: the 150 ADE20K class rows)."""
     name = "table"
@@ -92,6 +97,7 @@ class TableRows(Conditioning):
 
     def encode(self, sd, texts, req, *, batch) -> np.ndarray:
         table = read_table(req.context_table)
+        table.check_width(_text_width(sd))
         return np.repeat(table.values[None], len(texts), axis=0)
 
 
@@ -115,6 +121,7 @@ class ClassRow(Conditioning):
 
     def encode(self, sd, texts, req, *, batch) -> np.ndarray:
         table = read_table(req.context_table)
+        table.check_width(_text_width(sd))
         return np.stack([table.row(name) for name in texts])
 
 

@@ -215,6 +215,9 @@ def evaluate(models: list, split: CachedSplit, loader, *, crop: int, max_depth: 
         per_image, shown = [], []
         for path in sorted(preds, key=str):
             gt = read_depth(depth_of[path])
+            if gt.shape != preds[path].shape:
+                raise VermouthError(f"depth map {depth_of[path]} is {gt.shape[1]}x{gt.shape[0]}; its image {path} is "
+                                    f"{preds[path].shape[1]}x{preds[path].shape[0]}")
             per_image.append(depth_errors(preds[path], gt, max_depth=max_depth))
             shown.append((path, gt, preds[path]))
         out.append((mean_depth_metrics(per_image), shown))
