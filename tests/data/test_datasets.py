@@ -366,3 +366,22 @@ def test_identity_is_cached_on_the_instance(tmp_path):
     assert ds.identity() == first
     assert load_dataset(root).identity() != first
     assert isinstance(ds, Dataset) and ds == load_dataset(root)
+
+
+def test_options_a_dense_dataset_cannot_use_are_refused_not_ignored(tmp_path):
+    from vermouth_cache.data.synthetic_dense import make_depth, make_refer
+
+    depth = make_depth(tmp_path / "nyu", n_train=2, n_test=1)
+    assert len(load_dataset(depth, split="train", views=3)) == 2 * 3
+    with pytest.raises(VermouthError, match="split test has its fixed views"):
+        load_dataset(depth, split="test", views=3)
+    with pytest.raises(VermouthError, match="--slide cuts sliding windows of a segmentation dataset; .* depth root"):
+        load_dataset(depth, split="test", slide=64)
+    refer = make_refer(tmp_path / "refcoco", n_train=2, n_val=1)
+    with pytest.raises(VermouthError, match="referring dataset"):
+        load_dataset(refer, split="val", slide=64)
+    with pytest.raises(VermouthError, match="is not a depth root"):
+        load_dataset(refer, split="val", views=2)
+    (refer / "refs(unc).p").unlink()
+    with pytest.raises(VermouthError, match=r"has instances.json but no refs\(unc\|umd\|google\).p"):
+        load_dataset(refer, split="val")

@@ -161,6 +161,8 @@ def test_a_class_missing_from_the_table_is_one_line(tiny, scene, tmp_path):
     ({"context_table": None}, "--prompt table needs --context-table"),
     ({"attn_maps": "up"}, "unknown attention selector 'up' for vpd"),
     ({"text_tokens": 40}, "--text-tokens sets the length of tokenized texts"),
+    ({"text_layer": "penultimate"}, "--text-layer picks a layer of the text encoder; --prompt table reads table rows"),
+    ({"attn_maps": ""}, "--attn-maps is empty"),
 ])
 def test_vpd_requests_are_checked_in_one_line(tiny, scene, tmp_path, kw, message):
     with pytest.raises(VermouthError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -210,5 +212,21 @@ def test_a_table_the_unet_cannot_attend_to_is_one_line(tiny, scene, tmp_path):
     wide = write_table(tmp_path / "wide.safetensors", np.ones((3, 48)), ["kitchen", "office", "bathroom"], {})
     with pytest.raises(VermouthError, match="rows 48 wide; this U-net attends to 32-wide"):
         extract(vpd_request(tiny, scene, tmp_path / "s", context_table=str(wide), attn_maps="none"))
+    assert not list(Store(str(tmp_path / "s")).entries())  # refused before any entry (captions included) is made
     with pytest.raises(VermouthError, match="--text-tokens must be at least 2"):
         vpd_request(tiny, scene, tmp_path / "s", prompt="sentence", context_table=None, text_tokens=1)
+
+
+def test_a_dry_run_sizes_table_conditions_by_their_rows(tiny, scene, tmp_path):
+    """The text entry holds the table's C rows (table), one row (table-class) or L tokens (sentence)."""
+    from vermouth_cache.extract.plan import TEXT
+    from vermouth_cache.extract.survey import survey
+
+    width = read_table(scene["table"]).values.shape[1]
+    for prompt, tokens in (("table", len(read_table(scene["table"]).rows)), ("table-class", 1)):
+        plans = survey(vpd_request(tiny, scene, tmp_path / prompt, prompt=prompt))
+        text = next(p for p in plans if p.kind == "text")
+        assert text.bytes_to_write == text.samples_to_compute[TEXT] * tokens * width * 4, prompt
+        real = extract(vpd_request(tiny, scene, tmp_path / prompt, prompt=prompt, attn_maps="none"))
+        stored = Store(str(tmp_path / prompt)).find("text", real.entries["text"]).read("cond")
+        assert stored.shape[1:] == (tokens, width)

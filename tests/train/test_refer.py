@@ -111,3 +111,26 @@ def test_refer_online_adapts_every_token(refcoco, tiny, tmp_path):
         task_settings("refer", freeze_prompt_after=5)
     with pytest.raises(VermouthError, match="online modes: method vpd"):
         task_settings("fewshot", adapter=True)
+
+
+def test_an_image_with_many_sentences_is_decoded_and_encoded_once(refcoco, tiny, tmp_path, monkeypatch):
+    """One VAE pass per image, however many sentences refer to it; its latent is every pair's row,
+    bit-identical to what the cache already holds."""
+    from vermouth_cache.extract import compute
+
+    seen = []
+    real = compute.vae_latents
+    monkeypatch.setattr(compute, "vae_latents", lambda sd, images, **kw: seen.append(len(images)) or real(sd, images, **kw))
+    val = load_dataset(refcoco["data"], split="val")
+    req = ExtractRequest(dataset=str(refcoco["data"]), split="val", store=str(tmp_path / "s"), method="vpd",
+                         prompt="sentence", text_tokens=TOKENS, resolution=RES, sd_model=str(tiny["sd"]),
+                         device="cpu", progress=False, batch_size=5)
+    rep = extract(req)
+    assert sum(seen) == len({s.path for s in val.samples}) == 6 < len(val)
+    latents = Store(req.store).find("latents", rep.entries["latents"]).read("latent")
+    cached = Store(str(refcoco["store"])).find("latents", rep.entries["latents"]).read("latent")
+    assert np.array_equal(latents, cached)  # batch 5 over distinct images: the same bytes as the fixture's
+    rows = {}
+    for s, z in zip(val.samples, latents):
+        rows.setdefault(s.path, z)
+        assert np.array_equal(rows[s.path], z)

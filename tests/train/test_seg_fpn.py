@@ -95,3 +95,29 @@ def test_seg_online_trains_the_adapter_with_vpds_multipliers(ade, tiny, tmp_path
     assert 0 <= next(iter(m["eval"].values()))["mIoU"] <= 1
     _, _, extra = load_head(tmp_path / "o")
     assert "adapter.gamma" in extra and not torch.allclose(extra["adapter.gamma"], torch.full((32,), 1e-4))
+
+
+def test_seg_frozen_prompt_and_selecting_its_features_by_table_sha(ade, tiny, tmp_path):
+    """--freeze-prompt-after on seg: the adapted table conditions a new cache of the training and
+    slide-window sets; afterwards the store holds two tables' features, and `--context-table SHA`
+    (a prefix, as the metrics and `ls` show it) picks one where a plain run is ambiguous."""
+    from vermouth_cache.core.errors import VermouthError
+    from vermouth_cache.data.tables import read_table
+
+    s = task_settings("seg", "fast", method="vpd", resolution=RES, iters=4, batch_size=4, head_width=0.125, lr=1e-3)
+    assert (s.t, s.noise, s.prompt, s.attn_maps, s.stages, s.expert) == (1, "none", "table", "a32", None, None)
+    data = SegData(SegSource(str(ade["data"]), "generic", "train"), (SegSource(str(ade["data"]), "generic", "val"),),
+                   slide=True)
+    m = train_seg(data, s.with_(freeze_prompt_after=3), RunOptions(store=str(ade["store"]), out=str(tmp_path / "p"),
+                                                                   sd_model=str(tiny["sd"]), progress=False))
+    table = read_table(tmp_path / "p" / "adapted_table.safetensors")
+    assert m["mode"] == "vpd-frozen-prompt (3 steps)" and m["adapted_table"] == table.sha256
+    assert len(table.rows) == 3 and table.about["adapted_from"]
+    with pytest.raises(VermouthError, match=r"features entries of .* match: .*add --context-table"):
+        train_seg(data, s, RunOptions(store=str(ade["store"]), out=str(tmp_path / "a"), progress=False))
+    picked = train_seg(data, s, RunOptions(store=str(ade["store"]), out=str(tmp_path / "b"), progress=False,
+                                           select=(("table", table.sha256[:12]),)))
+    assert picked["entries"]["train"]["features"] == m["entries"]["train"]["features"]
+    with pytest.raises(VermouthError, match="no such table file, nor a sha256"):
+        train_seg(data, s, RunOptions(store=str(ade["store"]), out=str(tmp_path / "c"), progress=False,
+                                      select=(("table", "kitchen"),)))

@@ -83,3 +83,17 @@ def test_a_declaration_refuses_unknown_keys_by_name():
     with pytest.raises(VermouthError, match=r"^r\.yaml: --size: input should be a valid integer"):
         Tiny.parse({"size": "two"}, where="r.yaml", name_of=lambda key: f"--{key}")
     check_keys({"size": 1}, ("size",))
+
+
+def test_another_method_takes_what_its_extraction_makes_by_default():
+    """`train seg --method vpd` reads what `extract --method vpd` wrote, and `train depth --method
+    vermouth` what `extract` wrote, without restating t, noise, prompt, taps and maps; options given
+    still win."""
+    from vermouth_cache.train.tasks import task_settings
+
+    vpd = task_settings("seg", method="vpd")
+    assert (vpd.t, vpd.noise, vpd.prompt, vpd.stages, vpd.attn_maps, vpd.expert) == (1, "none", "table", None, "a32", None)
+    assert vpd.lr == task_settings("seg").lr  # the task's optimisation stays
+    vermouth = task_settings("depth", method="vermouth", t=50)
+    assert (vermouth.t, vermouth.noise, vermouth.prompt, vermouth.stages) == (50, "ddpm", "blip", "mid,up")
+    assert task_settings("depth", method="vpd") == task_settings("depth")

@@ -82,7 +82,7 @@ def data_option(name: str, field):
 def setting_option(task: Task, name: str, field):
     """A TaskSettings field; absent from the command line, the task's Table 7 value (or fast one) holds."""
     extra = field.json_schema_extra or {}
-    default = f"Table 7: {_shown(getattr(task.table7, name))}"
+    default = f"{task.defaults_from}: {_shown(getattr(task.table7, name))}"
     if name in task.fast:
         default += f"; fast: {_shown(task.fast[name])}"
     help_text = f"{field.description} [{default}]"
@@ -98,18 +98,18 @@ def setting_option(task: Task, name: str, field):
 
 def offered_settings(task: Task) -> list[str]:
     """The settings `train TASK` offers: all but the task-own ones of other tasks (seg's --tune-norms)."""
-    return [name for name, f in TaskSettings.model_fields.items()
-            if (f.json_schema_extra or {}).get("cli") != TASK_OWN or name in task.own_settings]
+    return [name for name, f in TaskSettings.model_fields.items() if name not in task.unread
+            and ((f.json_schema_extra or {}).get("cli") != TASK_OWN or name in task.own_settings)]
 
 
 def task_command(task: Task) -> click.Command:
     """`vermouth-cache train NAME` for one Task."""
     data_names = list(task.options.model_fields)
     setting_names = offered_settings(task)
-    fast = ", ".join(f"{k.replace('_', ' ')} {_shown(v)}" for k, v in task.fast.items()) or "as in Table 7"
+    fast = ", ".join(f"{k.replace('_', ' ')} {_shown(v)}" for k, v in task.fast.items()) or f"as in {task.defaults_from}"
     options = [*(data_option(n, task.options.model_fields[n]) for n in data_names),
                click.option("--schedule", type=click.Choice(SCHEDULES), default="paper", show_default=True,
-                            help=f"Table 7 settings, or the paper's fast schedule ({fast})."),
+                            help=f"{task.defaults_from} settings, or a fast schedule ({fast})."),
                *(setting_option(task, n, TaskSettings.model_fields[n]) for n in setting_names),
                *RUN_OPTIONS]
 

@@ -26,7 +26,7 @@ from PIL import Image
 
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.data.depth import is_depth_root, load_depth_dataset
-from vermouth_cache.data.refer import is_refer_root, load_refer_dataset
+from vermouth_cache.data.refer import half_refer_root, is_refer_root, load_refer_dataset
 from vermouth_cache.data.manifests import load_coop, load_manifest
 from vermouth_cache.data.paths import abspath, check_inside, path_exists
 from vermouth_cache.data.samples import Dataset, Sample
@@ -48,6 +48,14 @@ def load_dataset(spec: str | Path, *, image_root: str | Path | None = None,
     has fixed splits (all but "generic") needs `split`; without one it is refused rather than
     read as an image folder whose "classes" would be its image and mask directories.
     """
+    depth = is_depth_root(abspath(spec)) if layout is None and path_exists(abspath(spec), "dataset") else False
+    if views != 1 and not (depth and split == "train"):  # options that do not apply are refused, never ignored
+        raise VermouthError(f"--views draws training crops of a depth dataset's train split; {spec} "
+                            + ("split test has its fixed views (two windows, each mirrored)" if depth else
+                               "is not a depth root"))
+    if slide and (depth or (layout is None and is_refer_root(abspath(spec)))):
+        raise VermouthError(f"--slide cuts sliding windows of a segmentation dataset; {spec} is a "
+                            + ("depth root (its views: --views)" if depth else "referring dataset (512 squash)"))
     if slide:  # sliding windows of the images (data/views.py), for slide inference
         return as_slide_views(load_dataset(spec, image_root=image_root, split=split, shots=shots, shot_seed=shot_seed,
                                            layout=layout, views=views), slide)
@@ -56,11 +64,14 @@ def load_dataset(spec: str | Path, *, image_root: str | Path | None = None,
         raise VermouthError(f"shots must be an integer >= 1, got {shots!r}")
     if not path_exists(spec, "dataset"):
         raise VermouthError(f"dataset not found: {spec}")
+    if layout is None and half_refer_root(spec):
+        raise VermouthError(f"{spec} has instances.json but no refs(unc|umd|google).p: a REFER root needs both "
+                            "(refs from https://github.com/lichengunc/refer)")
     if layout is None and is_refer_root(spec):  # referring expressions: one sample per sentence (data/refer.py)
         if split is None or shots is not None:
             raise VermouthError(f"{spec} is a referring dataset: give --split (train, val, testA, ...); no shots")
         return load_refer_dataset(spec, split, image_root=image_root)
-    if layout is None and is_depth_root(spec):  # a depth dataset: views of its images (data/depth.py)
+    if depth:  # a depth dataset: views of its images (data/depth.py)
         if image_root is not None or shots is not None:
             raise VermouthError(f"{spec} is a depth root: image_root and shots do not apply")
         return load_depth_dataset(spec, split, views=views, seed=shot_seed)

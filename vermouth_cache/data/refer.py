@@ -38,6 +38,11 @@ def is_refer_root(path: Path) -> bool:
     return path.is_dir() and (path / "instances.json").is_file() and refs_file(path) is not None
 
 
+def half_refer_root(path: Path) -> bool:
+    """COCO instances without the REFER refs pickle: a REFER root missing its refs."""
+    return path.is_dir() and (path / "instances.json").is_file() and refs_file(path) is None
+
+
 def _image_root(root: Path, image_root: str | Path | None) -> Path:
     if image_root is not None:
         return Path(image_root)

@@ -72,6 +72,7 @@ def make_plan(req: ExtractRequest, ds: Dataset, make_entry, sd: StableDiffusion,
     method = method_named(req.method)
     sd.check_timesteps(req.t)  # the scheduler and the U-net refuse before any entry is made
     sd.check_taps(req.block_taps)
+    conditioning_of(req.prompt).check(req, sd, ds.samples)  # e.g. a context table the U-net cannot attend to
     schedule = sd.schedule_recipe(req.noise)
     ident = ds.identity()
     n = len(ds)
@@ -94,7 +95,8 @@ def make_plan(req: ExtractRequest, ds: Dataset, make_entry, sd: StableDiffusion,
     size, note = chain_shard_size(req, n, [(kind, recipe_key(r)) for kind, r in chain], shard_size_of)
 
     cap_about = {**about, "prompt": req.prompt, "captioner": req.captioner if captioner else None,
-                 "uses_label": conditioning_of(req.prompt).uses_label}
+                 "uses_label": conditioning_of(req.prompt).uses_label,
+                 **({"table": cap_r["prompt"]["table"]} if "table" in cap_r["prompt"] else {})}  # `ls` shows it
     cap = make_entry("captions", cap_r, n_samples=n, shard_size=size, about=cap_about)
     txt = make_entry("text", txt_r, n_samples=n, shard_size=size,
                       about={**cap_about, "sd_model": req.sd_model, "text_layer": req.text_layer})

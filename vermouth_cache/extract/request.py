@@ -182,6 +182,14 @@ class ExtractRequest(BaseModel):
                 raise VermouthError(f"ExtractRequest has no field {name!r}") from None
             raise VermouthError(f"{option_name(name)}: {err['msg']} (got {err.get('input')!r})") from None
 
+    @classmethod
+    def method_defaults(cls, method: str) -> dict:
+        """What `extract --method METHOD` makes when given nothing else: t, noise, prompt, taps or
+        stages, attention maps, resolution and expert (the defaults a head of its features starts from)."""
+        data = cls._method_defaults({"method": method})
+        fields = ("t", "noise", "prompt", "stages", "taps", "attn_maps", "resolution", "expert")
+        return {k: data.get(k, cls.model_fields[k].default) for k in fields}
+
     @model_validator(mode="before")
     @classmethod
     def _method_defaults(cls, data):
@@ -259,6 +267,8 @@ class ExtractRequest(BaseModel):
         method = method_named(self.method)
         method.check_fixed(self.__dict__)
         taps_for(self.stages, self.taps, layers=method.taps.layers)
+        if self.attn_maps is not None and not self.attn_maps.strip():
+            raise VermouthError("--attn-maps is empty: give the maps to keep, or none")
         if self.attn_maps:
             try:
                 method.attention.check(self.attn_maps)
@@ -273,6 +283,9 @@ class ExtractRequest(BaseModel):
         if cond.needs_table and self.text_tokens is not None:
             raise VermouthError(f"--text-tokens sets the length of tokenized texts; --prompt {self.prompt} reads table "
                                 "rows")
+        if cond.needs_table and self.text_layer != type(self).model_fields["text_layer"].default:
+            raise VermouthError(f"--text-layer picks a layer of the text encoder; --prompt {self.prompt} reads table "
+                                "rows (made by `vermouth-cache tables make`)")
         if cond.needs_table != bool(self.context_table):
             raise VermouthError(f"--prompt {self.prompt} needs --context-table" if cond.needs_table else
                                 f"--context-table is read by --prompt table or table-class, not {self.prompt!r}")

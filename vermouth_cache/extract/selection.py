@@ -9,6 +9,8 @@ so the fix (an `extract` with those options) is obvious.
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
 
 from vermouth_cache.data.samples import Dataset
@@ -33,7 +35,8 @@ class Pin:
 
 PINS = (
     Pin("table", "--context-table", "context_table",
-        "Only features conditioned on this context table (`extract --context-table`; vpd) [any]."),
+        "Only features conditioned on this context table: its file, or its sha256 (8+ hex digits, as `ls` and "
+        "a --freeze-prompt-after run's metrics show it) [any]."),
     Pin("noise_seed", "--noise-seed", "seed",
         "Only features extracted with this noise seed (`extract --seed`; also a random prompt's seed) [any]."),
     Pin("noise_draws", "--noise-draws", "noise_draws",
@@ -76,11 +79,22 @@ def resolve_pins(pins: dict) -> dict:
     out = dict(pins)
     if out.get("captioner") is not None:
         out["captioner"] = Captioner(out["captioner"], None).identity
-    if out.get("table") is not None:  # a table file: its sha256, as the keys record it
-        from vermouth_cache.data.tables import read_table
-
-        out["table"] = read_table(out["table"]).sha256
+    if out.get("table") is not None:
+        out["table"] = table_pin(str(out["table"]))
     return out
+
+
+def table_pin(value: str) -> str:
+    """A context table as the keys record it: a table file's sha256, or a sha256 (prefix of at least
+    8 hex digits) as `ls`, a run's metrics and an ambiguity message show it (an adapted table of
+    `--freeze-prompt-after` lives in its run directory)."""
+    from vermouth_cache.data.tables import read_table
+
+    if os.path.exists(value):
+        return read_table(value).sha256
+    if len(value) >= 8 and re.fullmatch(r"[0-9a-f]+", value):
+        return value
+    raise VermouthError(f"--context-table {value}: no such table file, nor a sha256 of at least 8 hex digits")
 
 
 @dataclass(frozen=True)
@@ -122,7 +136,9 @@ def features_facts(store: Store, entry: Entry) -> dict:
             "table": p.get("table")}
 
 
-def _differs(fact, wanted) -> bool:
+def _differs(fact, wanted, name: str = "") -> bool:
+    if name == "table" and isinstance(fact, str):  # a table pin may be a sha256 prefix
+        return not fact.startswith(wanted)
     return fact is not None and fact != wanted  # None: the field does not apply to the entry
 
 
@@ -180,7 +196,7 @@ def find_features(store: Store, ds: Dataset, query: FeatureQuery, arrays: list[s
         wanted["sentences"] = labels_key(ds)
     scored = []
     for e, facts in cands:
-        diff = {k: (facts.get(k), v) for k, v in wanted.items() if _differs(facts.get(k), v)}
+        diff = {k: (facts.get(k), v) for k, v in wanted.items() if _differs(facts.get(k), v, k)}
         missing = [a for a in arrays or [] if a not in e.array_names()]
         scored.append((len(diff) + (1 if missing else 0), e, diff, missing))
     scored.sort(key=lambda s: (s[0], s[1].key))

@@ -56,8 +56,30 @@ def _decode(samples) -> list:
             return exc
         except VermouthError as exc:  # a view outside the image (it shrank since the dataset was listed)
             return ImageError(s.id, str(exc))
+    firsts, where = _distinct_images(samples)  # a referring set has one image per sentence: decode it once
     with ThreadPoolExecutor(max_workers=4) as pool:
-        return list(pool.map(one, samples))
+        decoded = list(pool.map(one, [samples[i] for i in firsts]))
+    return [ImageError(s.id, d.reason) if isinstance(d, ImageError) else d
+            for s, d in zip(samples, (decoded[w] for w in where))]
+
+
+def _distinct_images(samples) -> tuple[list[int], list[int]]:
+    """(index of the first sample of each distinct (image, view), the position of every sample's
+    among them): samples that share an image and view share its pixels, latent and expert maps."""
+    first: dict = {}
+    where = [first.setdefault((s.path, s.view), len(first)) for s in samples]
+    firsts = [0] * len(first)
+    for i, w in reversed(list(enumerate(where))):
+        firsts[w] = i
+    return firsts, where
+
+
+def _once_per_image(samples, ok: list[int], fn) -> dict[str, np.ndarray]:
+    """fn(indices) -> {name: rows} run on the distinct images of `ok` only, its rows repeated for the
+    samples sharing one (one VAE and expert pass per image, however many sentences refer to it)."""
+    firsts, where = _distinct_images([samples[i] for i in ok])
+    out = fn([ok[i] for i in firsts])
+    return {name: rows[where] for name, rows in out.items()}
 
 
 class _Stage:
@@ -215,14 +237,14 @@ def _extract_shard(req, samples, plan: Plan, models: Models, shard: int, need: d
         _compute_shard(report, plan.text, [TEXT], "text", shard, status, run, f32, guard, lambda ok: {
             TEXT: cond.encode(sd, [rec.values[i] for i in ok], req, batch=batch)})
     if need["latents"]:
-        _compute_shard(report, plan.latents, [LATENTS], "vae", shard, status, run, f32, guard, lambda ok: {
-            LATENTS: compute.vae_latents(sd, [images[i] for i in ok], resolution=req.resolution, rule=method.latent,
-                                         batch=batch, geometry=geometry)})
+        _compute_shard(report, plan.latents, [LATENTS], "vae", shard, status, run, f32, guard, lambda ok: _once_per_image(
+            samples, ok, lambda idx: {LATENTS: compute.vae_latents(sd, [images[i] for i in idx], resolution=req.resolution,
+                                                                   rule=method.latent, batch=batch, geometry=geometry)}))
     dtype = STORAGE_DTYPES[req.dtype]
     if need["expert"]:
         _compute_shard(report, plan.expert, EXPERT_LEVELS, "expert", shard, status, run, dtype, guard, lambda ok:
-                       compute.expert_features(expert, [images[i] for i in ok], resolution=req.resolution,
-                                               batch=batch, geometry=geometry))
+                       _once_per_image(samples, ok, lambda idx: compute.expert_features(
+                           expert, [images[i] for i in idx], resolution=req.resolution, batch=batch, geometry=geometry)))
     if not need["features"]:
         return
     # the U-net always reads conditions and latents back from the store, so a value computed in

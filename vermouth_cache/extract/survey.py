@@ -114,15 +114,14 @@ def survey(req: ExtractRequest) -> list[EntryPlan]:
 def sample_bytes(req: ExtractRequest, sd: StableDiffusion, expert: Expert | None, taps) -> dict[str, int]:
     """Bytes per sample of every array the request writes."""
     item = np.dtype(STORAGE_DTYPES[req.dtype] if req.dtype != "bf16" else "float16").itemsize
-    text = sd.config("text_encoder")
     vae = sd.config("vae")
     f = 2 ** (len(vae["block_out_channels"]) - 1)
     side = req.resolution // f
-    out = {TEXT: text["max_position_embeddings"] * text["hidden_size"] * 4,
-           LATENTS: vae["latent_channels"] * side * side * 4}
     unet = sd.unet_skeleton
+    tokens = conditioning_of(req.prompt).tokens(req, sd)  # 77 for captions, the table's rows, 1 for its class row
+    out = {TEXT: tokens * sd.condition_width * 4, LATENTS: vae["latent_channels"] * side * side * 4}
     lat = torch.empty(1, vae["latent_channels"], side, side, device="meta")
-    cond = torch.empty(1, text["max_position_embeddings"], unet.config.cross_attention_dim, device="meta")
+    cond = torch.empty(1, tokens, sd.condition_width, device="meta")
     shapes = run_taps(unet, lat, req.t[0], cond, taps, attention=method_named(req.method).attention)
     out.update({tp: int(np.prod(v.shape[1:])) * item for tp, v in shapes.items()})
     if expert is not None:

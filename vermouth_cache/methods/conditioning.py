@@ -50,6 +50,13 @@ class Conditioning:
         """(N, L, D) float32 U-net conditions of `texts` (the request's text layer and length)."""
         return sd.text_states(texts, layer=req.text_layer, batch=batch, max_length=req.text_tokens)
 
+    def check(self, req, sd, samples: Sequence) -> None:
+        """Refuse, before any entry is made, a request this source cannot serve with this model."""
+
+    def tokens(self, req, sd) -> int:
+        """L of its (N, L, D) conditions (what a dry run sizes the text entry by)."""
+        return req.text_tokens or sd.config("text_encoder")["max_position_embeddings"]
+
 
 class Captions(Conditioning):
     name = "blip"

@@ -77,11 +77,6 @@ class LayerWeightedBySize(AttentionMaps):
         return out
 
 
-def _text_width(sd) -> int:
-    width = sd.config("unet").get("cross_attention_dim")
-    return width if isinstance(width, int) else width[0]
-
-
 class TableRows(Conditioning):
     """Every row of the context table, for every image (VPD seg: the 150 ADE20K class rows)."""
     name = "table"
@@ -96,9 +91,13 @@ class TableRows(Conditioning):
         return [self.ALL for _ in samples]
 
     def encode(self, sd, texts, req, *, batch) -> np.ndarray:
-        table = read_table(req.context_table)
-        table.check_width(_text_width(sd))
-        return np.repeat(table.values[None], len(texts), axis=0)
+        return np.repeat(read_table(req.context_table).values[None], len(texts), axis=0)
+
+    def check(self, req, sd, samples) -> None:
+        read_table(req.context_table).check_width(sd.condition_width)
+
+    def tokens(self, req, sd) -> int:
+        return len(read_table(req.context_table).rows)
 
 
 class ClassRow(Conditioning):
@@ -121,8 +120,14 @@ class ClassRow(Conditioning):
 
     def encode(self, sd, texts, req, *, batch) -> np.ndarray:
         table = read_table(req.context_table)
-        table.check_width(_text_width(sd))
         return np.stack([table.row(name) for name in texts])
+
+    def check(self, req, sd, samples) -> None:
+        read_table(req.context_table).check_width(sd.condition_width)
+        self.texts(req, samples)  # every sample has a class with a row
+
+    def tokens(self, req, sd) -> int:
+        return 1
 
 
 class Sentence(Conditioning):

@@ -58,6 +58,12 @@ class StableDiffusion:
     def config(self, component: str) -> dict:
         return json.loads((self.dir / component / "config.json").read_text())
 
+    @property
+    def condition_width(self) -> int:
+        """D of the U-net's (N, L, D) conditions: its cross-attention width."""
+        width = self.config("unet").get("cross_attention_dim")
+        return width if isinstance(width, int) else width[0]
+
     @functools.cached_property
     def unet(self):
         from diffusers import UNet2DConditionModel

@@ -77,6 +77,8 @@ def _prompt(entry: Entry) -> str:
             prompt += f" tokens {req.get('caption_min_tokens')}-{req.get('caption_max_tokens')}"
     elif prompt == "random":
         prompt += f" seed {req.get('seed')}"
+    elif about.get("table"):  # what `train --context-table` takes (a sha256 prefix)
+        prompt += f" {about['table'][:12]}"
     if about.get("text_layer") not in (None, "final") and entry.kind in ("text", "features"):
         prompt += f" ({about['text_layer']} layer)"
     return prompt

@@ -252,10 +252,14 @@ def _points(datasets: dict[str, DatasetSpec], train: dict, grid: dict, variants:
     for ds in datasets.values():
         for variant in variants:
             for combo in combos:
-                varied = _nulls({**variant, **combo}, where)
+                unread = get_task(ds.task).unread  # a grid over temperature leaves a depth point alone
+                varied = {k: v for k, v in _nulls({**variant, **combo}, where).items() if k not in unread}
                 try:
                     per_task = _nulls(train.get(ds.task) or {}, f"{where}: train.{ds.task}")
-                    s = task_settings(ds.task, schedule, **{**base, **per_task, **varied})
+                    if unread_given := sorted(set(per_task) & set(unread)):
+                        raise VermouthError(f"task {ds.task} reads no {', '.join(unread_given)}")
+                    s = task_settings(ds.task, schedule, **{**{k: v for k, v in base.items() if k not in unread},
+                                                            **per_task, **varied})
                 except VermouthError as exc:
                     raise VermouthError(f"{where}: {ds.label} with {varied or 'the base settings'}: {exc}") from None
                 if (ds.label, s) in seen:

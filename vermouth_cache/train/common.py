@@ -164,7 +164,8 @@ def head_facts(model: VermouthHead, s: TaskSettings, flow: str) -> dict:
     }
 
 
-def base_config(task: str, s: TaskSettings, opts: RunOptions, classifier: TextClassifier, templates: list[str]) -> dict:
+def run_config(task: str, s: TaskSettings, opts: RunOptions, *, out_dim: int) -> dict:
+    """What every run's config.json opens with: the task, the settings and where the features came from."""
     return {
         "task": task,
         "vermouth_cache": __version__,
@@ -172,9 +173,33 @@ def base_config(task: str, s: TaskSettings, opts: RunOptions, classifier: TextCl
         "store": os.path.abspath(opts.store),
         "sd_model": opts.sd_model,
         "select": dict(opts.select),  # extraction options the features were pinned to (selection.PINS)
-        "clip_model": opts.clip_model,
         "device": str(opts.torch_device),
-        "templates": templates,
-        "temperature": classifier.temperature,
-        "out_dim": classifier.out_dim,
+        "out_dim": out_dim,
     }
+
+
+def base_config(task: str, s: TaskSettings, opts: RunOptions, classifier: TextClassifier, templates: list[str]) -> dict:
+    """run_config of a head scored by a text classifier (its CLIP model, templates and temperature)."""
+    return {**run_config(task, s, opts, out_dim=classifier.out_dim), "clip_model": opts.clip_model,
+            "templates": templates, "temperature": classifier.temperature}
+
+
+def dense_head_facts(model) -> dict:
+    """The head block of a VPD head's config (its spec and size; no paper-scale count to compare)."""
+    return {"spec": model.spec.to_json(), "trainable_parameters": count_parameters(model)}
+
+
+def dataset_facts(*datasets) -> dict:
+    return {d.name: {"name": d.name, "identity": d.identity()} for d in datasets}
+
+
+def prepare_targets(datasets, target, s: TaskSettings, opts: RunOptions) -> None:
+    """Write each dataset's per-sample targets (depth maps, referring masks: extract/targets.py)
+    beside its features, so that runs in parallel only read them."""
+    from vermouth_cache.extract.targets import ensure_targets
+    from vermouth_cache.train.inputs import open_split
+
+    store = Store(opts.store)
+    for ds in datasets:
+        split = open_split(store, ds, s, pins=feature_pins(opts))
+        ensure_targets(store, ds, target, s.resolution, like=split.features, progress=opts.progress)

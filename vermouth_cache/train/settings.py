@@ -16,7 +16,7 @@ from pydantic import Field, field_validator, model_validator
 
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.data.vocab import template_sets
-from vermouth_cache.extract.request import PROMPT_MODES, TEXT_LAYERS
+from vermouth_cache.extract.request import PROMPT_MODES, TEXT_LAYERS, ExtractRequest
 from vermouth_cache.models.loading import EXPERT_MODELS
 from vermouth_cache.models.noise import NOISE_MODES
 from vermouth_cache.methods import method_named
@@ -162,7 +162,25 @@ def resolve_settings(table7: TaskSettings, fast: dict, schedule: str = "paper", 
     if schedule not in SCHEDULES:
         raise VermouthError(f"unknown schedule {schedule!r} (choose from {', '.join(SCHEDULES)})")
     s = table7.with_(**fast) if schedule == "fast" else table7
+    method = overrides.get("method")
+    if method is not None and method != s.method:
+        s = _switched(s, method)
     return s.with_(**overrides)
+
+
+def _switched(s: TaskSettings, method: str) -> TaskSettings:
+    """`s` on another method's features: the feature fields become what `extract --method METHOD`
+    makes by default (VPD on a Vermouth task: t=1, no noise, its taps, A32, a table prompt, no expert;
+    Vermouth on a VPD task: t 200, DDPM noise, BLIP, mid,up), so `train seg --method vpd` reads the
+    cache `extract --method vpd` wrote without restating every option."""
+    try:
+        made = ExtractRequest.method_defaults(method)
+    except VermouthError:
+        raise VermouthError(f"unknown method {method!r}") from None
+    stages = made["stages"] if method_named(method).merge == "stages" else None
+    return TaskSettings.parse({**s.to_json(), "method": method, "t": made["t"][0], "noise": made["noise"],
+                               "prompt": made["prompt"], "stages": stages, "attn_maps": made["attn_maps"],
+                               "expert": made["expert"] if stages is None else s.expert})
 
 
 _MOVED = {"task_settings": "from vermouth_cache.train.tasks import task_settings",

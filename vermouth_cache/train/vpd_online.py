@@ -4,7 +4,7 @@ freezes the adapted prompt.
 
     online = online_taps(s, split, opts)           # None for VPD-frozen (everything from the store)
     groups = head_groups + online.parameter_groups(task.unet_lr_scale)
-    table = freeze_prompt(...)                    # --freeze-prompt-after N: the adapted table, extracted once
+    sha = freeze_prompt(s, split, entries, opts, out, tune)   # --freeze-prompt-after N: the adapted table
 
 VPD-online trains the adapter (gamma init 1e-4) with the head, one U-net forward and backward per
 step at t=1 (the cached latent needs no noise); the attention maps are detached, as VPD's
@@ -64,6 +64,17 @@ def extract_with_table(features_entries, table: Path, opts) -> str:
     return read_table(table).sha256
 
 
+def freeze_prompt(s, train, features_entries, opts, out: Path, tune) -> str:
+    """`--freeze-prompt-after N`: `tune(settings, online)` trains a throwaway head with the adapter
+    for N steps, every row of the context table goes through the trained adapter into a new table in
+    `out`, and every split of `features_entries` is extracted again with it. Returns the new table's
+    sha256, the pin that selects those features."""
+    tuned = with_steps(s, s.freeze_prompt_after)
+    online = online_taps(tuned, train, opts)
+    tune(tuned, online)
+    return extract_with_table(features_entries, adapted_table(online, train.features, out), opts)
+
+
 def with_steps(s, steps: int):
     """Settings `s` trained for `steps` iterations (the prompt-tuning phase)."""
     return type(s).parse({**s.to_json(), "iters": steps, "epochs": None, "freeze_prompt_after": None,
@@ -74,3 +85,12 @@ def table_pins(pins: dict, sha: str | None) -> dict:
     """The features pins, narrowed to the features of the table `sha` when there is one."""
     return {**pins, "table": sha} if sha else pins
 
+
+
+def mode_label(s) -> str:
+    """How the features were made for a head of settings `s`: the label a report shows beside its metric."""
+    if s.method != "vpd":
+        return s.method
+    if s.freeze_prompt_after:
+        return f"vpd-frozen-prompt ({s.freeze_prompt_after} steps)"
+    return "vpd-online" + ("+unet" if s.tune_unet else "") if (s.adapter or s.tune_unet) else "vpd-frozen"

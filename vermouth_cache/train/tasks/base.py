@@ -61,8 +61,10 @@ class Task:
     summary: Callable[[dict], dict]  # what `vermouth-cache train NAME` prints of the metrics
     per_eval_set: bool = False  # scored on each eval set (metrics["eval"][name]) instead of its own dataset
     own_settings: tuple[str, ...] = field(default=())  # task-own settings (TASK_OWN) its command offers
-    unet_lr_scale: dict = field(default_factory=lambda: {"default": 1.0})
-    percent: bool = True  # the main metric is a share (reported as %); False: in its own unit (RMSE, metres)  # VPD's U-net lr multipliers (--tune-unet)
+    unet_lr_scale: dict = field(default_factory=lambda: {"default": 1.0})  # VPD's U-net lr multipliers (--tune-unet)
+    percent: bool = True  # the main metric is a share (reported as %); False: in its own unit (RMSE, metres)
+    defaults_from: str = "Table 7"  # where table7's values come from, as the help names it ("VPD")
+    unread: tuple[str, ...] = field(default=())  # settings its heads never read: not offered, refused in a recipe
 
     def settings(self, schedule: str = "paper", **overrides) -> TaskSettings:
         """Table 7, then the fast schedule if asked, then `overrides` (None = keep)."""

@@ -29,16 +29,15 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from vermouth_cache import __version__
 from vermouth_cache.core.errors import VermouthError, available
 from vermouth_cache.core.progress import get_logger
 from vermouth_cache.data.datasets import load_dataset
 from vermouth_cache.data.depth import read_depth
 from vermouth_cache.data.images import decode_image
-from vermouth_cache.data.tables import read_table
 from vermouth_cache.extract.targets import DEPTH, ensure_targets
 from vermouth_cache.store.entries import Store
-from vermouth_cache.train.common import HeadJob, RunOptions, feature_pins, loader_for, shared_settings
+from vermouth_cache.train.common import (HeadJob, RunOptions, dataset_facts, dense_head_facts, feature_pins,
+                                         loader_for, prepare_targets, run_config, shared_settings)
 from vermouth_cache.train.dense_metrics import DEPTH_KEYS, depth_errors, mean_depth_metrics
 from vermouth_cache.train.inputs import CachedSplit, open_split
 from vermouth_cache.train.loader import Field as LoaderField
@@ -47,7 +46,7 @@ from vermouth_cache.train.runs import finish_run, prepare_run_dir
 from vermouth_cache.train.settings import TaskSettings
 from vermouth_cache.train.tasks.base import DataOptions, Task, metric_keys
 from vermouth_cache.train.vpd_heads import DepthHead, level_channels, pyramid_stages, silog_loss
-from vermouth_cache.train.vpd_online import adapted_table, extract_with_table, online_taps, table_pins, with_steps
+from vermouth_cache.train.vpd_online import freeze_prompt, mode_label, online_taps, table_pins
 
 log = get_logger(__name__)
 MAX_DEPTH = 10.0
@@ -87,10 +86,7 @@ def _crop(split: CachedSplit) -> int:
 
 
 def prepare_depth(data: DepthData, s: TaskSettings, opts: RunOptions) -> None:
-    store = Store(opts.store)
-    for ds in _datasets(data):
-        split = open_split(store, ds, s, pins=feature_pins(opts))
-        ensure_targets(store, ds, DEPTH, s.resolution, like=split.features, progress=opts.progress)
+    prepare_targets(_datasets(data), DEPTH, s, opts)
 
 
 def train_depth(data: DepthData, s: TaskSettings, opts: RunOptions) -> dict:
@@ -100,7 +96,7 @@ def train_depth(data: DepthData, s: TaskSettings, opts: RunOptions) -> dict:
 def train_depth_heads(data: DepthData, jobs: list[HeadJob], opts: RunOptions) -> list[dict]:
     s0 = shared_settings(jobs)
     outs = [prepare_run_dir(j.out, opts.overwrite) for j in jobs]
-    store, device, pins = Store(opts.store), opts.torch_device, feature_pins(opts)
+    store, pins = Store(opts.store), feature_pins(opts)
     train_ds, test_ds = _datasets(data)
     train = open_split(store, train_ds, s0, pins=pins)
     test = open_split(store, test_ds, s0, pins=pins)
@@ -109,11 +105,9 @@ def train_depth_heads(data: DepthData, jobs: list[HeadJob], opts: RunOptions) ->
     name = train_ds.name.split("/")[0]
     table = None
     if s0.freeze_prompt_after:  # the adapter learns the prompt online, then the head trains from a new cache
-        tuned = with_steps(s0, s0.freeze_prompt_after)
-        online = online_taps(tuned, train, opts)
-        _fit(train, store, depths, crop, tuned, opts, online, f"tune prompt {name}")
-        table = adapted_table(online, train.features, outs[0])
-        pins = table_pins(pins, extract_with_table([train.features, test.features], table, opts))
+        table = freeze_prompt(s0, train, [train.features, test.features], opts, outs[0], lambda st, on: _fit(
+            train, store, depths, crop, st, opts, on, f"tune prompt {name}"))
+        pins = table_pins(pins, table)
         train, test = open_split(store, train_ds, s0, pins=pins), open_split(store, test_ds, s0, pins=pins)
         depths = ensure_targets(store, train_ds, DEPTH, s0.resolution, like=train.features, progress=opts.progress)
     online = online_taps(s0, train, opts)  # VPD-online: features recomputed through the adapter (and U-net)
@@ -126,16 +120,12 @@ def train_depth_heads(data: DepthData, jobs: list[HeadJob], opts: RunOptions) ->
     out_metrics = []
     for j, m, result, (metrics, predictions), out in zip(jobs, members, results, per_member, outs):
         s = j.settings
-        metrics = {"task": "depth", "steps": result.steps, **metrics, "mode": _mode(s),
-                   "adapted_table": read_table(table).sha256 if table else None, "n": {"train": len(train.indices),
+        metrics = {"task": "depth", "steps": result.steps, **metrics, "mode": mode_label(s),
+                   "adapted_table": table, "n": {"train": len(train.indices),
                    "test_images": metrics["images"]}, "entries": {"train": {**train.keys(), "depths": depths.key},
                                                                    "test": test.keys()}}
-        config = {"task": "depth", "vermouth_cache": __version__, "settings": s.to_json(),
-                  "store": str(Path(opts.store).resolve()), "sd_model": opts.sd_model, "select": dict(opts.select),
-                  "device": str(device), "out_dim": 1, "uses_label_at_test": s.prompt == "table-class",
-                  "data": data.__dict__, "head": {"spec": m.model.spec.to_json(),
-                                                  "trainable_parameters": sum(p.numel() for p in m.model.parameters())},
-                  "datasets": {d.name: {"name": d.name, "identity": d.identity()} for d in (train_ds, test_ds)},
+        config = {**run_config("depth", s, opts, out_dim=1), "uses_label_at_test": s.prompt == "table-class",
+                  "data": data.__dict__, "head": dense_head_facts(m.model), "datasets": dataset_facts(train_ds, test_ds),
                   "title": f"depth {name}, {s.method} t={s.t}, views {data.views}"}
         extra = online.trained_state() if online else None
         finished = finish_run(out, config, metrics, m.model, result, select=None, extra_weights=extra)
@@ -143,15 +133,6 @@ def train_depth_heads(data: DepthData, jobs: list[HeadJob], opts: RunOptions) ->
             plot_examples(out / "depth_examples.png", predictions[:EXAMPLES])
         out_metrics.append(finished)
     return out_metrics
-
-
-def _mode(s: TaskSettings) -> str:
-    """How the features were made for this head: the label a report shows beside the metric."""
-    if s.method != "vpd":
-        return s.method
-    if s.freeze_prompt_after:
-        return f"vpd-frozen-prompt ({s.freeze_prompt_after} steps)"
-    return "vpd-online" + ("+unet" if s.tune_unet else "") if (s.adapter or s.tune_unet) else "vpd-frozen"
 
 
 def _fit(train: CachedSplit, store, depths, crop: int, s: TaskSettings, opts: RunOptions, online, desc: str,
@@ -264,6 +245,9 @@ TASK = Task(
     main_metric="rmse",
     summary=metric_keys(*DEPTH_KEYS),
     own_settings=("head_width", "adapter", "tune_unet", "freeze_prompt_after"),
-    unet_lr_scale={"default": 0.01},
-    percent=False,  # VPD depth: lr_scale 0.01 for names containing "unet"
+    defaults_from="VPD",
+    # no text classifier (VPD's own heads) and no model selection (the last weights are scored)
+    unread=("text_proj", "temperature", "templates", "head", "eval_every"),
+    unet_lr_scale={"default": 0.01},  # VPD depth: lr_scale 0.01 for names containing "unet"
+    percent=False,
 )

@@ -17,18 +17,17 @@ draws one sentence per ref per epoch); the last weights are scored (VPD keeps it
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from vermouth_cache import __version__
 from vermouth_cache.data.datasets import load_dataset
 from vermouth_cache.extract.targets import REFER_MASK, ensure_targets
 from vermouth_cache.store.entries import Store
-from vermouth_cache.train.common import HeadJob, RunOptions, feature_pins, loader_for, shared_settings
+from vermouth_cache.train.common import (HeadJob, RunOptions, dataset_facts, dense_head_facts, feature_pins,
+                                         loader_for, prepare_targets, run_config, shared_settings)
 from vermouth_cache.train.dense_metrics import PRECISION_AT, referring_scores
 from vermouth_cache.train.inputs import open_split
 from vermouth_cache.train.loader import Field as LoaderField
@@ -37,7 +36,7 @@ from vermouth_cache.train.runs import finish_run, prepare_run_dir
 from vermouth_cache.train.settings import TaskSettings
 from vermouth_cache.train.tasks.base import DataOptions, Task, metric_keys
 from vermouth_cache.train.vpd_heads import SimpleDecoding, level_channels, pyramid_stages
-from vermouth_cache.train.vpd_online import online_taps
+from vermouth_cache.train.vpd_online import mode_label, online_taps
 
 CLASS_WEIGHTS = (0.9, 1.1)  # background, object (VPD refer/train.py)
 
@@ -69,10 +68,7 @@ def _datasets(data: ReferData):
 
 
 def prepare_refer(data: ReferData, s: TaskSettings, opts: RunOptions) -> None:
-    store = Store(opts.store)
-    for ds in _datasets(data):
-        split = open_split(store, ds, s, pins=feature_pins(opts))
-        ensure_targets(store, ds, REFER_MASK, s.resolution, like=split.features, progress=opts.progress)
+    prepare_targets(_datasets(data), REFER_MASK, s, opts)
 
 
 def train_refer(data: ReferData, s: TaskSettings, opts: RunOptions) -> dict:
@@ -110,16 +106,12 @@ def train_refer_heads(data: ReferData, jobs: list[HeadJob], opts: RunOptions) ->
     for j, m, result, score, out in zip(jobs, members, results, scores, outs):
         s = j.settings
         metrics = {"task": "refer", "steps": result.steps, **score, "eval_split": data.eval_split,
-                   "mode": "vpd-online" + ("+unet" if s.tune_unet else "") if online else f"{s.method}-frozen",
+                   "mode": mode_label(s),
                    "n": {"train": len(train.indices), "eval": score["pairs"]},
                    "entries": {"train": {**train.keys(), "masks": masks.key}, "eval": {**ev.keys(), "masks": ev_masks.key}}}
-        config = {"task": "refer", "vermouth_cache": __version__, "settings": s.to_json(),
-                  "store": str(Path(opts.store).resolve()), "sd_model": opts.sd_model, "select": dict(opts.select),
-                  "device": str(device), "out_dim": 2, "data": data.__dict__,
-                  "head": {"spec": m.model.spec.to_json(),
-                           "trainable_parameters": sum(p.numel() for p in m.model.parameters())},
-                  "datasets": {d.name: {"name": d.name, "identity": d.identity()} for d in (train_ds, eval_ds)},
-                  "title": f"refer {name}, {s.method} t={s.t}, attn {s.attn_maps}"}
+        config = {**run_config("refer", s, opts, out_dim=2), "data": data.__dict__, "head": dense_head_facts(m.model),
+                  "datasets": dataset_facts(train_ds, eval_ds), "title": f"refer {name}, {s.method} t={s.t}, "
+                                                                           f"attn {s.attn_maps}"}
         extra = online.trained_state() if online else None
         out_metrics.append(finish_run(out, config, metrics, m.model, result, select=None, extra_weights=extra))
     return out_metrics
@@ -170,5 +162,8 @@ TASK = Task(
     main_metric="oIoU",
     summary=metric_keys("oIoU", "mIoU", *(f"P@{x}" for x in PRECISION_AT)),
     own_settings=("head_width", "adapter", "tune_unet"),
+    defaults_from="VPD",
+    # no text classifier (VPD's own heads) and no model selection (the last weights are scored)
+    unread=("text_proj", "temperature", "templates", "head", "eval_every"),
     unet_lr_scale={"default": 1.0},  # VPD refer: its 0.01 lr_scale is never read: the U-net trains at the full lr
 )

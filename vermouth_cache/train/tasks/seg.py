@@ -35,8 +35,8 @@ from vermouth_cache.data.seg import LAYOUTS, crop_box, load_seg_dataset, read_ma
 from vermouth_cache.data.views import scaled_size
 from vermouth_cache.extract.masks import ensure_masks, ignore_value, label_rule
 from vermouth_cache.store.entries import Store
-from vermouth_cache.train.common import (HeadJob, RunOptions, base_config, build_head, class_text, feature_pins,
-                                         head_facts, loader_for, shared_settings)
+from vermouth_cache.train.common import (HeadJob, RunOptions, base_config, build_head, class_text, dense_head_facts,
+                                         feature_pins, head_facts, loader_for, shared_settings)
 from vermouth_cache.train.config import Declared
 from vermouth_cache.train.heads import ClosedSet, TextClassifier
 from vermouth_cache.train.inputs import CachedSplit, open_split, union_split
@@ -46,7 +46,7 @@ from vermouth_cache.train.metrics import confusion_matrix, miou
 from vermouth_cache.train.online import OnlineTaps
 from vermouth_cache.train.runs import finish_run, prepare_run_dir
 from vermouth_cache.train.settings import TaskSettings
-from vermouth_cache.train.vpd_online import online_taps
+from vermouth_cache.train.vpd_online import freeze_prompt, mode_label, online_taps, table_pins
 from vermouth_cache.train.vpd_heads import SemanticFPN, level_channels, pyramid_stages
 from vermouth_cache.train.tasks.base import DataOptions, Task
 
@@ -174,6 +174,21 @@ def train_seg_heads(data: SegData, jobs: list[HeadJob], opts: RunOptions) -> lis
     evals = [union_split([open_split(store, ds, j.settings, pins=pins) for j in jobs]) for ds in eval_sets]
     masks = ensure_masks(store, train_ds, s0.resolution, like=train.features, progress=opts.progress)
     name = train_ds.name.split("/")[0]
+    table = None
+    if s0.freeze_prompt_after:  # the adapter learns the prompt online, then the head trains from a new cache
+        def tune(settings, online):
+            member, _ = _fpn_member(settings, train, train_ds, online, device)
+            fields = {**online.bind(store, train), "mask": LoaderField(masks, "mask")}
+            fit_many([member], loader_for(train, settings, opts, shuffle=True, desc=f"tune prompt {name}",
+                                          fields=fields), settings)
+
+        _same_classes(train_ds, eval_sets)
+        table = freeze_prompt(s0, train, [train.features] + [e.features for e in evals], opts, outs[0], tune)
+        pins = table_pins(pins, table)
+        per_job = [open_split(store, train_ds, j.settings, pins=pins) for j in jobs]
+        train = union_split(per_job)
+        evals = [union_split([open_split(store, ds, j.settings, pins=pins) for j in jobs]) for ds in eval_sets]
+        masks = ensure_masks(store, train_ds, s0.resolution, like=train.features, progress=opts.progress)
 
     online = None
     fields = dict(train.fields)
@@ -181,19 +196,13 @@ def train_seg_heads(data: SegData, jobs: list[HeadJob], opts: RunOptions) -> lis
     for j, sp in zip(jobs, per_job):
         if pyramid_stages(j.settings) is None:  # VPD's features: Semantic FPN over the training classes
             _same_classes(train_ds, eval_sets)
-            torch.manual_seed(j.settings.seed)
-            model = SemanticFPN(level_channels(sp.shapes()[0]), len(train_ds.classnames),
-                                width=j.settings.head_width).to(device)
-            classifier, templates = ClosedSet(len(train_ds.classnames)), []
-            params = [{"params": list(model.parameters()), "lr_scale": 1.0}]
-            if j.settings.adapter or j.settings.tune_unet:  # VPD-online: the adapter (and U-net) train too
-                online = online_taps(j.settings, train, opts)
-                params += online.parameter_groups(TASK.unet_lr_scale)
+            online = online_taps(j.settings, train, opts)  # VPD-online: the adapter (and U-net) train too
+            if online is not None:
                 fields = {**{k: v for k, v in fields.items() if k.startswith("expert.")}, **online.bind(store, train)}
-            members.append(Member(model, params, _seg_loss(model, classifier, online, ignore_value(train_ds)),
-                                  j.settings))
+            member, classifier = _fpn_member(j.settings, sp, train_ds, online, device)
+            members.append(member)
             classifiers.append(classifier)
-            templates_of.append(templates)
+            templates_of.append([])
             continue
         text, templates = class_text(store, train_ds.classnames, "segmentation", j.settings, opts)
         classifier = TextClassifier(text, j.settings.temperature)
@@ -234,6 +243,7 @@ def train_seg_heads(data: SegData, jobs: list[HeadJob], opts: RunOptions) -> lis
             jobs, per_job, members, results, classifiers, templates_of, scores_of, outs):
         s = j.settings
         metrics = {"task": "seg", "steps": result.steps, "eval": {k: v[0] for k, v in scores.items()},
+                   **({"mode": mode_label(s), "adapted_table": table} if s.method == "vpd" else {}),
                    "n": {"train": len(train.indices)}, "skipped": dict(sp.skipped),
                    "entries": {"train": {**sp.keys(), "masks": masks.key}, **{k: v[1] for k, v in scores.items()}}}
         config = {**base_config("seg", s, opts, classifier, templates), "slide": data.slide,
@@ -242,13 +252,24 @@ def train_seg_heads(data: SegData, jobs: list[HeadJob], opts: RunOptions) -> lis
                   "datasets": {"train": {"name": train_ds.name, "identity": train_ds.identity()},
                                **{ds.name: {"name": ds.name, "identity": ds.identity()} for ds in eval_sets}},
                   "head": (head_facts(m.model, s, "dense") if not isinstance(classifier, ClosedSet) else
-                           {"spec": m.model.spec.to_json(),
-                            "trainable_parameters": sum(p.numel() for p in m.model.parameters())}),
+                           dense_head_facts(m.model)),
                   "heads_in_pass": len(jobs),
                   "title": f"seg {name}, t={s.t}, {s.stages}, {s.head}" + (" +norms" if s.tune_norms else "")}
         out_metrics.append(finish_run(out, config, metrics, m.model, result, select=None,
                                       extra_weights=online.trained_state() if online else None))
     return out_metrics
+
+
+def _fpn_member(settings: TaskSettings, split: CachedSplit, train_ds, online, device) -> tuple[Member, ClosedSet]:
+    """A Semantic FPN head over the training classes (VPD's features), with the online module's
+    parameters (adapter, U-net) when there is one; and its (closed-set) classifier."""
+    torch.manual_seed(settings.seed)
+    model = SemanticFPN(level_channels(split.shapes()[0]), len(train_ds.classnames),
+                        width=settings.head_width).to(device)
+    params = [{"params": list(model.parameters()), "lr_scale": 1.0}]
+    params += online.parameter_groups(TASK.unet_lr_scale) if online is not None else []
+    classifier = ClosedSet(len(train_ds.classnames))
+    return Member(model, params, _seg_loss(model, classifier, online, ignore_value(train_ds)), settings), classifier
 
 
 def _same_classes(train_ds, eval_sets) -> None:
@@ -346,7 +367,7 @@ TASK = Task(
     main_metric="mIoU",
     summary=lambda m: {k: {"mIoU": v["mIoU"], "pixel_acc": v["pixel_acc"]} for k, v in m["eval"].items()},
     per_eval_set=True,
-    own_settings=("tune_norms", "head_width", "adapter", "tune_unet"),
+    own_settings=("tune_norms", "head_width", "adapter", "tune_unet", "freeze_prompt_after"),
     # VPD seg: the U-net at x0.1, but mmcv's custom key `norm` gives its transformer norms x1.0
     unet_lr_scale={"default": 0.1, "norm": 1.0},
 )
