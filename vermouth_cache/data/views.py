@@ -76,6 +76,15 @@ def view_geometry(samples) -> str | None:
     return next(iter(kinds), None)
 
 
+def check_views_fit(samples, resolution: int) -> None:
+    """Refuse, before anything is computed, padded views larger than the model's square input."""
+    big = next((s for s in samples if s.view is not None and s.view.geometry == "pad"
+                and max(s.view.size) > resolution), None)
+    if big is not None:
+        w, h = big.view.size
+        raise VermouthError(f"a {w}x{h} view ({big.id}) does not fit in --resolution {resolution}")
+
+
 def scaled_size(width: int, height: int, short: int) -> tuple[int, int]:
     """(w, h) with the shorter side `short`, the aspect kept (rounded as mmcv rescales)."""
     s = short / min(width, height)

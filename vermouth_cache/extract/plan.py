@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.core.hashing import recipe_key
 from vermouth_cache.data.samples import Dataset
-from vermouth_cache.data.views import view_geometry
+from vermouth_cache.data.views import check_views_fit, view_geometry
 from vermouth_cache.extract.recipes import captions_recipe, expert_recipe, features_recipe, latents_recipe, text_recipe
 from vermouth_cache.extract.request import ExtractRequest
 from vermouth_cache.methods import method_named
@@ -77,6 +77,7 @@ def make_plan(req: ExtractRequest, ds: Dataset, make_entry, sd: StableDiffusion,
     ident = ds.identity()
     n = len(ds)
     views = view_geometry(ds.samples)  # a dataset of views: crops named in the ids (data/views.py)
+    check_views_fit(ds.samples, req.resolution)
     # the request travels in every manifest so that `repair` can recompute a bad shard
     about = {"dataset": ds.name, "dataset_record": ds_key, "n_samples": n, "request": req.to_json()}
     labels = labels_key(ds)

@@ -81,11 +81,24 @@ def _help(text: str) -> str:
     return " ".join(text.split())
 
 
+def _method_defaults_help() -> str:
+    """' A method's own values replace the defaults below: vpd: t 1, noise none, ...' for the --method help."""
+    parts = []
+    for m in METHODS.values():
+        values = {**m.defaults, **m.fixed}
+        if values:
+            shown = ", ".join(f"{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, tuple) else v}"
+                              for k, v in values.items())
+            parts.append(f"{m.name}: {shown}")
+    return (" A method's own values replace the defaults shown below (" + "; ".join(parts) + ").") if parts else ""
+
+
 class ExtractRequest(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    dataset: Annotated[str, Cli(argument=True)] = Field(description="The dataset: a folder, split file, manifest or "
-                                                                    "segmentation root.")
+    dataset: Annotated[str, Cli(argument=True)] = Field(description="The dataset: a folder, split file, manifest, "
+                                                                    "segmentation root, depth root (NYU in the "
+                                                                    "BTS/VPD layout) or REFER root.")
     store: str = Field(description="Store: a directory (local or shared), or an object-store URL such as "
                                    "s3://bucket/prefix (created if new).")
     image_root: str | None = Field(None, description="Image root for a CoOp split file or a manifest (default: "
@@ -105,7 +118,7 @@ class ExtractRequest(BaseModel):
                                                              "VPD's per-step random crop and flip.")
     method: Annotated[str, Choices("method", lambda: METHODS)] = Field(
         DEFAULT_METHOD, description=_help("How features are made: " + "; ".join(m.summary for m in METHODS.values())
-                                          + "."))
+                                          + "." + _method_defaults_help()))
     t: tuple[int, ...] = Field((200,), description="Timestep(s) 0-999, comma-separated; one U-net pass each.")
     stages: str | None = Field(None, description="U-net stages to keep: any of down, mid, up [default: the method's, "
                                                  "mid,up for vermouth, unless --taps is given].")

@@ -37,6 +37,8 @@ PINS = (
     Pin("table", "--context-table", "context_table",
         "Only features conditioned on this context table: its file, or its sha256 (8+ hex digits, as `ls` and "
         "a --freeze-prompt-after run's metrics show it) [any]."),
+    Pin("text_tokens", "--text-tokens", "text_tokens",
+        "Only features of texts tokenized to this many tokens (`extract --text-tokens`; vpd refer: 40 or 77) [any]."),
     Pin("noise_seed", "--noise-seed", "seed",
         "Only features extracted with this noise seed (`extract --seed`; also a random prompt's seed) [any]."),
     Pin("noise_draws", "--noise-draws", "noise_draws",
@@ -133,7 +135,9 @@ def features_facts(store: Store, entry: Entry) -> dict:
             "inversion_steps": noise.get("steps"), "captioner": p.get("captioner"),
             "caption_prefix": p.get("prefix"), "caption_min_tokens": p.get("min_new_tokens"),
             "caption_max_tokens": p.get("max_new_tokens"), "sentences": p.get("sentences"),
-            "table": p.get("table")}
+            "table": p.get("table"),
+            # tokenized texts: the request's length, else the tokenizer's 77; table rows have none
+            "text_tokens": txt.get("tokens", None if p["mode"] in ("table", "table-class") else 77)}
 
 
 def _differs(fact, wanted, name: str = "") -> bool:

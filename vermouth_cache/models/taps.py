@@ -232,7 +232,13 @@ def summarize_taps(names: Iterable[str]) -> str:
             attn_stages.append(stage)
     known = set(BLOCK_ORDER) | {ATTN_PREFIX + b for b in BLOCK_ORDER}
     rest = sorted(names - known)
-    parts = [",".join(blocks)] if blocks else []
+    levels = sorted(n.split(".level", 1)[1] for n in rest if n.startswith("attn.level"))  # vpd's per-size maps
+    rest = [n for n in rest if not n.startswith("attn.level")]
+    def order(n: str) -> tuple:  # execution order; a layer inside a block sits with its block
+        block = STAGES[n][0] if n in STAGES else n if n in BLOCK_ORDER else ".".join(n.split(".")[:2])
+        return (BLOCK_ORDER.index(block) if block in BLOCK_ORDER else len(BLOCK_ORDER), n)
+
+    parts = [",".join(sorted(blocks + rest, key=order))] if blocks or rest else []
     parts += [f"attn({','.join(attn_stages)})"] if attn_stages else []
-    parts += [",".join(rest)] if rest else []
+    parts += [f"attn(level {','.join(levels)})"] if levels else []
     return " +".join(parts)

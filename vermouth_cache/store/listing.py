@@ -50,7 +50,7 @@ def entry_row(entry: Entry, summarize_taps: TapSummary = ",".join) -> dict[str, 
         "method": str(about.get("method", "")),  # features only (made by a method); "" elsewhere
         "t": str(about.get("t", "")),
         "taps": summarize_taps(taps),
-        "res": str(about.get("resolution", "")),
+        "res": str(about.get("resolution", "")) + _views(entry),
         "prompt": _prompt(entry),
         "noise": _noise(entry),
         "dtype": str(about.get("dtype", "")) if entry.kind in ("features", "expert") else "",
@@ -82,6 +82,17 @@ def _prompt(entry: Entry) -> str:
     if about.get("text_layer") not in (None, "final") and entry.kind in ("text", "features"):
         prompt += f" ({about['text_layer']} layer)"
     return prompt
+
+
+def _views(entry: Entry) -> str:
+    """' slide' or ' pad' when the entry's samples are views (data/views.py), so `ls` tells a slide-window
+    set from a centre-crop one."""
+    src = (entry.manifest.get("about", {}).get("request") or {})
+    if src.get("slide"):
+        return " slide"
+    if (src.get("views") or 1) > 1:
+        return f" x{src['views']} views"
+    return ""
 
 
 def _noise(entry: Entry) -> str:
