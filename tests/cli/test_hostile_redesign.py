@@ -140,3 +140,52 @@ def test_sweep_extract_values_and_bundled_recipes(tmp_path, monkeypatch):
         load_recipe(unknown)
     monkeypatch.chdir(tmp_path)  # a bundled pipeline by name, from anywhere (a wheel install has no pipelines/)
     assert load_recipe("demo.yaml").name == "demo"
+
+
+def test_vpd_hostile_findings_are_refused_in_one_line(tmp_path):
+    """Options that would do nothing on VPD features, pins that select nothing, absurd head widths,
+    repeated drawn views, a malformed referring polygon: each refused, naming the culprit."""
+    import json
+
+    import numpy as np
+
+    from vermouth_cache.data.samples import Sample
+    from vermouth_cache.data.tables import write_table
+    from vermouth_cache.data.views import View, drawn_views
+    from vermouth_cache.extract.selection import check_pins_apply, table_pin
+    from vermouth_cache.extract.targets import view_region
+    from vermouth_cache.sweep.plan import _by_content
+    from vermouth_cache.train.tasks import get_task, task_settings
+
+    for kw, message in ((dict(head="baseline"), "head choose Vermouth's pyramid"),
+                        (dict(stages="down"), "stages choose Vermouth's pyramid"),
+                        (dict(tune_norms=True), "tune_norms choose Vermouth's pyramid"),
+                        (dict(head_width=float("nan")), "head_width must be a finite"),
+                        (dict(head_width=0), "head_width must be a finite"),
+                        (dict(freeze_prompt_after=10**6), "at most 100000")):
+        with pytest.raises(VermouthError, match=message):
+            task_settings("seg", method="vpd", **kw)
+    for pins, prompt, noise, message in (({"table": "deadbeef"}, "sentence", "none", "--context-table selects nothing"),
+                                         ({"noise_seed": 5}, "table", "none", "--noise none draws no noise"),
+                                         ({"captioner": "x"}, "sentence", "none", "has no BLIP captions"),
+                                         ({"text_tokens": 40}, "table-class", "none", "reads table rows")):
+        with pytest.raises(VermouthError, match=message):
+            check_pins_apply(pins, prompt=prompt, noise=noise)
+    check_pins_apply({"table": "deadbeef", "noise_seed": None}, prompt="table", noise="none")
+    assert table_pin("CB503E1DD978") == "cb503e1dd978"
+    with pytest.raises(ValueError, match="--slide scores the --eval sets"):
+        get_task("seg").options.model_validate({"path": "x", "slide": True})
+
+    views = drawn_views("a.png", 5, 4, 4, 4, seed=0)  # 2 x 1 boxes x 2 mirrors = 4 distinct views
+    assert len(set(views)) == 4
+    with pytest.raises(VermouthError, match="only 4 distinct 4x4 views"):
+        drawn_views("a.png", 5, 4, 4, 5, seed=0)
+    bad = Sample("x.png#1.0", tmp_path / "x.png", None, None, view=View((0, 0, 8, 8), geometry="squash"),
+                 region=json.dumps([[0, 0, 1, 1]]))
+    with pytest.raises(VermouthError, match="sample x.png#1.0: its object's segmentation .* not COCO polygons"):
+        view_region(bad, 8)
+
+    table = write_table(tmp_path / "t.safetensors", np.ones((2, 4), np.float32), ["a", "b"], {})
+    before = _by_content({"context_table": str(table)})
+    write_table(tmp_path / "t.safetensors", np.zeros((2, 4), np.float32), ["a", "b"], {})  # edited in place
+    assert _by_content({"context_table": str(table)}) != before  # a sweep's finished points are redone

@@ -17,7 +17,7 @@ from dataclasses import fields
 import click
 
 from vermouth_cache.cli.options import pin_options
-from vermouth_cache.extract.selection import pop_pins
+from vermouth_cache.extract.selection import check_pins_apply, pop_pins
 from vermouth_cache.models.loading import DEFAULT_CLIP_MODEL
 from vermouth_cache.train.common import RunOptions
 from vermouth_cache.train.config import base_type, choices_of
@@ -151,7 +151,9 @@ def _settings_and_run(task: Task, kw: dict, setting_names: list[str]) -> tuple[T
             settings[name] = settings[name] == "on"
     progress = not kw.pop("quiet")
     run = {f.name: kw.pop(f.name) for f in fields(RunOptions) if f.name in kw}
-    return task.settings(schedule, **settings), RunOptions(**run, progress=progress, select=select)
+    resolved = task.settings(schedule, **settings)
+    check_pins_apply(dict(select), prompt=resolved.prompt, noise=resolved.noise)
+    return resolved, RunOptions(**run, progress=progress, select=select)
 
 
 class TaskGroup(click.Group):

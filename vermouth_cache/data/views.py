@@ -140,12 +140,23 @@ def windows(width: int, height: int, crop: int) -> list[tuple[int, int, int, int
 def drawn_views(sample_id: str, width: int, height: int, crop: int, k: int, seed: int) -> list[View]:
     """K training views of an image: seeded random crops of `crop` and a seeded mirror each (the
     drawn stand-in for VPD's per-step RandomCrop and HorizontalFlip)."""
-    out = []
+    cw, ch = min(crop, width), min(crop, height)
+    distinct = (width - cw + 1) * (height - ch + 1) * 2
+    if k > distinct:
+        raise VermouthError(f"--views {k}: a {width}x{height} image has only {distinct} distinct {cw}x{ch} views "
+                            f"({sample_id})")
+    out: list[View] = []
     for i in range(k):
-        s = int.from_bytes(hashlib.sha256(f"{seed}:{sample_id}:view{i}".encode()).digest()[:8], "little")
-        rng = random.Random(s)
-        cw, ch = min(crop, width), min(crop, height)
-        x, y = rng.randint(0, width - cw), rng.randint(0, height - ch)
-        out.append(View((x, y, x + cw, y + ch), flip=rng.random() < 0.5))
+        tries = 0
+        while True:  # a view drawn twice would be cached and trained twice: draw again (the first try keeps its seed)
+            tag = f"view{i}" + (f".{tries}" if tries else "")
+            rng = random.Random(int.from_bytes(hashlib.sha256(f"{seed}:{sample_id}:{tag}".encode()).digest()[:8],
+                                               "little"))
+            x, y = rng.randint(0, width - cw), rng.randint(0, height - ch)
+            view = View((x, y, x + cw, y + ch), flip=rng.random() < 0.5)
+            if view not in out:
+                break
+            tries += 1
+        out.append(view)
     return out
 

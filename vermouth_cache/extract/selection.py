@@ -66,6 +66,24 @@ def pop_pins(kw: dict) -> dict:
     return {p.name: v for p in PINS if (v := kw.pop(p.name, None)) is not None}
 
 
+def check_pins_apply(pins: dict, *, prompt: str, noise: str) -> None:
+    """Refuse a pin that cannot tell the features of `prompt` and `noise` apart: it would select
+    nothing and read as if it had (`--context-table` on sentence features, `--noise-seed` on
+    clean latents)."""
+    tables = prompt in ("table", "table-class")
+    rules = {"table": (tables, f"--prompt {prompt} reads no context table"),
+             "text_tokens": (not tables, f"--prompt {prompt} reads table rows, not tokenized texts"),
+             "noise_seed": (noise == "ddpm" or prompt == "random", f"--noise {noise} draws no noise"),
+             "noise_draws": (noise == "ddpm", f"--noise {noise} draws no noise"),
+             "inversion_steps": (noise == "ddim-inversion", f"--noise {noise} is not a DDIM inversion"),
+             **{k: (prompt == "blip", f"--prompt {prompt} has no BLIP captions")
+                for k in ("captioner", "caption_prefix", "caption_min_tokens", "caption_max_tokens")}}
+    for name, value in pins.items():
+        applies, why = rules.get(name, (True, ""))
+        if value is not None and not applies:
+            raise VermouthError(f"{OPTION_OF[name]} selects nothing here: {why}")
+
+
 def pins_of_extract(extract_options: dict, *, captioner: str | None) -> dict:
     """What a sweep's extractions were asked for (its `extract:` options, else the defaults), as pins,
     so that its training reads exactly them."""
@@ -94,8 +112,8 @@ def table_pin(value: str) -> str:
 
     if os.path.exists(value):
         return read_table(value).sha256
-    if len(value) >= 8 and re.fullmatch(r"[0-9a-f]+", value):
-        return value
+    if len(value) >= 8 and re.fullmatch(r"[0-9a-fA-F]+", value):
+        return value.lower()
     raise VermouthError(f"--context-table {value}: no such table file, nor a sha256 of at least 8 hex digits")
 
 
@@ -182,17 +200,20 @@ def _describe_dataset(ds: Dataset) -> str:
 def find_features(store: Store, ds: Dataset, query: FeatureQuery, arrays: list[str] | None = None) -> Entry:
     """The one features entry of `ds` matching `query` (and holding `arrays`)."""
     ident = ds.identity()
-    cands = []
+    cands, unreadable = [], []
     for e in store.entries("features"):
         try:
             facts = features_facts(store, e)
-        except VermouthError:
-            continue  # an entry whose upstream was removed cannot be trusted for lookup
+        except VermouthError as exc:
+            unreadable.append(f"features/{e.key[:12]} ({str(exc)[:120]})")
+            continue  # an entry whose upstream was removed or damaged cannot be trusted for lookup
         if facts["dataset"] == ident:
             cands.append((e, facts))
     if not cands:
+        damaged = (f"; {len(unreadable)} features entries could not be read, e.g. {unreadable[0]}: run "
+                   "`vermouth-cache verify`") if unreadable else ""
         raise VermouthError(f"store {store.root} has no features of dataset {_describe_dataset(ds)}: "
-                            "run `vermouth-cache extract` on it first")
+                            "run `vermouth-cache extract` on it first" + damaged)
     wanted = query.wanted()
     if any(s.text is not None for s in ds.samples):  # features of the dataset's sentences as they are now
         from vermouth_cache.extract.plan import labels_key
@@ -209,6 +230,10 @@ def find_features(store: Store, ds: Dataset, query: FeatureQuery, arrays: list[s
         return matches[0][1]
     if len(matches) > 1:
         facts_of = dict((e.prefix, f) for e, f in cands)
+        tables = {facts_of[m[1].prefix].get("table") for m in matches}
+        if wanted.get("table") and len(tables) > 1:  # a sha prefix that two tables share
+            raise VermouthError(f"--context-table {wanted['table']} matches the tables "
+                                f"{', '.join(sorted(t[:16] for t in tables if t))}: give a longer prefix")
         raise VermouthError(ambiguity("features", ds.name, [(m[1], facts_of[m[1].prefix]) for m in matches]))
     _, e, diff, missing = scored[0]
     parts = [f"{k} (cached {_short(c)}, requested {_short(w)})" for k, (c, w) in sorted(diff.items())]

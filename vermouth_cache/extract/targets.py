@@ -67,9 +67,15 @@ def _region_source(s: Sample) -> str:
 def view_region(s: Sample, resolution: int) -> np.ndarray:
     """(R, R) 0/1 of the referred object in one sample's view."""
     left, top, right, bottom = s.view.box
-    full = region_mask(json.loads(s.region), bottom, right) if (left, top) == (0, 0) else None
-    if full is None:
+    if (left, top) != (0, 0):
         raise VermouthError(f"sample {s.id}: a referring view must be the whole image")
+    try:
+        full = region_mask(json.loads(s.region), bottom, right)
+    except VermouthError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pycocotools raises TypeError/ValueError/... on malformed polygons
+        raise VermouthError(f"sample {s.id}: its object's segmentation in instances.json is not COCO polygons "
+                            f"or RLE ({type(exc).__name__}: {str(exc)[:80]})") from None
     return view_map(s.view.array(full), resolution, s.view.geometry).astype(np.float32)
 
 

@@ -114,8 +114,18 @@ def train_groups(points: list[Point]) -> list[TrainGroup]:
 def fingerprint(recipe: Recipe, point: Point, models: ResolvedModels) -> str:
     """Everything that decides a point's result; a finished point whose fingerprint differs is redone."""
     facts = {"dataset": point.dataset.facts(), "settings": point.settings.to_json(), "models": models.__dict__,
-             "extract": recipe.extract}
+             "extract": _by_content(recipe.extract)}
     return hashlib.sha256(canonical_json(facts).encode()).hexdigest()[:16]
+
+
+def _by_content(extract: dict) -> dict:
+    """The extract options with a context table named by its sha256, not its path: a table edited in
+    place changes the features, so it must change the fingerprint (a missing one is refused)."""
+    if not extract.get("context_table"):
+        return extract
+    from vermouth_cache.data.tables import read_table
+
+    return {**extract, "context_table": read_table(extract["context_table"]).sha256}
 
 
 def run_dir(out: Path, point: Point) -> Path:

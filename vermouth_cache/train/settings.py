@@ -123,6 +123,13 @@ class TaskSettings(Declared):
                 if self.stages is None:
                     raise VermouthError(f"method {self.method} merges stages: give stages")
                 merge_plan(self.stages)
+            else:  # Vermouth's head options do nothing on a method with its own taps and heads: refused, not ignored
+                given = [name for name, value in (("stages", self.stages), ("head", self.head != "uhead"),
+                                                  ("tune_norms", self.tune_norms)) if value]
+                if given:
+                    raise VermouthError(f"{', '.join(given)} choose Vermouth's pyramid and head; method "
+                                        f"{self.method} reads its own taps into its own heads (--adapter and "
+                                        "--tune-unet are its online modes)")
             if self.attn_maps:
                 method.attention.check(self.attn_maps)
         except VermouthError as exc:
@@ -142,6 +149,11 @@ class TaskSettings(Declared):
             raise ValueError("weight decay and power must be >= 0, grad clip > 0, gamma in (0, 1]")
         if self.templates is not None and self.templates.lower() not in template_sets():
             raise ValueError(f"unknown template set {self.templates!r} (choose from {', '.join(template_sets())})")
+        if not (math.isfinite(self.head_width) and 0 < self.head_width <= 16):
+            raise ValueError(f"head_width must be a finite fraction of VPD's width in (0, 16], got {self.head_width}")
+        if self.freeze_prompt_after is not None and self.freeze_prompt_after > 100_000:
+            raise ValueError(f"freeze_prompt_after {self.freeze_prompt_after} is more steps than any run here "
+                             "(at most 100000)")
         if self.freeze_prompt_after is not None and (self.freeze_prompt_after < 1 or self.adapter or self.tune_unet):
             raise ValueError("freeze_prompt_after takes a number of steps >= 1, without adapter or tune_unet")
         if self.freeze_prompt_after is not None and self.prompt not in ("table", "table-class"):

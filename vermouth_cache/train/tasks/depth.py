@@ -193,14 +193,24 @@ def evaluate(models: list, split: CachedSplit, loader, *, crop: int, max_depth: 
     for model in models:
         model.eval()
         preds = predict_images(model, split, loader, crop, features)
-        per_image, shown = [], []
+        per_image, shown, unscored = [], [], []
         for path in sorted(preds, key=str):
             gt = read_depth(depth_of[path])
             if gt.shape != preds[path].shape:
                 raise VermouthError(f"depth map {depth_of[path]} is {gt.shape[1]}x{gt.shape[0]}; its image {path} is "
                                     f"{preds[path].shape[1]}x{preds[path].shape[0]}")
-            per_image.append(depth_errors(preds[path], gt, max_depth=max_depth))
+            errors = depth_errors(preds[path], gt, max_depth=max_depth)
+            if errors is None:  # no pixel within (1e-3, max_depth): nothing to score
+                unscored.append(depth_of[path])
+                continue
+            per_image.append(errors)
             shown.append((path, gt, preds[path]))
+        if not per_image:
+            raise VermouthError(f"no test depth map of {split.dataset.name} has a valid pixel (depth within 0.001-"
+                                f"{max_depth:g} m), e.g. {unscored[0]}")
+        if unscored and model is models[0]:
+            log.warning(f"{len(unscored)} test depth map(s) have no valid pixel and are not scored: "
+                        + ", ".join(map(str, unscored[:5])) + (" ..." if len(unscored) > 5 else ""))
         out.append((mean_depth_metrics(per_image), shown))
     return out
 

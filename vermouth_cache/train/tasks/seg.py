@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.data.datasets import as_slide_views, load_dataset
@@ -104,6 +104,12 @@ class SegOptions(DataOptions):
         if evals is None:
             return {}
         return _labelled(evals) if isinstance(evals, (list, tuple)) else evals
+
+    @model_validator(mode="after")
+    def _slide_needs_evals(self):
+        if self.slide and not self.eval:
+            raise ValueError("--slide scores the --eval sets by sliding windows: give --eval")
+        return self
 
     def data(self) -> SegData:
         return SegData(SegSource(self.path, self.layout, self.split, self.classnames),
@@ -321,10 +327,13 @@ def _evaluate_slide(predicts: list, split: CachedSplit, loader, n_classes: int, 
     summed into the resized image, divided by the windows covering each pixel, resized to the label
     map's native size (bilinear) and scored on the whole map. Windows of an image come together
     (ids sort by image), so one image's canvases are held at a time."""
-    current, sums, counts = None, None, None
+    current, sums, counts, native = None, None, None, None
 
     def finish():
         mask = read_mask(current.mask, rule, n_classes=n_classes)
+        if mask.shape != native:
+            raise VermouthError(f"label map {current.mask} is {mask.shape[1]}x{mask.shape[0]}; its image {current.path} "
+                                f"is {native[1]}x{native[0]}")
         ignore = int(np.iinfo(mask.dtype).max)
         for conf, acc in zip(confs, sums):
             avg = (acc / counts.clamp(min=1))[None]
@@ -340,6 +349,7 @@ def _evaluate_slide(predicts: list, split: CachedSplit, loader, n_classes: int, 
                     finish()
                 current = sample
                 with Image.open(sample.path) as im:
+                    native = (im.height, im.width)
                     w, h = scaled_size(*im.size, sample.view.short)
                 sums = [torch.zeros(n_classes, h, w) for _ in predicts]
                 counts = torch.zeros(h, w)
