@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vermouth_cache.core.errors import ImageError, VermouthError
-from vermouth_cache.data.images import decode_image
+from vermouth_cache.data.images import decode_sample
 from vermouth_cache.data.views import view_geometry
 from vermouth_cache.extract import compute
 from vermouth_cache.extract.plan import CAPTIONS, EXPERT_LEVELS, LATENTS, TEXT, Plan, shard_need, writes
@@ -50,7 +50,7 @@ def _decode(samples) -> list:
     """Decoded images, or ImageError objects in place of the ones that fail."""
     def one(s):
         try:
-            img = decode_image(s.path, s.id)
+            img = decode_sample(s)
             return s.view.image(img) if s.view is not None else img
         except ImageError as exc:
             return exc
@@ -67,7 +67,7 @@ def _distinct_images(samples) -> tuple[list[int], list[int]]:
     """(index of the first sample of each distinct (image, view), the position of every sample's
     among them): samples that share an image and view share its pixels, latent and expert maps."""
     first: dict = {}
-    where = [first.setdefault((s.path, s.view), len(first)) for s in samples]
+    where = [first.setdefault((s.path, s.member, s.view), len(first)) for s in samples]
     firsts = [0] * len(first)
     for i, w in reversed(list(enumerate(where))):
         firsts[w] = i
