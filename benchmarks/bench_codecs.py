@@ -71,16 +71,16 @@ def main() -> None:
                               t=(args.t,), stages="mid,up", attn_maps="up", expert="resnet18", expert_model=expert,
                               device=args.device, shard_size=16, batch_size=8, dtype=dtype, codec=codec, progress=False)
         reps = {sp: extract(base.with_(split=sp)) for sp in ("train", "val", "test")}
-        entries = [Store(str(store)).find(kind, r.entries[label]) for r in reps.values()
-                   for kind, label in (("features", f"features t={args.t}"), ("expert", "expert"))]
-        nbytes = sum(e.size_bytes() for e in entries)
-        values, times = None, []
+        entries = {(sp, kind): Store(str(store)).find(kind, r.entries[label]) for sp, r in reps.items()
+                   for kind, label in (("features", f"features t={args.t}"), ("expert", "expert"))}
+        nbytes = sum(e.size_bytes() for e in entries.values())
+        flat, times = None, []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            values = {(e.key, n): e.read(n).astype(np.float32, copy=False) for e in entries for n in e.array_names()}
+            flat = {(sp, kind, n): e.read(n).astype(np.float32, copy=False)
+                    for (sp, kind), e in entries.items() for n in e.array_names()}
             times.append(time.perf_counter() - t0)
-        decoded = sum(v.nbytes for v in values.values())
-        flat = {k[1] + str(i): v for i, (k, v) in enumerate(sorted(values.items(), key=lambda kv: (kv[0][1], kv[0][0])))}
+        decoded = sum(v.nbytes for v in flat.values())
         if ref is None:
             ref = flat
         diff = [np.abs(flat[k] - ref[k]).max() for k in ref]
