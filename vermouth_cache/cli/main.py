@@ -92,10 +92,17 @@ def ls_cmd(store, kind):
 @request_options(ExtractRequest, only=EXPORT_QUERY, help_prefix="With --dataset: ",
                  helps={"t": "The timestep 0-999 of the features (one per export)."})
 @click.option("--sd-model", help="With --dataset: only features of this SD model (hub id or directory) [any].")
+@click.option("--expert", "with_expert", is_flag=True, help="Also export the dataset's expert maps at the same "
+                                                            "resolution as /expert/<level>.")
+@click.option("--expert-entry", help="Key (or prefix) of the expert entry, when the store has several for the dataset.")
+@click.option("--compression", type=click.Choice(["gzip", "lzf"]), help="Compress the HDF5 datasets (h5py's own "
+                                                                       "filters; none by default).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @pin_options
-def export(store, out, entry, taps, dataset, sd_model, **options):
-    """Export one feature entry of STORE to HDF5: /sample_ids, /labels, /captions, /features/<tap>."""
-    from vermouth_cache.store.export import export_h5
+def export(store, out, entry, taps, dataset, sd_model, with_expert, expert_entry, compression, quiet, **options):
+    """Export one feature entry of STORE to HDF5: /sample_ids, /labels, /captions, /features/<tap>
+    [, /expert/<level>], streamed one store shard at a time."""
+    from vermouth_cache.store.export import expert_of, export_h5, select_features_entry
     from vermouth_cache.extract.selection import find_features, pop_pins
     from vermouth_cache.store.entries import Store
 
@@ -124,8 +131,15 @@ def export(store, out, entry, taps, dataset, sd_model, **options):
                             "(--entry names the entry itself)")
     st, taps = Store(store), [t.strip() for t in taps.split(",")] if taps else None
     found = find_features(st, ds, query, arrays=taps) if ds is not None else None  # else --entry, or the only one
-    res = export_h5(st, out, entry=found, entry_key=entry, taps=taps)
+    if expert_entry and not with_expert:
+        raise VermouthError("--expert-entry chooses the expert entry of --expert")
+    exp = None
+    if with_expert:
+        exp = expert_of(st, found or select_features_entry(st, entry), expert_entry)
+    res = export_h5(st, out, entry=found, entry_key=entry, taps=taps, expert=exp, compression=compression,
+                    progress=not quiet)
     click.echo(f"wrote {res['path']}: {res['samples']} samples, taps {', '.join(res['taps'])}"
+               + (f", expert {res['expert'][:12]}" if res["expert"] else "")
                + (f" ({res['excluded']} failed samples excluded)" if res["excluded"] else ""))
 
 

@@ -43,6 +43,7 @@ EXTRAS = {
     "distributed": "dist",
     "matplotlib": "plots",
     "pycocotools": "refer",
+    "datasets": "hf",
 }
 
 

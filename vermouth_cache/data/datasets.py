@@ -26,6 +26,7 @@ from PIL import Image
 
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.data.depth import is_depth_root, load_depth_dataset
+from vermouth_cache.data.archives import is_hf_dataset, is_webdataset, load_hf, load_webdataset
 from vermouth_cache.data.refer import half_refer_root, is_refer_root, load_refer_dataset
 from vermouth_cache.data.manifests import load_coop, load_manifest
 from vermouth_cache.data.paths import abspath, check_inside, path_exists
@@ -75,6 +76,14 @@ def load_dataset(spec: str | Path, *, image_root: str | Path | None = None,
         if image_root is not None or shots is not None:
             raise VermouthError(f"{spec} is a depth root: image_root and shots do not apply")
         return load_depth_dataset(spec, split, views=views, seed=shot_seed)
+    if layout is None and (is_webdataset(spec) or is_hf_dataset(spec)):  # images inside archives (data/archives.py)
+        if image_root is not None:
+            raise VermouthError(f"{spec}: image_root given, but an archive holds its images")
+        kind = "webdataset" if is_webdataset(spec) else "hf"
+        samples, classnames = (load_webdataset if kind == "webdataset" else load_hf)(spec, split)
+        name = spec.stem if spec.is_file() else spec.name
+        root = spec if spec.is_dir() else spec.parent
+        return _finish(samples, classnames, spec, split, shots, shot_seed, kind, name, root)
     if layout is None and spec.is_dir():
         layout = detect_layout(spec)
         if layout is not None and split is None and LAYOUTS[layout].splits:
@@ -108,6 +117,11 @@ def load_dataset(spec: str | Path, *, image_root: str | Path | None = None,
         else:
             raise VermouthError(f"unknown dataset file type: {spec} "
                                 "(expected a directory, .json, .csv or .jsonl)")
+    return _finish(samples, classnames, spec, split, shots, shot_seed, kind, name, root)
+
+
+def _finish(samples, classnames, spec: Path, split, shots, shot_seed: int, kind: str, name: str, root: Path) -> Dataset:
+    """The Dataset of a listing: K shots drawn if asked, samples in id order, its source recorded."""
     if not samples:
         what = f"split {split!r} of {spec}" if split is not None else str(spec)
         raise VermouthError(f"dataset is empty: {what}")

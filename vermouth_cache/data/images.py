@@ -29,6 +29,19 @@ _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 _ALPHA = {"RGBA", "RGBa", "LA", "La", "PA"}
 
 
+def decode_sample(sample) -> Image.Image:
+    """decode_image of a sample: its file, or its member of a tar shard or saved HF dataset."""
+    if sample.member is None:
+        return decode_image(sample.path, sample.id)
+    from vermouth_cache.data.archives import member_bytes
+
+    try:
+        data = member_bytes(sample.path, sample.member)
+    except (OSError, FileNotFoundError) as e:
+        raise ImageError(sample.id, f"unreadable archive member: {e}") from None
+    return decode_bytes(data, sample.id)
+
+
 def decode_image(path: Path, sample_id: str) -> Image.Image:
     """Decode `path` to a fully loaded RGB image, EXIF orientation applied.
 
@@ -41,6 +54,11 @@ def decode_image(path: Path, sample_id: str) -> Image.Image:
         raise ImageError(sample_id, f"file not found: {path}") from None
     except OSError as e:
         raise ImageError(sample_id, f"unreadable file: {e.strerror or e}") from None
+    return decode_bytes(data, sample_id)
+
+
+def decode_bytes(data: bytes, sample_id: str) -> Image.Image:
+    """An image's bytes decoded as decode_image does (the same refusals)."""
     if not data:
         raise ImageError(sample_id, "empty file (0 bytes)")
     try:

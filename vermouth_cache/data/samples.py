@@ -32,6 +32,7 @@ class Sample:
     view: View | None = None  # a crop of the image (its id names it), when the dataset is one of views
     depth: Path | None = None  # absolute path of a depth map (uint16 PNG), when the dataset has them
     region: str | None = None  # the referred object's COCO segmentation (JSON), for referring datasets
+    member: str | None = None  # where in the archive at `path` its bytes are (data/archives.py), for tar/HF inputs
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,10 @@ class Dataset:
 
 def _hash(sample: Sample) -> str:
     try:
+        if sample.member is not None:  # an image inside a tar shard or a saved HF dataset
+            from vermouth_cache.data.archives import member_bytes
+
+            return hashlib.sha256(member_bytes(sample.path, sample.member)).hexdigest()
         return file_sha256(sample.path)
     except OSError as e:  # deleted or unreadable since the load
-        raise VermouthError(f"cannot read image {sample.path}: {e.strerror or e}") from None
+        raise VermouthError(f"cannot read image {sample.id} ({sample.path}): {e.strerror or e}") from None

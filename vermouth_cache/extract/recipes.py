@@ -72,6 +72,7 @@ def features_recipe(req: ExtractRequest, method: Method, t: int, *, latents_key:
         "t": t,
         "tap": method.taps.recipe,
         "dtype": req.dtype,
+        **_codec_tag(req),
         **method.recipe_tag(),
     }
 
@@ -87,4 +88,10 @@ def expert_recipe(req: ExtractRequest, dataset_identity: str, *, expert_id: str,
         "resize": GEOMETRIES[views] if views else RESIZE,
         "normalize": {"mean": list(image_stats[0]), "std": list(image_stats[1])},
         "dtype": req.dtype,
+        **_codec_tag(req),
     }
+
+
+def _codec_tag(req: ExtractRequest) -> dict:
+    """The codec enters the key only when it is not raw, so that the keys of raw stores never changed."""
+    return {"codec": req.codec} if req.codec != "raw" else {}

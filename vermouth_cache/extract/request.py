@@ -27,6 +27,7 @@ from vermouth_cache.models.loading import DEFAULT_CAPTIONER, EXPERT_MODELS, PREC
 from vermouth_cache.models.noise import NOISE_MODES
 from vermouth_cache.models.taps import BLOCK_ORDER, taps_for
 from vermouth_cache.store.arrays import STORAGE_DTYPES
+from vermouth_cache.store.codecs import CODEC_NAMES
 
 PROMPT_MODES = tuple(c.name for c in CONDITIONINGS.values() if not c.syntax)
 ON_ERROR = ("fail", "skip")
@@ -156,6 +157,10 @@ class ExtractRequest(BaseModel):
     inversion_steps: Annotated[int, AtLeast(1), AtMost(1000, "the schedule has 1000 timesteps")] = Field(10, description="U-net calls of a DDIM inversion.")
     dtype: Annotated[str, Choices("dtype", lambda: STORAGE_DTYPES)] = Field("fp16", description="Storage dtype of "
                                                                                                 "features.")
+    codec: Annotated[str, Choices("codec", lambda: CODEC_NAMES)] = Field(
+        "raw", description="How feature and expert chunks are stored: raw; zstd (lossless, Blosc zstd with byte "
+                           "shuffle); int8 or fp8 (lossy: per sample and channel scale and offset stored beside "
+                           "the values, decoded to float32). In the key.")
     batch_size: Annotated[int, AtLeast(1)] = Field(8, description="Images per model call on CUDA, within one shard "
                                                                   "(the CPU always uses 1: batching changes CPU "
                                                                   "rounding).")

@@ -46,6 +46,7 @@ PINS = (
     Pin("inversion_steps", "--inversion-steps", "inversion_steps",
         "Only DDIM-inversion features of this many steps (`extract --inversion-steps`) [any]."),
     Pin("dtype", "--dtype", "dtype", "Only features (and expert features) stored in this dtype [any]."),
+    Pin("codec", "--codec", "codec", "Only features (and expert features) stored with this codec [any]."),
     Pin("captioner", "--captioner", "captioner",
         "Only features whose BLIP captions came from this captioner (hub id or directory) [any]."),
     Pin("caption_prefix", "--caption-prefix", "caption_prefix",
@@ -148,7 +149,8 @@ def features_facts(store: Store, entry: Entry) -> dict:
     noise = r["noise"]
     return {"dataset": lat["dataset"], "resolution": lat["resolution"], "t": r["t"], "noise": noise["mode"],
             "method": r.get("method", DEFAULT_METHOD),  # Vermouth's recipes predate methods and name none
-            "prompt": prompt, "text_layer": txt["layer"], "dtype": r["dtype"], "unet": r["unet"],
+            "prompt": prompt, "text_layer": txt["layer"], "dtype": r["dtype"], "codec": r.get("codec", "raw"),
+            "unet": r["unet"],
             "noise_seed": noise.get("seed", p.get("seed")), "noise_draws": noise.get("draws"),
             "inversion_steps": noise.get("steps"), "captioner": p.get("captioner"),
             "caption_prefix": p.get("prefix"), "caption_min_tokens": p.get("min_new_tokens"),

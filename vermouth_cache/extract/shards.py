@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vermouth_cache.core.errors import ImageError, VermouthError
-from vermouth_cache.data.images import decode_image
+from vermouth_cache.data.images import decode_sample
 from vermouth_cache.data.views import view_geometry
 from vermouth_cache.extract import compute
 from vermouth_cache.extract.plan import CAPTIONS, EXPERT_LEVELS, LATENTS, TEXT, Plan, shard_need, writes
@@ -50,7 +50,7 @@ def _decode(samples) -> list:
     """Decoded images, or ImageError objects in place of the ones that fail."""
     def one(s):
         try:
-            img = decode_image(s.path, s.id)
+            img = decode_sample(s)
             return s.view.image(img) if s.view is not None else img
         except ImageError as exc:
             return exc
@@ -67,7 +67,7 @@ def _distinct_images(samples) -> tuple[list[int], list[int]]:
     """(index of the first sample of each distinct (image, view), the position of every sample's
     among them): samples that share an image and view share its pixels, latent and expert maps."""
     first: dict = {}
-    where = [first.setdefault((s.path, s.view), len(first)) for s in samples]
+    where = [first.setdefault((s.path, s.member, s.view), len(first)) for s in samples]
     firsts = [0] * len(first)
     for i, w in reversed(list(enumerate(where))):
         firsts[w] = i
@@ -176,11 +176,11 @@ def wait_poll(ttl: float) -> float:
 
 
 def _write(entry: Entry, name: str, shard: int, ok_index: list[int], n: int, status: list[str],
-           data: np.ndarray | None, run: dict, dtype: str, guard) -> None:
+           data: np.ndarray | None, run: dict, dtype: str, guard, codec: str = "raw") -> None:
     """Scatter the ok samples' rows into a NaN-filled shard block and write it whole."""
     full = None
     if data is not None and len(ok_index):
-        entry.ensure_array(name, tuple(data.shape[1:]), dtype)
+        entry.ensure_array(name, tuple(data.shape[1:]), dtype, codec)
         full = np.full((n, *data.shape[1:]), np.nan, dtype=np.float32)
         full[ok_index] = data
     entry.write_shard(name, shard, status, data=full, run=run, before_commit=guard)
@@ -244,7 +244,8 @@ def _extract_shard(req, samples, plan: Plan, models: Models, shard: int, need: d
     if need["expert"]:
         _compute_shard(report, plan.expert, EXPERT_LEVELS, "expert", shard, status, run, dtype, guard, lambda ok:
                        _once_per_image(samples, ok, lambda idx: compute.expert_features(
-                           expert, [images[i] for i in idx], resolution=req.resolution, batch=batch, geometry=geometry)))
+                           expert, [images[i] for i in idx], resolution=req.resolution, batch=batch, geometry=geometry)),
+                       codec=req.codec)
     if not need["features"]:
         return
     # the U-net always reads conditions and latents back from the store, so a value computed in
@@ -259,11 +260,11 @@ def _extract_shard(req, samples, plan: Plan, models: Models, shard: int, need: d
                                              seed=req.seed, draws=req.noise_draws,
                                              inversion_steps=req.inversion_steps, attention=method.attention,
                                              batch=batch),
-                       passes=req.noise_draws)
+                       passes=req.noise_draws, codec=req.codec)
 
 
 def _compute_shard(report: ExtractReport, entry: Entry, names: list[str], step_name: str, shard: int,
-                   status: list[str], run: dict, dtype: str, guard, fn, passes: int = 1) -> None:
+                   status: list[str], run: dict, dtype: str, guard, fn, passes: int = 1, codec: str = "raw") -> None:
     """fn(ok indices) -> {array name: rows of those samples}; then each array's shard is written
     whole, failed samples NaN, with a record (even when every sample failed)."""
     n = len(status)
@@ -272,4 +273,4 @@ def _compute_shard(report: ExtractReport, entry: Entry, names: list[str], step_n
         arrays = fn(ok) if ok else {}
     with _Stage(report, "write"):
         for name in names:
-            _write(entry, name, shard, ok, n, list(status), arrays.get(name), step.run(run), dtype, guard)
+            _write(entry, name, shard, ok, n, list(status), arrays.get(name), step.run(run), dtype, guard, codec)

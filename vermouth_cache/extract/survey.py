@@ -26,6 +26,7 @@ from vermouth_cache.extract.request import ExtractRequest
 from vermouth_cache.methods import method_named
 from vermouth_cache.methods.conditioning import conditioning_of
 from vermouth_cache.store.arrays import STORAGE_DTYPES
+from vermouth_cache.store.codecs import codec_named
 from vermouth_cache.store.entries import Store
 from vermouth_cache.store.entry import Entry
 from vermouth_cache.models.taps import run_taps
@@ -123,9 +124,15 @@ def sample_bytes(req: ExtractRequest, sd: StableDiffusion, expert: Expert | None
     lat = torch.empty(1, vae["latent_channels"], side, side, device="meta")
     cond = torch.empty(1, tokens, sd.condition_width, device="meta")
     shapes = run_taps(unet, lat, req.t[0], cond, taps, attention=method_named(req.method).attention)
-    out.update({tp: int(np.prod(v.shape[1:])) * item for tp, v in shapes.items()})
+    out.update({tp: _stored(tuple(v.shape[1:]), item, req.codec) for tp, v in shapes.items()})
     if expert is not None:
         x = torch.empty(1, 3, req.resolution, req.resolution, device="meta")
         for i, m in enumerate(expert_maps(expert.name, expert.skeleton, x)):
-            out[f"expert.level{i}"] = int(np.prod(m.shape[1:])) * item
+            out[f"expert.level{i}"] = _stored(tuple(m.shape[1:]), item, req.codec)
     return out
+
+
+def _stored(shape: tuple[int, ...], item: int, codec: str) -> int:
+    """Bytes of one sample's array: a lossy codec's packing, else the values (zstd: at most that)."""
+    c = codec_named(codec)
+    return int(np.prod(c.zarr_shape(shape))) if c.lossy else int(np.prod(shape)) * item

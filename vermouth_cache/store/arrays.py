@@ -1,9 +1,10 @@
 """How an entry's arrays sit in Zarr: their metadata, their dtypes, and a chunk's bytes and checksum.
 
-An array (N, *sample_shape) has one chunk per shard, encoded by exactly two codecs, little-endian
-bytes then CRC32C (4 bytes appended), and nothing else: no compressor, no object dtype, no
-storage transformer. `create_array` writes that metadata; `check_meta` refuses any other, so an
-array whose zarr.json was altered is never decoded. bfloat16, which numpy lacks, is kept as its
+An array (N, *sample_shape) has one chunk per shard, encoded as its codec says (`codecs.py`: raw
+little-endian bytes, Blosc zstd, or a lossy int8/fp8 packing) and always ending in its CRC32C (4
+bytes appended): no object dtype, no storage transformer, no other codec. `create_array` writes
+that metadata; `check_meta` refuses any other, so an array whose zarr.json was altered is never
+decoded. bfloat16, which numpy lacks, is kept as its
 raw uint16 bits (`to_storage`, `from_storage`). Float arrays are filled with NaN, so even a reader
 bypassing the records never sees zeros for a missing chunk.
 
@@ -16,16 +17,17 @@ from __future__ import annotations
 import google_crc32c
 import numpy as np
 import zarr
-from zarr.codecs import BytesCodec, Crc32cCodec
+from zarr.codecs import BytesCodec
 
 from vermouth_cache.core.errors import VermouthError
+from vermouth_cache.store.codecs import codec_named
 from vermouth_cache.store.files import ArrayMeta
 
 STORAGE_DTYPES = {"fp16": "float16", "fp32": "float32", "bf16": "bfloat16"}
 # what a store's arrays may hold and how they may be encoded: numbers only, never objects
 SAFE_DATA_TYPES = {"float16", "float32", "float64", "uint8", "uint16", "uint32", "int8", "int16", "int32", "int64",
                    "bool"}
-SAFE_CODECS = {"bytes", "crc32c"}
+SAFE_CODECS = {"bytes", "blosc", "crc32c"}  # blosc: zstd with byte shuffle (`--codec zstd`)
 
 
 def zarr_dtype(dtype: str) -> str:
@@ -63,19 +65,31 @@ def chunk_checksum(block: np.ndarray) -> dict:
     return {"nbytes": len(raw) + 4, "crc32c": google_crc32c.value(raw)}
 
 
-def chunk_nbytes(spec: dict, shard_size: int) -> int:
-    """The size every chunk object of an array of `spec` has (an edge chunk is padded to the full shape)."""
-    item = np.dtype(zarr_dtype(spec["dtype"])).itemsize
-    return shard_size * int(np.prod(spec["shape"], dtype=np.int64)) * item + 4
+def chunk_nbytes(spec: dict, shard_size: int) -> int | None:
+    """The size every chunk object of an array of `spec` has (an edge chunk is padded to the full
+    shape); None for a compressed array, whose chunks each have the size their record gives."""
+    codec = codec_named(spec.get("codec", "raw"))
+    if not codec.fixed_size:
+        return None
+    shape = codec.zarr_shape(tuple(spec["shape"]))
+    item = np.dtype(codec.zarr_dtype(zarr_dtype(spec["stored"]))).itemsize
+    return shard_size * int(np.prod(shape, dtype=np.int64)) * item + 4
 
 
-def create_array(zstore, name: str, n_samples: int, shard_size: int, sample_shape: tuple[int, ...], dtype: str) -> None:
+def create_array(zstore, name: str, n_samples: int, shard_size: int, sample_shape: tuple[int, ...], dtype: str,
+                 codec: str = "raw") -> None:
     """Write the metadata of array `name` (n_samples, *sample_shape), one chunk per shard; an array
     another writer created first is left as it is (zarr.errors.ContainsArrayError)."""
+    c = codec_named(codec)
+    zdtype = c.zarr_dtype(zarr_dtype(dtype))
+    shape = c.zarr_shape(tuple(sample_shape))
+    attributes = {"vermouth_dtype": dtype}
+    if codec != "raw":  # raw arrays' metadata is what 0.2 wrote
+        attributes.update(vermouth_codec=codec, sample_shape=list(sample_shape))
     zarr.create_array(
-        store=zstore, name=name, shape=(n_samples, *sample_shape), chunks=(shard_size, *sample_shape),
-        dtype=zarr_dtype(dtype), fill_value=nan_fill(dtype), serializer=BytesCodec(), compressors=[Crc32cCodec()],
-        attributes={"vermouth_dtype": dtype},
+        store=zstore, name=name, shape=(n_samples, *shape), chunks=(shard_size, *shape),
+        dtype=zdtype, fill_value=0 if c.lossy else nan_fill(dtype), serializer=BytesCodec(),
+        compressors=c.zarr_compressors(zdtype), attributes=attributes,
         overwrite=False,  # never: it would delete chunks another writer has committed
     )
 
@@ -97,13 +111,23 @@ def check_meta(meta: ArrayMeta, n_samples: int, shard_size: int, recipe_dtype) -
     """The array's per-sample spec {"shape", "dtype"}, if its metadata is exactly what `create_array`
     writes for an entry of `n_samples` in shards of `shard_size` whose recipe asks `recipe_dtype`."""
     dtype = meta.attributes.get("vermouth_dtype", meta.data_type)
-    sample = list(meta.shape[1:])
+    name = meta.attributes.get("vermouth_codec", "raw")
+    try:
+        codec = codec_named(name if isinstance(name, str) else repr(name))
+    except VermouthError as exc:
+        raise VermouthError(f"its metadata was altered ({exc})") from None
+    zarr_sample = list(meta.shape[1:])
+    sample = list(meta.attributes.get("sample_shape", zarr_sample)) if name != "raw" else zarr_sample
+    if not all(isinstance(n, int) and n > 0 for n in sample):
+        raise VermouthError(f"its metadata was altered (sample_shape is {str(sample)[:80]})")
+    zdtype = codec.zarr_dtype(zarr_dtype(dtype)) if isinstance(dtype, str) else None
     expected = {
         "shape[0]": (meta.shape[:1], [n_samples]),
-        "data_type": (meta.data_type, zarr_dtype(dtype) if isinstance(dtype, str) else None),
-        "chunk_grid": (meta.chunk_grid, {"name": "regular", "configuration": {"chunk_shape": [shard_size, *sample]}}),
+        "shape[1:]": (zarr_sample, list(codec.zarr_shape(tuple(sample)))),
+        "data_type": (meta.data_type, zdtype),
+        "chunk_grid": (meta.chunk_grid, {"name": "regular", "configuration": {"chunk_shape": [shard_size, *zarr_sample]}}),
         "chunk_key_encoding": (meta.chunk_key_encoding, {"name": "default", "configuration": {"separator": "/"}}),
-        "codecs": (meta.codecs, [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]),
+        "codecs": (meta.codecs, codec.meta_codecs(zdtype) if zdtype else None),
         "storage_transformers": (getattr(meta, "storage_transformers", None) or [], []),
     }
     if isinstance(recipe_dtype, str):
@@ -111,16 +135,16 @@ def check_meta(meta: ArrayMeta, n_samples: int, shard_size: int, recipe_dtype) -
     for what, (have, want) in expected.items():
         if have != want:
             raise VermouthError(f"its metadata was altered ({what} is {str(have)[:80]}, vermouth-cache wrote {want})")
-    return {"shape": sample, "dtype": dtype}
+    # dtype: what a read returns (a lossy codec's decoded float32); stored: what the chunks hold
+    return {"shape": sample, "dtype": "float32" if codec.lossy else dtype, "stored": dtype, "codec": name}
 
 
 def decode_chunk(data, spec: dict, shard_size: int) -> np.ndarray:
-    """A checked chunk's bytes as its (shard_size, *shape) block, a view of those bytes."""
-    if isinstance(data, bytes):  # an object store's read: numpy needs a writable buffer to hand out
-        data = bytearray(data)
-    dtype = np.dtype(zarr_dtype(spec["dtype"])).newbyteorder("<")
-    block = np.frombuffer(data, dtype=dtype, count=(len(data) - 4) // dtype.itemsize)  # then the CRC32C
-    return block.reshape(shard_size, *spec["shape"])
+    """A checked chunk's bytes as its (shard_size, *shape) block (raw: a view of those bytes)."""
+    try:
+        return codec_named(spec.get("codec", "raw")).decode(data, spec, shard_size)
+    except (ValueError, RuntimeError) as exc:  # a committed chunk that its codec cannot decode
+        raise VermouthError(f"chunk cannot be decoded ({exc})") from None
 
 
 def gather(blocks: dict[int, np.ndarray], idx: np.ndarray, shard_size: int, spec: dict) -> np.ndarray:

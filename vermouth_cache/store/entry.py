@@ -25,6 +25,7 @@ import numpy as np
 import zarr
 
 from vermouth_cache.core.errors import VermouthError
+from vermouth_cache.store.codecs import codec_named
 from vermouth_cache.store.arrays import (check_meta, chunk_checksum, chunk_nbytes, create_array, decode_chunk, gather,
                                          nan_fill, refuse_unsafe, to_storage)
 from vermouth_cache.store.files import ArrayMeta, check_manifest, digest, parse
@@ -154,9 +155,9 @@ class Entry:
             self._zstore = self.loc.zarr_store(f"{self.prefix}/arrays")
         return self._zstore
 
-    def ensure_array(self, name: str, sample_shape: tuple[int, ...], dtype: str) -> None:
+    def ensure_array(self, name: str, sample_shape: tuple[int, ...], dtype: str, codec: str = "raw") -> None:
         """Create array `name` (N, *sample_shape) once; later calls, by any writer, must agree."""
-        spec = {"shape": list(sample_shape), "dtype": dtype}
+        spec = {"shape": list(sample_shape), "dtype": dtype, "codec": codec}
         self.loc.check_writable(f"{self.prefix}/arrays/{name}")
         if name not in self.arrays:
             self._specs = None
@@ -168,7 +169,7 @@ class Entry:
         if name in self.broken:
             self.array_spec(name)  # raises: altered metadata is never written over
         try:
-            create_array(self._zarr_store(), name, self.n_samples, self.shard_size, sample_shape, dtype)
+            create_array(self._zarr_store(), name, self.n_samples, self.shard_size, sample_shape, dtype, codec)
         except zarr.errors.ContainsArrayError:
             pass  # another writer created it first; its metadata is checked below
         except OSError as exc:
@@ -240,6 +241,8 @@ class Entry:
         `read=False` checks only the size (no bytes are read)."""
         key = self.chunk_key(name, shard)
         expected = self.chunk_nbytes(name)
+        if expected is None:  # a compressed array: each chunk has the size its record committed
+            expected = int(rec.chunk["nbytes"])
         if not read:
             size = self.loc.size(key)
             data = None
@@ -267,14 +270,22 @@ class Entry:
         chunk = None
         if data is not None:
             spec = self.array_spec(name)
-            stored = to_storage(data, spec["dtype"])
-            padded = np.full((self.shard_size, *stored.shape[1:]), nan_fill(spec["dtype"]), dtype=stored.dtype)
+            codec = codec_named(spec["codec"])
+            # a lossy codec quantizes the float32 values themselves, not their fp16 rounding
+            stored = np.asarray(data, dtype=np.float32) if codec.lossy else to_storage(data, spec["stored"])
+            padded = np.full((self.shard_size, *stored.shape[1:]), nan_fill(spec["stored"]) if not codec.lossy
+                             else np.nan, dtype=stored.dtype)
             padded[: stop - start] = stored
-            chunk = {**chunk_checksum(padded), "meta": spec["meta"]}
+            encoded = None if spec["codec"] == "raw" else codec.encode(padded)
+            chunk = {**(chunk_checksum(padded) if encoded is None else
+                        {"nbytes": len(encoded), "crc32c": int.from_bytes(encoded[-4:], "little")}), "meta": spec["meta"]}
             if before_commit:
                 before_commit()
             try:
-                self._array(name)[start:stop] = stored
+                if encoded is None:
+                    self._array(name)[start:stop] = stored
+                else:  # the chunk object as Zarr would write it (bytes [+ blosc] + crc32c), written whole
+                    self.loc.write_bytes(self.chunk_key(name, shard), encoded)
             except OSError as exc:  # e.g. ENOSPC from zarr's own atomic write
                 raise space_error(exc, self.chunk_key(name, shard)) from None
         rec = ShardRecord(shard, start, stop, list(status), values, run, chunk, self.manifest_digest)
@@ -369,4 +380,4 @@ class Entry:
 
 
 def _shape_dtype(spec: dict | None) -> dict | None:
-    return None if spec is None else {"shape": spec["shape"], "dtype": spec["dtype"]}
+    return None if spec is None else {"shape": spec["shape"], "dtype": spec["stored"], "codec": spec["codec"]}

@@ -53,7 +53,9 @@ def entry_row(entry: Entry, summarize_taps: TapSummary = ",".join) -> dict[str, 
         "res": str(about.get("resolution", "")) + _views(entry),
         "prompt": _prompt(entry),
         "noise": _noise(entry),
-        "dtype": str(about.get("dtype", "")) if entry.kind in ("features", "expert") else "",
+        "dtype": (str(about.get("dtype", "")) + (f" {entry.manifest['recipe']['codec']}"  # fp16 zstd, fp16 int8
+                                                 if entry.manifest.get("recipe", {}).get("codec") else ""))
+                 if entry.kind in ("features", "expert") else "",
         "done/total": f"{ok}/{total}" + (f" ({failed} failed)" if failed else ""),
         "size": human_bytes(entry.size_bytes()),
     }

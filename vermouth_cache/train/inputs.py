@@ -103,6 +103,8 @@ def open_split(store: Store, ds: Dataset, s: TaskSettings, *, pins: dict | None 
         match = {"expert": s.expert, "resolution": s.resolution}
         if query.pins.get("dtype"):
             match["dtype"] = query.pins["dtype"]
+        if query.pins.get("codec"):
+            match["codec"] = query.pins["codec"] if query.pins["codec"] != "raw" else None
         expert = find_by_dataset(store, "expert", source, match, f"{s.expert} expert features")
     record = store.dataset(feats.manifest["about"]["dataset_record"])
     rows = subset_indices(record["ids"], ds) if source is not ds else list(range(len(ds)))
