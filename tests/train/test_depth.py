@@ -143,3 +143,23 @@ def test_depth_maps_must_be_16_bit_and_as_large_as_their_image(tmp_path):
     s = Sample("x.png@0,0,8,8", tmp_path / "x.png", 0, "a", view=View((0, 0, 8, 8)), depth=tmp_path / "small.png")
     with pytest.raises(VermouthError, match="smaller than its image"):
         view_depth(s, 8)
+
+
+def test_predict_draws_the_depth_of_new_images(nyu, tmp_path):
+    """`predict` on a depth run: the image's class row conditions it (--classname), the map is drawn
+    beside the crop; without the class, the table-class prompt is refused."""
+    from PIL import Image
+
+    from vermouth_cache.core.errors import VermouthError
+    from vermouth_cache.train.predict import predict
+
+    train_depth(DepthData(str(nyu["data"]), views=2), task_settings("depth", resolution=RES, epochs=1, batch_size=4,
+                                                                    head_width=0.125),
+                RunOptions(store=str(nyu["store"]), out=str(tmp_path / "run"), progress=False))
+    sample = load_dataset(nyu["data"], split="test").samples[0]
+    rep = predict(tmp_path / "run", sample.path, tmp_path / "p", classname=sample.classname, progress=False)
+    (p,) = rep["predictions"]
+    img = Image.open(p["png"])
+    assert img.width == 2 * img.height and 0 <= p["depth_min_m"] <= p["depth_max_m"] <= 10
+    with pytest.raises(VermouthError, match="needs a class per sample|has no row"):
+        predict(tmp_path / "run", sample.path, tmp_path / "q", progress=False)

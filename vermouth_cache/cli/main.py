@@ -9,6 +9,7 @@ import logging
 import sys
 
 import click
+from pathlib import Path
 
 from vermouth_cache import __version__
 from vermouth_cache.core.errors import VermouthError
@@ -141,6 +142,53 @@ def export(store, out, entry, taps, dataset, sd_model, with_expert, expert_entry
     click.echo(f"wrote {res['path']}: {res['samples']} samples, taps {', '.join(res['taps'])}"
                + (f", expert {res['expert'][:12]}" if res["expert"] else "")
                + (f" ({res['excluded']} failed samples excluded)" if res["excluded"] else ""))
+
+
+@main.command()
+@click.argument("run")
+@click.argument("images")
+@click.option("--out", required=True, help="Directory for predictions.json, the maps (PNG) and images.csv.")
+@click.option("--top-k", type=click.IntRange(1, 1000), default=5, show_default=True,
+              help="fewshot: classes per image; sbir: nearest gallery photos per sketch.")
+@click.option("--text", help="refer: the sentence whose object to segment (every image).")
+@click.option("--classname", help="A prompt that reads the label (VPD depth's table-class): the class of every image.")
+@click.option("--store", help="Store to read and write features in [the run's].")
+@click.option("--device", help="cpu, cuda or cuda:N (default: cuda when present).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def predict(run, images, out, top_k, text, classname, store, device, quiet):
+    """Apply RUN's head to IMAGES (an image or a folder): features made with the run's own recipe
+    into its store (reused when already there), then top-k classes (fewshot), nearest photos (sbir)
+    or a map beside each image (seg, depth, refer)."""
+    from vermouth_cache.core.atomic import output_directory
+    from vermouth_cache.train.predict import predict as run_predict
+
+    res = run_predict(run, images, output_directory(out, "prediction directory"), top_k=top_k, text=text,
+                      classname=classname, store=store, device=device, progress=not quiet)
+    for p in res["predictions"]:
+        if "top" in p:
+            click.echo(f"{p['id']}: " + ", ".join(f"{t['class']} {t['p']:.3f}" for t in p["top"]))
+        elif "nearest" in p:
+            click.echo(f"{p['id']}: " + ", ".join(f"{t['photo']} ({t['class']}) {t['cosine']:.3f}" for t in p["nearest"]))
+        else:
+            click.echo(f"{p['id']}: {p['png']}")
+    click.echo(f"{res['images']} images ({len(res['skipped'])} unreadable) -> {Path(out) / 'predictions.json'}")
+
+
+@main.command()
+@click.argument("run")
+@click.argument("images")
+@click.option("--out", required=True, help="Directory for embeddings.npz (ids, embeddings) and images.csv.")
+@click.option("--store", help="Store to read and write features in [the run's].")
+@click.option("--device", help="cpu, cuda or cuda:N (default: cuda when present).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def embed(run, images, out, store, device, quiet):
+    """The pooled U-head embedding of each image in IMAGES under RUN's head (fewshot, sbir)."""
+    from vermouth_cache.core.atomic import output_directory
+    from vermouth_cache.train.predict import embed as run_embed
+
+    res = run_embed(run, images, output_directory(out, "embedding directory"), store=store, device=device,
+                    progress=not quiet)
+    click.echo(f"{res['images']} embeddings of {res['dim']} dims -> {res['path']}")
 
 
 @main.group()
