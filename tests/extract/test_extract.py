@@ -141,3 +141,25 @@ def test_ls_and_export(request_for, folder, tmp_path):
         assert list(f["features"]) == ["mid_block"]
         assert json.loads(f.attrs["recipe"])["t"] == 200 and f.attrs["key"] == entry.key
         assert json.loads(f.attrs["classnames"]) == ["cat", "dog"]
+
+
+def test_the_next_shard_decodes_in_the_background_and_the_bytes_do_not_change(request_for, folder, tmp_path,
+                                                                              monkeypatch):
+    """While a shard runs its models, the next shard's images decode in a background thread; the
+    store's bytes are those of the serial path."""
+    import threading
+
+    from conftest import store_bytes
+    from vermouth_cache.extract import shards
+
+    threads = []
+    real = shards._decode
+    monkeypatch.setattr(shards, "_decode", lambda samples: threads.append(
+        (samples[0].id, threading.current_thread().name)) or real(samples))
+    req = request_for(folder, prompt="null", stages="mid", store=str(tmp_path / "a"))  # 5 images, shards of 2
+    extract(req)
+    background = {first: name.startswith("vermouth-cache-decode") for first, name in threads}
+    assert background == {"cat/00.png": False, "cat/02.png": True, "dog/01.png": True}  # shards 0, 1, 2
+    monkeypatch.setattr(shards, "PREFETCH", False)
+    extract(req.with_(store=str(tmp_path / "b")))
+    assert store_bytes(tmp_path / "a") == store_bytes(tmp_path / "b")

@@ -92,7 +92,9 @@ def _extract_here(req, ds, store: Store, plan: Plan, models: Models, todo: dict,
         with claims.heartbeat():
             while pending:
                 busy = []
-                for shard in pending:
+                for k, shard in enumerate(pending):
+                    if k + 1 < len(pending):
+                        runner.prefetch(pending[k + 1])  # its images decode while this shard computes
                     outcome = runner.run(shard, report)
                     if outcome in ("busy", "lost"):
                         busy.append(shard)
@@ -103,6 +105,7 @@ def _extract_here(req, ds, store: Store, plan: Plan, models: Models, todo: dict,
                     report.waited_seconds += wait_poll(claims.ttl)
                 pending = busy
     finally:
+        runner.close()
         bar.close()
 
 

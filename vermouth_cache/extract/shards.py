@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -119,6 +119,9 @@ class Models:
                    Expert(req.expert, req.expert_model, placement) if req.expert else None, placement)
 
 
+PREFETCH = True  # decode the next shard's images while this one computes (tests switch it off to compare)
+
+
 class ShardRunner:
     """Computes shards of one extraction under claims: the single-process loop and every dask
     task both go through `run`, so what a shard's bytes are never depends on who computed it."""
@@ -132,10 +135,32 @@ class ShardRunner:
         self.run_facts = models.placement.describe()
         if models.placement.device.type == "cpu":
             self.run_facts["cpu_threads"] = req.cpu_threads
+        self._ahead: dict[int, Future] = {}  # shard -> its images, decoding while the shard before computes
+        self._decoder: ThreadPoolExecutor | None = None
+
+    def prefetch(self, shard: int) -> None:
+        """Start decoding `shard`'s images in the background (the models of the shard before keep the
+        CPU or GPU busy meanwhile); `run(shard)` takes them. Decoding is the same call either way, so
+        the bytes never depend on it."""
+        if not PREFETCH or shard in self._ahead:
+            return
+        need = shard_need(self.plan, shard, self.only)
+        if not (need and _needs_images(self.req, need)):
+            return  # committed already, or only the U-net is left (it reads latents, not images)
+        if self._decoder is None:
+            self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vermouth-cache-decode")
+        self._ahead[shard] = self._decoder.submit(_decode, self.samples_of(shard))
+
+    def close(self) -> None:
+        if self._decoder is not None:
+            self._decoder.shutdown(wait=True, cancel_futures=True)
+            self._decoder = None
+        self._ahead.clear()
 
     def run(self, shard: int, report: ExtractReport) -> str:
         """"done" (computed here), "nothing" (already committed), "busy" (a live writer holds a
         part of it) or "lost" (taken over while computing: the taker commits it)."""
+        decoded = self._ahead.pop(shard, None)
         need = shard_need(self.plan, shard, self.only)
         if not need:
             return "nothing"
@@ -144,6 +169,8 @@ class ShardRunner:
             for entry in writes(self.plan, need):
                 claim = self.claims.acquire(entry.prefix, shard)
                 if claim is None:
+                    if decoded is not None:
+                        self._ahead[shard] = decoded  # for when the other writer is done (or dead)
                     return "busy"
                 held.append(claim)
             need = shard_need(self.plan, shard, self.only)  # committed by a writer that just released it?
@@ -155,7 +182,7 @@ class ShardRunner:
                     raise LostClaim(shard)
 
             _extract_shard(self.req, self.samples_of(shard), self.plan, self.models, shard, need, self.batch,
-                           self.run_facts, report, guard)
+                           self.run_facts, report, guard, decoded=decoded)
             report.shards.append(shard)
             return "done"
         except LostClaim:
@@ -186,20 +213,25 @@ def _write(entry: Entry, name: str, shard: int, ok_index: list[int], n: int, sta
     entry.write_shard(name, shard, status, data=full, run=run, before_commit=guard)
 
 
+def _needs_images(req, need: dict) -> bool:
+    """Whether a shard's remaining work reads its images (VAE, expert, or BLIP captions)."""
+    return bool(need["latents"] or need["expert"] or (need["captions"] and conditioning_of(req.prompt).needs_captioner))
+
+
 def _extract_shard(req, samples, plan: Plan, models: Models, shard: int, need: dict, batch: int,
-                   run: dict, report: ExtractReport, guard) -> None:
+                   run: dict, report: ExtractReport, guard, decoded: Future | None = None) -> None:
     start, stop = plan.captions.shard_bounds(shard)
     ids = [s.id for s in samples]
     n = len(samples)
     sd, captioner, expert = models.sd, models.captioner, models.expert
     method, cond = method_named(req.method), conditioning_of(req.prompt)
     geometry = view_geometry(samples)  # a dataset of views (data/views.py), else None
-    need_images = need["latents"] or need["expert"] or (need["captions"] and cond.needs_captioner)
+    need_images = _needs_images(req, need)
     status = [OK] * n
     images = [None] * n
     if need_images:
-        with _Stage(report, "decode", n):
-            images = _decode(samples)
+        with _Stage(report, "decode", n):  # with `decoded`, only the wait for the background decoding
+            images = decoded.result() if decoded is not None else _decode(samples)
         for i, img in enumerate(images):
             if isinstance(img, ImageError):
                 if req.on_error == "fail" and req.max_error_rate is None:
