@@ -58,7 +58,7 @@ def test_tar_shards_and_hf_datasets_list_their_images_and_labels(images, tmp_pat
     for ds in (load_dataset(write_shards(images, tmp_path / "wds")), load_dataset(write_hf(images, tmp_path / "hf"))):
         assert len(ds) == 5 and ds.classnames == ("cat", "dog")
         assert sorted(s.label for s in ds.samples) == sorted(s.label for s in folder.samples)
-        from vermouth_cache.data.archives import member_bytes
+        from vermouth_cache.data.members import member_bytes
 
         assert sorted(hashlib.sha256(member_bytes(s.path, s.member)).hexdigest() for s in ds.samples) == digests
     with pytest.raises(VermouthError, match="give --split"):

@@ -16,19 +16,14 @@ Bytes are read by offset (a tar member's data start, found once per shard per pr
 
 from __future__ import annotations
 
-import functools
 import json
-import os
-import re
-import tarfile
-import threading
 from pathlib import Path
 
-from vermouth_cache.core.errors import VermouthError, require
+from vermouth_cache.core.errors import VermouthError
+from vermouth_cache.data.members import hf_columns, hf_split, tar_index, member_bytes
 from vermouth_cache.data.samples import Sample
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
-HF_ROW = re.compile(r"^hf:([^:]*):(\d+)$")  # hf:SPLIT:ROW (SPLIT empty for a single Dataset)
 
 
 def is_webdataset(path: Path) -> bool:
@@ -76,7 +71,7 @@ def load_webdataset(spec: Path, split: str | None) -> tuple[list[Sample], tuple[
 
 
 def _members(shard: Path) -> list[str]:
-    return list(_tar_index(str(shard.resolve()), shard.stat().st_mtime_ns))
+    return list(tar_index(str(shard.resolve()), shard.stat().st_mtime_ns))
 
 
 def _wds_label(shard: Path, parts: dict[str, str]) -> int | None:
@@ -112,21 +107,11 @@ def _class_file(path: Path, labels: list[int]) -> list[str]:
     return [str(i) for i in range(n)]
 
 
-@functools.lru_cache(maxsize=64)
-def _tar_index(path: str, mtime_ns: int) -> dict[str, tuple[int, int]]:
-    """{member name: (data offset, size)} of one tar's regular files (read once per process)."""
-    try:
-        with tarfile.open(path, "r:") as tar:  # plain tar only: a compressed one has no offsets to pread
-            return {m.name: (m.offset_data, m.size) for m in tar.getmembers() if m.isfile()}
-    except (tarfile.TarError, OSError) as exc:
-        raise VermouthError(f"{path}: not a readable (uncompressed) tar shard ({exc})") from None
-
-
 # -- Hugging Face datasets ------------------------------------------------------------------------
 def load_hf(spec: Path, split: str | None) -> tuple[list[Sample], tuple[str, ...]]:
     """(samples in row order, class names) of a saved Dataset (or one split of a DatasetDict)."""
-    ds = _hf_split(str(spec.resolve()), split)
-    column, label_col = _hf_columns(ds, spec)
+    ds = hf_split(str(spec.resolve()), split)
+    column, label_col = hf_columns(ds, spec)
     names: tuple[str, ...] = tuple(ds.features[label_col].names) if label_col else ()
     labels = ds[label_col] if label_col else [None] * len(ds)
     prefix = f"{split}/" if split else ""
@@ -138,65 +123,3 @@ def load_hf(spec: Path, split: str | None) -> tuple[list[Sample], tuple[str, ...
     return samples, names
 
 
-@functools.lru_cache(maxsize=8)
-def _hf_split(path: str, split: str | None):
-    datasets = require("datasets", "reading a saved Hugging Face dataset")
-    try:
-        loaded = datasets.load_from_disk(path)
-    except Exception as exc:  # noqa: BLE001 - datasets raises many kinds for a damaged folder
-        raise VermouthError(f"{path}: not a saved Hugging Face dataset ({type(exc).__name__}: {exc})") from None
-    if isinstance(loaded, datasets.DatasetDict):
-        if split is None or split not in loaded:
-            raise VermouthError(f"{path} holds the splits {', '.join(loaded)}: give --split")
-        loaded = loaded[split]
-    elif split is not None:
-        raise VermouthError(f"{path}: split {split!r} given, but the saved dataset has no splits")
-    column, _ = _hf_columns(loaded, Path(path))
-    return loaded.cast_column(column, datasets.Image(decode=False))  # bytes as stored, decoded by us
-
-
-def _hf_columns(ds, spec: Path) -> tuple[str, str | None]:
-    import datasets
-
-    images = [k for k, f in ds.features.items() if isinstance(f, datasets.Image)]
-    if len(images) != 1:
-        raise VermouthError(f"{spec}: expected one Image column, found {len(images)} ({', '.join(ds.features)})")
-    labels = [k for k, f in ds.features.items() if isinstance(f, datasets.ClassLabel)]
-    return images[0], (labels[0] if labels else None)
-
-
-_hf_lock = threading.Lock()
-
-
-# -- bytes ------------------------------------------------------------------------------------
-def member_bytes(path: Path, member: str) -> bytes:
-    """The bytes of `member` of the archive at `path` (a tar member name, or hf:ROW)."""
-    row = HF_ROW.match(member)
-    if row is not None:
-        return _hf_bytes(path, row.group(1) or None, int(row.group(2)))
-    index = _tar_index(str(path), os.stat(path).st_mtime_ns)
-    if member not in index:
-        raise FileNotFoundError(f"{member} is no longer in {path}")
-    offset, size = index[member]
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        data = os.pread(fd, size, offset)
-    finally:
-        os.close(fd)
-    if len(data) != size:
-        raise OSError(f"{path}: {member} is cut short ({len(data)} of {size} bytes)")
-    return data
-
-
-def _hf_bytes(path: Path, split: str | None, row: int) -> bytes:
-    ds = _hf_split(str(path), split)
-    if row >= len(ds):
-        raise FileNotFoundError(f"row {row} is no longer in {path}")
-    column, _ = _hf_columns(ds, path)
-    with _hf_lock:  # Arrow reads are memory maps, but the datasets wrapper keeps per-object state
-        cell = ds[row][column]
-    if cell.get("bytes") is not None:
-        return cell["bytes"]
-    if cell.get("path"):
-        return Path(cell["path"]).read_bytes()
-    raise OSError(f"row {row} of {path} holds no image bytes")

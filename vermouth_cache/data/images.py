@@ -33,7 +33,7 @@ def decode_sample(sample) -> Image.Image:
     """decode_image of a sample: its file, or its member of a tar shard or saved HF dataset."""
     if sample.member is None:
         return decode_image(sample.path, sample.id)
-    from vermouth_cache.data.archives import member_bytes
+    from vermouth_cache.data.members import member_bytes
 
     try:
         data = member_bytes(sample.path, sample.member)

@@ -76,7 +76,7 @@ class Dataset:
 def _hash(sample: Sample) -> str:
     try:
         if sample.member is not None:  # an image inside a tar shard or a saved HF dataset
-            from vermouth_cache.data.archives import member_bytes
+            from vermouth_cache.data.members import member_bytes
 
             return hashlib.sha256(member_bytes(sample.path, sample.member)).hexdigest()
         return file_sha256(sample.path)

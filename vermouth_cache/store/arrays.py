@@ -20,7 +20,7 @@ import zarr
 from zarr.codecs import BytesCodec
 
 from vermouth_cache.core.errors import VermouthError
-from vermouth_cache.store.codecs import codec_named
+from vermouth_cache.store.codecs import codec_named, zarr_dtype
 from vermouth_cache.store.files import ArrayMeta
 
 STORAGE_DTYPES = {"fp16": "float16", "fp32": "float32", "bf16": "bfloat16"}
@@ -28,11 +28,6 @@ STORAGE_DTYPES = {"fp16": "float16", "fp32": "float32", "bf16": "bfloat16"}
 SAFE_DATA_TYPES = {"float16", "float32", "float64", "uint8", "uint16", "uint32", "int8", "int16", "int32", "int64",
                    "bool"}
 SAFE_CODECS = {"bytes", "blosc", "crc32c"}  # blosc: zstd with byte shuffle (`--codec zstd`)
-
-
-def zarr_dtype(dtype: str) -> str:
-    """The Zarr data type that holds `dtype` (bfloat16: its bits as uint16)."""
-    return "uint16" if dtype == "bfloat16" else dtype
 
 
 def nan_fill(dtype: str):

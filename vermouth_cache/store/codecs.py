@@ -82,8 +82,6 @@ class Codec:
         if self.lossy:
             packed = np.frombuffer(payload, dtype=np.uint8).reshape(shard_size, -1)
             return dequantize(packed, tuple(spec["shape"]), self.name)
-        from vermouth_cache.store.arrays import zarr_dtype
-
         dtype = np.dtype(zarr_dtype(spec["dtype"])).newbyteorder("<")
         if self.name == "zstd":
             payload = bytearray(_blosc().decode(bytes(payload)))
@@ -97,6 +95,11 @@ class Codec:
 
 
 CODECS = {c.name: c for c in (Codec("raw"), Codec("zstd"), Codec("int8", lossy=True), Codec("fp8", lossy=True))}
+
+
+def zarr_dtype(dtype: str) -> str:
+    """The Zarr data type that holds `dtype` (bfloat16: its bits as uint16)."""
+    return "uint16" if dtype == "bfloat16" else dtype
 
 
 def codec_named(name: str) -> Codec:
