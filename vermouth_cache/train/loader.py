@@ -239,12 +239,13 @@ class CacheLoader:
                     return True
             return False
 
-        # a second thread reads the next window (zarr) while this one permutes and casts the current one
-        pool = ThreadPoolExecutor(1, thread_name_prefix="vermouth-cache-loader-read")
+        # reader threads read the next window's shards (in parallel) while this one gathers batches
+        pool = ThreadPoolExecutor(self.shuffle_window + 1, thread_name_prefix="vermouth-cache-loader-read")
+        pin = self.device.type == "cuda"
         try:
             bounds = np.cumsum([0] + [len(self._rows(g)) for g, _ in windows])  # window w = rows [w], [w+1]
             reads: dict[int, Future] = {}
-            ready: dict[int, dict[str, np.ndarray]] = {}
+            ready: dict[int, dict[str, list[np.ndarray]]] = {}
             for b0 in self._starts():
                 b1 = min(b0 + self.batch_size, len(self.indices))
                 first, last = np.searchsorted(bounds, b0, "right") - 1, np.searchsorted(bounds, b1, "left") - 1
@@ -252,36 +253,49 @@ class CacheLoader:
                     del ready[w]  # only the windows of this batch and the next window stay in memory
                 for w in range(first, min(last + 2, len(windows))):
                     if w not in reads and w not in ready:
-                        reads[w] = pool.submit(self._read_window, windows[w][0])
-                parts: dict[str, list[torch.Tensor]] = {k: [] for k in self.fields}
+                        reads[w] = self._read_window(pool, windows[w][0])
+                pieces: list[tuple[dict[str, list[np.ndarray]], np.ndarray]] = []
                 for w in range(first, last + 1):
                     if w not in ready:
-                        ready[w] = {k: _permute(v, windows[w][1]) for k, v in reads.pop(w).result().items()}
+                        ready[w] = {k: [f.result() for f in fs] for k, fs in reads.pop(w).items()}
                     a, b = max(b0, bounds[w]) - bounds[w], min(b1, bounds[w + 1]) - bounds[w]
-                    for k in self.fields:
-                        parts[k].append(torch.from_numpy(ready[w][k][a:b]))
-                if not put({k: _join(p, pin=self.device.type == "cuda") for k, p in parts.items()}):
+                    perm = windows[w][1]
+                    pieces.append((ready[w], perm[a:b] if perm is not None else np.arange(a, b)))
+                if not put({k: _gather([(shards[k], rows) for shards, rows in pieces], pin=pin) for k in self.fields}):
                     return
         except BaseException as exc:  # re-raised by the main thread at its next batch
             put(exc)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _read_window(self, group: np.ndarray) -> dict[str, list[np.ndarray]]:
-        """Per field, each shard's selected rows: one whole-chunk entry.read (re-checking the record)."""
-        return {k: [f.entry.read(f.array, self.indices[slice(*self._span[int(s)])]) for s in group]
+    def _read_window(self, pool: ThreadPoolExecutor, group: np.ndarray) -> dict[str, list[Future]]:
+        """Per field, each shard's selected rows, read concurrently: one whole-chunk entry.read each
+        (file read and CRC32C release the GIL), re-checking the record."""
+        return {k: [pool.submit(f.entry.read, f.array, self.indices[slice(*self._span[int(s)])]) for s in group]
                 for k, f in self.fields.items()}
 
 
-def _permute(shards: list[np.ndarray], perm: np.ndarray | None) -> np.ndarray:
-    """The shards' rows concatenated, then permuted by `perm`, in one copy (batches are then slices)."""
-    if perm is None:
-        return np.concatenate(shards)
-    dest, out, o = np.argsort(perm), np.empty((len(perm), *shards[0].shape[1:]), shards[0].dtype), 0
-    for rows in shards:
-        out[dest[o:o + len(rows)]] = rows
+def _gather(parts: list[tuple[list[np.ndarray], np.ndarray]], pin: bool) -> torch.Tensor:
+    """One batch: for each window part, rows `rows` of its shards' rows taken in order (row r of the
+    window is row r - offset of the shard holding it), gathered and cast straight into one new
+    float32 array (or, `pin`, for CUDA, a pinned one in the stored dtype): one pass over the bytes."""
+    first = parts[0][0][0]
+    shape = (sum(len(rows) for _, rows in parts), *first.shape[1:])
+    if pin:
+        out_t = torch.empty(shape, dtype=torch.from_numpy(first[:0]).dtype, pin_memory=True)
+        out = out_t.numpy()
+    else:
+        out = np.empty(shape, np.float32)  # numpy asks for huge pages: see _join
+        out_t = torch.from_numpy(out)
+    o = 0
+    for shards, rows in parts:
+        offsets = np.cumsum([0] + [len(a) for a in shards])
+        which = np.searchsorted(offsets, rows, "right") - 1
+        for s in np.unique(which):
+            at = np.flatnonzero(which == s)
+            out[o + at] = shards[s][rows[at] - offsets[s]]
         o += len(rows)
-    return out
+    return out_t
 
 
 def _join(parts: list[torch.Tensor], pin: bool) -> torch.Tensor:
