@@ -66,11 +66,14 @@ def _decode(samples) -> list:
 def _distinct_images(samples) -> tuple[list[int], list[int]]:
     """(index of the first sample of each distinct (image, view), the position of every sample's
     among them): samples that share an image and view share its pixels, latent and expert maps."""
-    first: dict = {}
-    where = [first.setdefault((s.path, s.member, s.view), len(first)) for s in samples]
-    firsts = [0] * len(first)
-    for i, w in reversed(list(enumerate(where))):
-        firsts[w] = i
+    position: dict = {}
+    firsts, where = [], []
+    for i, s in enumerate(samples):
+        key = (s.path, s.member, s.view)
+        if key not in position:
+            position[key] = len(firsts)
+            firsts.append(i)
+        where.append(position[key])
     return firsts, where
 
 

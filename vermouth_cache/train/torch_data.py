@@ -93,6 +93,7 @@ class CachedFeatures(torch.utils.data.Dataset):
             self._captions = st.find("captions", cap_key).values(CAPTIONS, self._rows)
         self._entries: dict | None = None
         self._blocks: OrderedDict = OrderedDict()
+        self._by_shard: dict = {}
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -165,8 +166,7 @@ class CachedFeatures(torch.utils.data.Dataset):
         if key in self._blocks:
             self._blocks.move_to_end(key)
             return self._blocks[key]
-        size = entry.shard_size
-        mine = [r for r in self._rows if r // size == shard]  # usable rows only: failed ones are refused
+        mine = self._rows_by_shard(entry.shard_size).get(shard, [])  # usable rows only: failed ones are refused
         data = entry.read(name, mine)
         tensor = torch.from_numpy(np.ascontiguousarray(data))
         if self.dtype is not None and tensor.is_floating_point():
@@ -176,6 +176,15 @@ class CachedFeatures(torch.utils.data.Dataset):
         while len(self._blocks) > self.cached_shards * len(self._arrays):
             self._blocks.popitem(last=False)
         return block
+
+    def _rows_by_shard(self, size: int) -> dict[int, list[int]]:
+        """{shard: this dataset's rows in it}, built once per shard size (not a scan per shard read)."""
+        if self._by_shard.get("size") != size:
+            by: dict[int, list[int]] = {}
+            for r in self._rows:
+                by.setdefault(r // size, []).append(r)
+            self._by_shard = {"size": size, "rows": by}
+        return self._by_shard["rows"]
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

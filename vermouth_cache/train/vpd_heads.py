@@ -68,8 +68,9 @@ def level_channels(tap_shapes: Mapping[str, tuple], with_attention: bool = True,
                    stages: str | None = None) -> list[int]:
     """Channels of each level from the cached array shapes (per sample, (C, H, W))."""
     if stages is not None:
-        dummy = {k: torch.zeros(1, *v) for k, v in tap_shapes.items() if len(v) == 3}
-        return [x.shape[1] for x in stage_levels(dummy, stages)]
+        # Vermouth's pyramid merge decides the channels: run it on shape-only (meta) tensors
+        shapes_only = {k: torch.empty(1, *v, device="meta") for k, v in tap_shapes.items() if len(v) == 3}
+        return [x.shape[1] for x in stage_levels(shapes_only, stages)]
     missing = [t for t in LEVEL_TAPS if t not in tap_shapes]
     if missing:
         raise VermouthError(f"a VPD head needs the cached taps {', '.join(missing)} (extract --method vpd)")
