@@ -97,3 +97,25 @@ def test_archive_features_equal_the_folders_and_a_bad_member_is_skipped(images, 
             tar.addfile(info, io.BytesIO(data))
     rep = extract(request_for(bad, prompt="null", stages="mid", store=str(tmp_path / "b"), on_error="skip"))
     assert list(rep.failed) == ["000000.tar/b.png"] and "not a decodable image" in rep.failed["000000.tar/b.png"]
+
+
+def test_an_archive_rewritten_in_place_is_read_again_in_the_same_process(images, tmp_path):
+    """The cached tar index and opened HF dataset are keyed by the files' state: a dataset saved
+    over the old one (new bytes, same path) changes the identity without a new process."""
+    import shutil
+
+    hf = write_hf(images, tmp_path / "hf")
+    before = load_dataset(hf).identity()
+    (images / "cat" / "00.png").write_bytes((images / "dog" / "00.png").read_bytes())
+    write_hf(images, tmp_path / "hf2")
+    shutil.rmtree(hf)
+    shutil.move(tmp_path / "hf2", hf)
+    assert load_dataset(hf).identity() != before
+    shards = write_shards(images, tmp_path / "wds")
+    before = load_dataset(shards).identity()
+    with tarfile.open(shards / "000000.tar", "a") as tar:  # one more image appended to a shard
+        data = (images / "dog" / "01.png").read_bytes()
+        info = tarfile.TarInfo("extra.png")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    assert len(load_dataset(shards)) == 6 and load_dataset(shards).identity() != before

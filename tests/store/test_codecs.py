@@ -130,3 +130,41 @@ def test_quantize_keeps_not_computed_samples_nan_and_constant_channels_exact():
         assert np.all(y[0, 0] == 5.0) and np.isnan(y[1]).all() and not np.isnan(y[[0, 2]]).any()
     with pytest.raises(VermouthError, match="unknown codec"):
         codec_named("gzip")
+
+
+def test_two_arrays_of_one_shape_swapped_with_their_records_are_refused(request_for, tmp_path):
+    """down_blocks.3 and mid_block have the same zarr.json: a record binds its array by name, so
+    swapping both folders (chunks and records) is damage, not the other array's values."""
+    from conftest import make_images
+    from vermouth_cache.store.records import ShardDamage
+
+    data = make_images(tmp_path / "imgs", {"a": 2})
+    rep = extract(request_for(data, prompt="null", stages="down,mid", resolution=64, codec="int8"))
+    feats = Store(request_for(data).store).find("features", rep.entries["features t=200"])
+    specs = {n: (feats.arrays[n]["shape"], feats.arrays[n]["meta"]) for n in ("down_blocks.3", "mid_block")}
+    assert specs["down_blocks.3"] == specs["mid_block"]  # the same metadata: only the name tells them apart
+    base = tmp_path / "store" / feats.prefix
+    for d in ("arrays", "shards"):
+        (base / d / "mid_block").rename(base / d / "tmp")
+        (base / d / "down_blocks.3").rename(base / d / "mid_block")
+        (base / d / "tmp").rename(base / d / "down_blocks.3")
+    with pytest.raises(ShardDamage, match="written for array down_blocks.3 .moved or swapped."):
+        Store(str(tmp_path / "store")).find("features", feats.key).read("mid_block")
+    assert not verify(Store(str(tmp_path / "store")), deep=True, progress=False).ok
+
+
+def test_lossy_codecs_refuse_non_finite_values_and_damage_pickles_whole(tmp_path):
+    import pickle
+
+    from vermouth_cache.store.records import ShardDamage
+
+    store = Store(tmp_path / "s", create=True)
+    entry = store.entry("features", {"t": "nonfinite"}, n_samples=2, shard_size=2, about={})
+    entry.ensure_array("x", (2, 3, 3), "float16", "int8")
+    data = np.zeros((2, 2, 3, 3), np.float32)
+    data[1, 0, 0, 0] = np.inf
+    with pytest.raises(VermouthError, match=r"sample #1 has non-finite values, which --codec int8 cannot store"):
+        entry.write_shard("x", 0, ["ok", "ok"], data=data)
+    entry.write_shard("x", 0, ["ok", "error: bad image"], data=data)  # a failed sample's row may be anything
+    exc = pickle.loads(pickle.dumps(ShardDamage("features/ab", "x", 3, "checksum mismatch")))
+    assert isinstance(exc, ShardDamage) and (exc.array, exc.shard) == ("x", 3)  # DataLoader workers re-raise it

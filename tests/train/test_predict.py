@@ -101,3 +101,17 @@ def test_predict_refusals_are_one_line(run, tmp_path, monkeypatch, capsys):
     code, _, err = cli(monkeypatch, capsys, "embed", run["run"], run["split"].parent / "images", "--out",
                        run["store"] / "x")
     assert code != 0 and "Traceback" not in err
+
+
+def test_a_damaged_run_directory_is_one_line(run, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(run["run"], bad)
+    (bad / "head.safetensors").write_bytes(b"\xff" * 64)
+    code, _, err = cli(monkeypatch, capsys, "predict", bad, run["split"].parent / "images", "--out", tmp_path / "o")
+    assert code != 0 and "is not a head this version can load" in err and "Traceback" not in err
+    shutil.copy(run["run"] / "head.safetensors", bad / "head.safetensors")
+    (bad / "config.json").write_text("[]")
+    code, _, err = cli(monkeypatch, capsys, "embed", bad, run["split"].parent / "images", "--out", tmp_path / "o")
+    assert code != 0 and "Traceback" not in err

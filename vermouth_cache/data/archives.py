@@ -71,7 +71,7 @@ def load_webdataset(spec: Path, split: str | None) -> tuple[list[Sample], tuple[
 
 
 def _members(shard: Path) -> list[str]:
-    return list(tar_index(str(shard.resolve()), shard.stat().st_mtime_ns))
+    return list(tar_index(str(shard.resolve())))
 
 
 def _wds_label(shard: Path, parts: dict[str, str]) -> int | None:

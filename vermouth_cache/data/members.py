@@ -18,8 +18,28 @@ from vermouth_cache.core.errors import VermouthError, require
 HF_ROW = re.compile(r"^hf:([^:]*):(\d+)$")  # hf:SPLIT:ROW (SPLIT empty for a single Dataset)
 
 
+def file_state(path) -> tuple:
+    """What changes when a file is rewritten or replaced (a cache of its contents is keyed by it)."""
+    st = os.stat(path)
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+def folder_state(path) -> tuple:
+    """file_state of every file of a folder (a saved Hugging Face dataset: its Arrow and JSON files)."""
+    return tuple((p.name, *file_state(p)) for p in sorted(Path(path).rglob("*")) if p.is_file())
+
+
+def tar_index(path: str) -> dict[str, tuple[int, int]]:
+    return _tar_index(path, file_state(path))
+
+
+def hf_split(path: str, split: str | None):
+    """The saved dataset (split) at `path`, re-read when any of its files changed since."""
+    return _hf_split(path, split, folder_state(path))
+
+
 @functools.lru_cache(maxsize=64)
-def tar_index(path: str, mtime_ns: int) -> dict[str, tuple[int, int]]:
+def _tar_index(path: str, state: tuple) -> dict[str, tuple[int, int]]:
     """{member name: (data offset, size)} of one tar's regular files (read once per process)."""
     try:
         with tarfile.open(path, "r:") as tar:  # plain tar only: a compressed one has no offsets to pread
@@ -29,7 +49,7 @@ def tar_index(path: str, mtime_ns: int) -> dict[str, tuple[int, int]]:
 
 
 @functools.lru_cache(maxsize=8)
-def hf_split(path: str, split: str | None):
+def _hf_split(path: str, split: str | None, state: tuple):
     datasets = require("datasets", "reading a saved Hugging Face dataset")
     try:
         loaded = datasets.load_from_disk(path)
@@ -64,7 +84,7 @@ def member_bytes(path: Path, member: str) -> bytes:
     row = HF_ROW.match(member)
     if row is not None:
         return _hf_bytes(path, row.group(1) or None, int(row.group(2)))
-    index = tar_index(str(path), os.stat(path).st_mtime_ns)
+    index = tar_index(str(path))
     if member not in index:
         raise FileNotFoundError(f"{member} is no longer in {path}")
     offset, size = index[member]

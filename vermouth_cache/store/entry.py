@@ -231,7 +231,7 @@ class Entry:
         if rec is None:
             return None
         damage = record_damage(rec, shard, *self.shard_bounds(shard), self.manifest_digest,
-                               lambda: self.array_spec(name)["meta"])
+                               lambda: self.array_spec(name)["meta"], array=name)
         if damage:
             raise ShardDamage(self.prefix, name, shard, damage)
         return rec
@@ -273,12 +273,19 @@ class Entry:
             codec = codec_named(spec["codec"])
             # a lossy codec quantizes the float32 values themselves, not their fp16 rounding
             stored = np.asarray(data, dtype=np.float32) if codec.lossy else to_storage(data, spec["stored"])
+            if codec.lossy:  # one inf would turn its whole channel into NaN: refused, not stored as ok
+                bad = [i for i, st in enumerate(status) if st == OK and not np.isfinite(stored[i]).all()]
+                if bad:
+                    raise VermouthError(f"store entry {self.prefix} array {name} shard {shard}: sample #{start + bad[0]} "
+                                        f"has non-finite values, which --codec {spec['codec']} cannot store; "
+                                        "extract it with --codec raw or zstd")
             padded = np.full((self.shard_size, *stored.shape[1:]), nan_fill(spec["stored"]) if not codec.lossy
                              else np.nan, dtype=stored.dtype)
             padded[: stop - start] = stored
             encoded = None if spec["codec"] == "raw" else codec.encode(padded)
             chunk = {**(chunk_checksum(padded) if encoded is None else
-                        {"nbytes": len(encoded), "crc32c": int.from_bytes(encoded[-4:], "little")}), "meta": spec["meta"]}
+                        {"nbytes": len(encoded), "crc32c": int.from_bytes(encoded[-4:], "little")}),
+                     "meta": spec["meta"], "array": name}
             if before_commit:
                 before_commit()
             try:

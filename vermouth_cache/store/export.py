@@ -93,7 +93,8 @@ def expert_of(store: Store, features: Entry, key: str | None = None) -> Entry:
                             + ": extract with --expert first")
     raise VermouthError(f"{len(found)} expert entries of {about.get('dataset')} match: "
                         + ", ".join(f"{e.key[:12]} ({e.manifest['recipe'].get('expert')}, "
-                                    f"{e.manifest['recipe'].get('dtype')})" for e in found) + "; choose one with --expert-entry")
+                                    f"{e.manifest['recipe'].get('dtype')}, {e.manifest['recipe'].get('codec', 'raw')})"
+                                    for e in found) + "; choose one with --expert-entry")
 
 
 def export_h5(store: Store, out: str | os.PathLike, *, entry: Entry | None = None, entry_key: str | None = None,

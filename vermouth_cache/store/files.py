@@ -77,6 +77,8 @@ class ChunkFacts(_File):
     nbytes: NonNegInt
     crc32c: NonNegInt
     meta: StrictStr  # sha256 (`digest`) of the array's zarr.json when the chunk was written
+    array: StrictStr | None = None  # the array it was written for (absent in 0.2 records): a record and chunk
+    # moved under another array of the same metadata (down_blocks.3 <-> mid_block) are refused
 
 
 class Record(_File):

@@ -34,6 +34,9 @@ class ShardDamage(VermouthError):
                          "names every damaged shard, `vermouth-cache repair` recomputes them")
         self.entry, self.array, self.shard, self.reason = entry, array, shard, reason
 
+    def __reduce__(self):  # rebuilt from its four fields, so a DataLoader worker re-raises it as itself
+        return type(self), (self.entry, self.array, self.shard, self.reason)
+
 
 @dataclass(frozen=True)
 class ShardRecord:
@@ -64,7 +67,7 @@ def parse_record(body: object, where: str) -> ShardRecord:
 
 
 def record_damage(rec: ShardRecord, shard: int, start: int, stop: int, manifest_digest: str,
-                  meta_digest: Callable[[], str]) -> str | None:
+                  meta_digest: Callable[[], str], array: str | None = None) -> str | None:
     """Why `rec` cannot commit samples start..stop of `shard` in an entry whose manifest has
     `manifest_digest`; None if it can. `meta_digest()`, the sha256 of the array's zarr.json (which
     raises if the array cannot be read), is asked only of a record that commits a chunk."""
@@ -77,6 +80,8 @@ def record_damage(rec: ShardRecord, shard: int, start: int, stop: int, manifest_
         return "the manifest was changed after this shard was written"
     if rec.chunk is None and any(st == OK for st in rec.status) and rec.values is None:
         return "record commits no chunk although samples are ok"
+    if rec.chunk is not None and array is not None and rec.chunk.get("array") not in (None, array):
+        return f"record and chunk were written for array {rec.chunk['array']} (moved or swapped)"
     if rec.chunk is not None and rec.chunk["meta"] != meta_digest():
         return "the array's metadata (zarr.json) was changed after this shard was written"
     return None

@@ -73,6 +73,9 @@ class RunHead:
             metrics = json.loads((run / "metrics.json").read_text())
         except (OSError, ValueError) as exc:
             raise VermouthError(f"{run}: unreadable metrics.json ({exc})") from None
+        missing = [k for k in ("task", "settings", "store") if not isinstance(config, dict) or k not in config]
+        if missing or not isinstance(metrics, dict):
+            raise VermouthError(f"{run}: config.json or metrics.json is not a run's (missing {', '.join(missing) or 'metrics'})")
         return cls(run, model, config, metrics, TaskSettings.parse(config["settings"]),
                    Store(store or config["store"]))
 

@@ -108,15 +108,21 @@ def load_head(run: str | os.PathLike) -> tuple[VermouthHead, dict, dict[str, tor
         raise VermouthError(f"{run} is not a run directory (no head.safetensors)")
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-    tensors = load_file(str(path))
-    spec = json.loads(meta["head_spec"])
-    if is_vpd_spec(spec):
-        model = VpdHeadSpec(**spec).build()
-    else:
-        model = VermouthHead(HeadSpec.from_json(spec), int(meta["out_dim"]))
-    model.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+    try:  # a damaged head is one line naming the file, whatever the library raises
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+        spec = json.loads(meta["head_spec"])
+        if is_vpd_spec(spec):
+            model = VpdHeadSpec(**spec).build()
+        else:
+            model = VermouthHead(HeadSpec.from_json(spec), int(meta["out_dim"]))
+        model.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+    except VermouthError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise VermouthError(f"{path} is not a head this version can load ({type(exc).__name__}: "
+                            f"{str(exc)[:120]})") from None
     model.eval()
     extra = {k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}
     return model, read_json(run / "config.json"), extra
