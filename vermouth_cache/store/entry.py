@@ -131,7 +131,9 @@ class Entry:
             try:
                 body = self.loc.read_json(where)
             except FileNotFoundError:
-                broken[name] = "its metadata (zarr.json) is missing"
+                # no metadata yet: an array another writer is creating (zarr writes zarr.json to a
+                # temporary name first), or an empty folder; it is damage only once records commit
+                # chunks of it (the loop below)
                 continue
             refuse_unsafe(body, f"{self.prefix}/arrays/{name}")
             try:  # the recipe is checked against the key, so its dtype is the one asked
