@@ -21,6 +21,7 @@ from PIL import Image
 from vermouth_cache.data.images import resize_center_crop, to_model_tensor
 from vermouth_cache.data.views import view_tensor
 from vermouth_cache.methods.base import LatentRule
+from vermouth_cache.models.loading import device_layout
 from vermouth_cache.models.noise import batch_noise, ddim_invert, ddpm_noised
 from vermouth_cache.models.taps import AttentionMaps, run_taps, unet_output
 
@@ -82,31 +83,34 @@ def pixel_batch(images: Sequence[Image.Image], resolution: int, geometry: str | 
 
 
 def vae_latents(sd, images: Sequence[Image.Image], *, resolution: int, rule: LatentRule, batch: int,
-                geometry: str | None = None) -> np.ndarray:
-    """(N, 4, r/8, r/8) float32: E(x).latent_dist.mean, times the backbone's scaling_factor by the
-    method's latent rule."""
+                geometry: str | None = None) -> torch.Tensor:
+    """(N, 4, r/8, r/8) float32 on the VAE's device (the U-net takes them from there): E(x).latent_dist.mean,
+    times the backbone's scaling_factor by the method's latent rule."""
     vae, scale = sd.vae, sd.latent_scale
     device, dtype = _first_device(vae), next(vae.parameters()).dtype
     out = []
     for chunk in in_batches(list(images), batch):
-        x = pixel_batch(chunk, resolution, geometry).to(device, dtype)
+        x = device_layout(pixel_batch(chunk, resolution, geometry).to(device, dtype))
         with torch.inference_mode():
             z = rule.latent(vae.encode(x).latent_dist.mean, scale)
-        out.append(z.float().cpu().numpy())
-    return np.concatenate(out)
+        out.append(z.float().contiguous())
+    return torch.cat(out)
 
 
 # -- U-net taps -------------------------------------------------------------------------------
-def unet_features(sd, latents: np.ndarray, conds: np.ndarray, sample_ids: Sequence[str], *, t: int,
+def unet_features(sd, latents, conds, sample_ids: Sequence[str], *, t: int,
                   taps: Sequence[str], noise: str, seed: int, draws: int, inversion_steps: int,
                   attention: AttentionMaps, batch: int) -> dict[str, np.ndarray]:
     """Tap outputs (N, ...) float32 for each sample, averaged over `draws` noise draws; attention
-    maps aggregated by the method's rule."""
+    maps aggregated by the method's rule. `latents` and `conds`: float32 arrays or tensors, moved to
+    the U-net's device once (latents the VAE just computed there stay there)."""
     unet, scheduler = sd.unet, sd.scheduler
+    device = _first_device(unet)
+    latents, conds = torch.as_tensor(latents).to(device), torch.as_tensor(conds).to(device)
     per_tap: dict[str, list[np.ndarray]] = {tp: [] for tp in taps}
     for start in range(0, len(sample_ids), batch):
-        z0 = torch.from_numpy(latents[start:start + batch])
-        c = torch.from_numpy(conds[start:start + batch])
+        z0 = latents[start:start + batch]
+        c = conds[start:start + batch]
         ids = sample_ids[start:start + batch]
         acc: dict[str, torch.Tensor] = {}
         for d in range(draws):
@@ -123,9 +127,9 @@ def _noised(unet, scheduler, z0, c, ids, *, t, draw, noise, seed, steps) -> torc
     if noise == "none":
         return z0
     if noise == "ddpm":
-        eps = batch_noise(seed, ids, t, draw, z0.shape[1:])
+        eps = batch_noise(seed, ids, t, draw, z0.shape[1:]).to(z0.device)  # drawn on the CPU: the same on any device
         return ddpm_noised(scheduler, z0, eps, t)
-    output: Callable = lambda z, s: unet_output(unet, z, s, c).float().cpu()  # noqa: E731
+    output: Callable = lambda z, s: unet_output(unet, z, s, c).float()  # noqa: E731
     return ddim_invert(scheduler, z0, t, steps, output, scheduler.config.prediction_type)
 
 
@@ -144,7 +148,7 @@ def expert_features(expert, images: Sequence[Image.Image], *, resolution: int, b
     levels: list[list[np.ndarray]] = [[] for _ in range(4)]
     for chunk in in_batches(list(images), batch):
         x = (pixel_batch(chunk, resolution, geometry) + 1) / 2  # back to [0, 1] from the SD pixel range
-        x = ((x - mean) / std).to(device, dtype)
+        x = device_layout(((x - mean) / std).to(device, dtype))
         with torch.inference_mode():
             maps = expert_maps(expert.name, model, x)
         for i, m in enumerate(maps):

@@ -169,6 +169,8 @@ class ExtractRequest(BaseModel):
     device: str | None = Field(None, description="cpu, cuda or cuda:N (default: cuda when present).")
     precision: Annotated[str, Choices("precision", lambda: PRECISIONS)] = Field(
         "auto", description="Compute dtype (auto: fp32 on CPU, fp16 on CUDA); recorded per shard.")
+    compile: bool = Field(False, description="torch.compile the U-net's layers (CUDA only; the first batches pay the "
+                                             "compile time). Recorded per shard.")
     on_error: Annotated[str, Choices("--on-error", lambda: ON_ERROR)] = Field(
         "fail", description="On an unreadable image: stop, or record it per sample and go on.")
     # with it, bad images are skipped; more than this share fails the run
@@ -188,7 +190,7 @@ class ExtractRequest(BaseModel):
     progress: Annotated[bool, Cli(option=False)] = Field(True, description="Progress bars.")
 
     # how the work is run, not what it computes: left out of the request a manifest keeps
-    RUN_ONLY: ClassVar[tuple[str, ...]] = ("store", "progress", "workers", "scheduler")
+    RUN_ONLY: ClassVar[tuple[str, ...]] = ("store", "progress", "workers", "scheduler", "compile")
 
     def __init__(self, **data):
         try:

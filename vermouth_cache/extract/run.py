@@ -21,7 +21,7 @@ import time
 
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.core.progress import Progress, get_logger
-from vermouth_cache.extract import compute
+from vermouth_cache.extract import compute, shards
 from vermouth_cache.extract.cluster import extract_on_cluster
 from vermouth_cache.extract.plan import (CAPTIONS, LATENTS, Plan, arrays_of, dataset_record, make_plan, missing,
                                          stored_shard_size)
@@ -84,10 +84,11 @@ def _extract_here(req, ds, store: Store, plan: Plan, models: Models, todo: dict,
                   only: dict | None) -> None:
     claims = Claims(store.loc)
     runner = ShardRunner(req, lambda s: ds.samples[slice(*plan.captions.shard_bounds(s))], plan, models, claims,
-                         only)
+                         only, background_writes=shards.BACKGROUND_WRITES)
     pending = sorted(todo)
     size = {s: min(len(ds), (s + 1) * plan.captions.shard_size) - s * plan.captions.shard_size for s in pending}
     bar = Progress(f"extract {ds.name}", sum(size.values()), "img", enabled=req.progress)
+    finished = False
     try:
         with claims.heartbeat():
             while pending:
@@ -100,12 +101,14 @@ def _extract_here(req, ds, store: Store, plan: Plan, models: Models, todo: dict,
                         busy.append(shard)
                     else:
                         bar.update(size[shard])
+                busy += sorted(runner.flush(report))  # taken over before their writes committed
                 if busy:  # other writers hold them: come back when they are done (or dead)
                     bar.set_description(f"extract {ds.name} (waiting for {len(busy)} shard(s) other writers hold)")
                     report.waited_seconds += wait_poll(claims.ttl)
                 pending = busy
+        finished = True
     finally:
-        runner.close()
+        runner.close(raise_errors=finished)  # waits for the queued writes; theirs is not the error on its way
         bar.close()
 
 

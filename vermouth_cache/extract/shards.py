@@ -14,6 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from vermouth_cache.core.errors import ImageError, VermouthError
 from vermouth_cache.data.images import decode_sample
@@ -21,8 +22,10 @@ from vermouth_cache.data.views import view_geometry
 from vermouth_cache.extract import compute
 from vermouth_cache.extract.plan import CAPTIONS, EXPERT_LEVELS, LATENTS, TEXT, Plan, shard_need, writes
 from vermouth_cache.extract.request import ExtractRequest
+from vermouth_cache.extract.writer import ShardWriter
 from vermouth_cache.methods import method_named
 from vermouth_cache.methods.conditioning import conditioning_of
+from vermouth_cache.models.compiled import check_compile
 from vermouth_cache.models.loading import Captioner, Expert, Placement, resolve_device, resolve_precision
 from vermouth_cache.models.pipeline import StableDiffusion
 from vermouth_cache.store.claims import Claims
@@ -117,12 +120,17 @@ class Models:
     def of(cls, req: ExtractRequest, device=None) -> "Models":
         device = device if device is not None else resolve_device(req.device)
         placement = Placement(device, resolve_precision(req.precision, device))
-        return cls(StableDiffusion(req.sd_model, placement),
+        sd = StableDiffusion(req.sd_model, placement)
+        if req.compile:
+            check_compile(device)
+            sd.compile_layers = {"eager_transformers": req.attn_maps not in (None, "", "none")}
+        return cls(sd,
                    Captioner(req.captioner, placement) if conditioning_of(req.prompt).needs_captioner else None,
                    Expert(req.expert, req.expert_model, placement) if req.expert else None, placement)
 
 
 PREFETCH = True  # decode the next shard's images while this one computes (tests switch it off to compare)
+BACKGROUND_WRITES = True  # write a shard's chunks while the next model call computes (likewise)
 
 
 class ShardRunner:
@@ -130,16 +138,21 @@ class ShardRunner:
     task both go through `run`, so what a shard's bytes are never depends on who computed it."""
 
     def __init__(self, req: ExtractRequest, samples_of, plan: Plan, models: Models, claims: Claims,
-                 only: dict | None = None):
-        """`samples_of(shard)`: that shard's samples (all of them in this process, or a dask task's)."""
+                 only: dict | None = None, background_writes: bool = False):
+        """`samples_of(shard)`: that shard's samples (all of them in this process, or a dask task's).
+        `background_writes`: a shard's chunks are written while the next one computes; its claims are
+        released once they are (call `flush` to wait for them, `close` at the end)."""
         self.req, self.samples_of, self.plan, self.models, self.claims = req, samples_of, plan, models, claims
         self.only = only
         self.batch = compute.call_size(models.placement.device, req.batch_size)
         self.run_facts = models.placement.describe()
         if models.placement.device.type == "cpu":
             self.run_facts["cpu_threads"] = req.cpu_threads
+        if models.sd.compile_layers is not None:
+            self.run_facts["compiled"] = True
         self._ahead: dict[int, Future] = {}  # shard -> its images, decoding while the shard before computes
         self._decoder: ThreadPoolExecutor | None = None
+        self.writer = ShardWriter(background=background_writes, lost_error=LostClaim)
 
     def prefetch(self, shard: int) -> None:
         """Start decoding `shard`'s images in the background (the models of the shard before keep the
@@ -154,11 +167,25 @@ class ShardRunner:
             self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vermouth-cache-decode")
         self._ahead[shard] = self._decoder.submit(_decode, self.samples_of(shard))
 
-    def close(self) -> None:
+    def flush(self, report: ExtractReport) -> set[int]:
+        """Wait for every queued write; the shards whose claim was taken over before they committed
+        (to compute again, or to leave to the writer that took them)."""
+        t0 = time.perf_counter()
+        try:
+            self.writer.drain()
+        finally:
+            report.seconds["write wait"] += time.perf_counter() - t0 + self.writer.waited
+            self.writer.waited = 0.0
+        lost = self.writer.take_lost()
+        report.shards[:] = [s for s in report.shards if s not in lost]
+        return lost
+
+    def close(self, *, raise_errors: bool = True) -> None:
         if self._decoder is not None:
             self._decoder.shutdown(wait=True, cancel_futures=True)
             self._decoder = None
         self._ahead.clear()
+        self.writer.close(raise_errors=raise_errors)
 
     def run(self, shard: int, report: ExtractReport) -> str:
         """"done" (computed here), "nothing" (already committed), "busy" (a live writer holds a
@@ -185,14 +212,14 @@ class ShardRunner:
                     raise LostClaim(shard)
 
             _extract_shard(self.req, self.samples_of(shard), self.plan, self.models, shard, need, self.batch,
-                           self.run_facts, report, guard, decoded=decoded)
+                           self.run_facts, report, guard, self.writer, decoded=decoded)
             report.shards.append(shard)
-            return "done"
+            return "done" if shard not in self.writer.lost else "lost"
         except LostClaim:
             return "lost"
         finally:
-            for c in held:
-                self.claims.release(c)
+            # after the shard's writes: the claims guard them until their records are committed
+            self.writer.after(lambda held=held: [self.claims.release(c) for c in held])
 
 
 class LostClaim(Exception):
@@ -206,14 +233,35 @@ def wait_poll(ttl: float) -> float:
 
 
 def _write(entry: Entry, name: str, shard: int, ok_index: list[int], n: int, status: list[str],
-           data: np.ndarray | None, run: dict, dtype: str, guard, codec: str = "raw") -> None:
+           data, run: dict, dtype: str, guard, codec: str = "raw") -> None:
     """Scatter the ok samples' rows into a NaN-filled shard block and write it whole."""
     full = None
     if data is not None and len(ok_index):
-        entry.ensure_array(name, tuple(data.shape[1:]), dtype, codec)
+        data = _host(data)
         full = np.full((n, *data.shape[1:]), np.nan, dtype=np.float32)
         full[ok_index] = data
     entry.write_shard(name, shard, status, data=full, run=run, before_commit=guard)
+
+
+def _host(rows) -> np.ndarray:
+    """float32 rows on the host, from numpy or from a (device) tensor."""
+    return rows.detach().float().cpu().numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows, np.float32)
+
+
+@dataclass
+class _Carried:
+    """An upstream array computed in this shard, kept where it was computed (the GPU) for the U-net:
+    the rows of the samples `ok` had then. Its float32 values are exactly the ones written, so the
+    U-net reads the same numbers as from the store, without waiting for the write to land."""
+    ok: list[int]
+    rows: object  # np.ndarray or torch.Tensor
+
+    def take(self, ok: list[int]):
+        """The rows of `ok`, a subset of the samples it was computed for (a status only gets worse)."""
+        if ok == self.ok:
+            return self.rows
+        pos = {i: k for k, i in enumerate(self.ok)}
+        return self.rows[[pos[i] for i in ok]]
 
 
 def _needs_images(req, need: dict) -> bool:
@@ -222,7 +270,8 @@ def _needs_images(req, need: dict) -> bool:
 
 
 def _extract_shard(req, samples, plan: Plan, models: Models, shard: int, need: dict, batch: int,
-                   run: dict, report: ExtractReport, guard, decoded: Future | None = None) -> None:
+                   run: dict, report: ExtractReport, guard, writer: ShardWriter,
+                   decoded: Future | None = None) -> None:
     start, stop = plan.captions.shard_bounds(shard)
     ids = [s.id for s in samples]
     n = len(samples)
@@ -232,6 +281,8 @@ def _extract_shard(req, samples, plan: Plan, models: Models, shard: int, need: d
     need_images = _needs_images(req, need)
     status = [OK] * n
     images = [None] * n
+    carried: dict[str, _Carried] = {}  # what this shard computed that a later step reads
+    step = _Steps(report, shard, status, run, guard, writer, carried)
     if need_images:
         with _Stage(report, "decode", n):  # with `decoded`, only the wait for the background decoding
             images = decoded.result() if decoded is not None else _decode(samples)
@@ -244,8 +295,8 @@ def _extract_shard(req, samples, plan: Plan, models: Models, shard: int, need: d
 
     # captions: per-sample strings kept in the shard record
     if need["captions"]:
-        ok = [i for i in range(n) if status[i] == OK]
-        with _Stage(report, "caption", len(ok) if cond.needs_captioner else 0) as step:
+        ok = step.ok()
+        with _Stage(report, "caption", len(ok) if cond.needs_captioner else 0) as timed:
             if cond.needs_captioner:
                 caps = compute.blip_captions(captioner, [images[i] for i in ok], prefix=req.caption_prefix,
                                              min_new=req.caption_min_tokens, max_new=req.caption_max_tokens,
@@ -255,57 +306,103 @@ def _extract_shard(req, samples, plan: Plan, models: Models, shard: int, need: d
         values = [None] * n
         for i, c in zip(ok, caps):
             values[i] = c
-        plan.captions.write_shard(CAPTIONS, shard, status, values=values, run=step.run(run), before_commit=guard)
-
-    def upstream(entry: Entry, name: str) -> np.ndarray | None:
-        r = entry.record(name, shard)
-        for i, s in enumerate(r.status):
-            if s != OK and status[i] == OK:
-                status[i] = s
-        ok = [i for i in range(n) if status[i] == OK]
-        return entry.read(name, [start + i for i in ok]) if ok else None
+        carried[CAPTIONS] = _Carried(ok, values)
+        write_run, row_status = timed.run(run), list(status)
+        step.write(lambda: plan.captions.write_shard(CAPTIONS, shard, row_status, values=values, run=write_run,
+                                                     before_commit=guard))
 
     f32 = "float32"
     if need["text"]:
-        rec = plan.captions.record(CAPTIONS, shard)
-        status = [s if s != OK else c for s, c in zip(status, rec.status)]  # carry caption failures
-        _compute_shard(report, plan.text, [TEXT], "text", shard, status, run, f32, guard, lambda ok: {
-            TEXT: cond.encode(sd, [rec.values[i] for i in ok], req, batch=batch)})
+        if CAPTIONS in carried:
+            texts = carried[CAPTIONS].rows
+        else:
+            rec = plan.captions.record(CAPTIONS, shard)
+            step.worsen(rec.status)  # carry caption failures
+            texts = rec.values
+        step.compute(plan.text, [TEXT], "text", f32, lambda ok: {
+            TEXT: cond.encode(sd, [texts[i] for i in ok], req, batch=batch)})
     if need["latents"]:
-        _compute_shard(report, plan.latents, [LATENTS], "vae", shard, status, run, f32, guard, lambda ok: _once_per_image(
+        step.compute(plan.latents, [LATENTS], "vae", f32, lambda ok: _once_per_image(
             samples, ok, lambda idx: {LATENTS: compute.vae_latents(sd, [images[i] for i in idx], resolution=req.resolution,
                                                                    rule=method.latent, batch=batch, geometry=geometry)}))
     dtype = STORAGE_DTYPES[req.dtype]
     if need["expert"]:
-        _compute_shard(report, plan.expert, EXPERT_LEVELS, "expert", shard, status, run, dtype, guard, lambda ok:
-                       _once_per_image(samples, ok, lambda idx: compute.expert_features(
-                           expert, [images[i] for i in idx], resolution=req.resolution, batch=batch, geometry=geometry)),
-                       codec=req.codec)
+        step.compute(plan.expert, EXPERT_LEVELS, "expert", dtype, lambda ok: _once_per_image(
+            samples, ok, lambda idx: compute.expert_features(
+                expert, [images[i] for i in idx], resolution=req.resolution, batch=batch, geometry=geometry)),
+            codec=req.codec, keep=False)
     if not need["features"]:
         return
-    # the U-net always reads conditions and latents back from the store, so a value computed in
-    # this run and one computed in an earlier run are the same float32 bytes
+    # conditions and latents computed in this shard come as they were computed (their stored
+    # float32 values, still on the device); the others are read back from the store: the same bytes
     with _Stage(report, "read"):
-        text = upstream(plan.text, TEXT)
-        lat = upstream(plan.latents, LATENTS)
+        text = step.upstream(plan.text, TEXT)
+        lat = step.upstream(plan.latents, LATENTS)
     for t, taps in need["features"].items():
-        _compute_shard(report, plan.features[t], taps, "unet", shard, status, run, dtype, guard,
-                       lambda ok, t=t, taps=taps:
-                       compute.unet_features(sd, lat, text, [ids[i] for i in ok], t=t, taps=taps, noise=req.noise,
-                                             seed=req.seed, draws=req.noise_draws,
-                                             inversion_steps=req.inversion_steps, attention=method.attention,
-                                             batch=batch),
-                       passes=req.noise_draws, codec=req.codec)
+        step.compute(plan.features[t], taps, "unet", dtype,
+                     lambda ok, t=t, taps=taps:
+                     compute.unet_features(sd, lat, text, [ids[i] for i in ok], t=t, taps=taps, noise=req.noise,
+                                           seed=req.seed, draws=req.noise_draws,
+                                           inversion_steps=req.inversion_steps, attention=method.attention,
+                                           batch=batch),
+                     passes=req.noise_draws, codec=req.codec, keep=False)
 
 
-def _compute_shard(report: ExtractReport, entry: Entry, names: list[str], step_name: str, shard: int,
-                   status: list[str], run: dict, dtype: str, guard, fn, passes: int = 1, codec: str = "raw") -> None:
-    """fn(ok indices) -> {array name: rows of those samples}; then each array's shard is written
-    whole, failed samples NaN, with a record (even when every sample failed)."""
-    n = len(status)
-    ok = [i for i in range(n) if status[i] == OK]
-    with _Stage(report, step_name, len(ok) * passes) as step:
-        arrays = fn(ok) if ok else {}
-    with _Stage(report, "write"):
+@dataclass
+class _Steps:
+    """The model steps of one shard: the samples still ok, what each step computed, its writes."""
+    report: ExtractReport
+    shard: int
+    status: list[str]
+    run: dict
+    guard: object
+    writer: ShardWriter
+    carried: dict[str, _Carried]
+
+    def ok(self) -> list[int]:
+        return [i for i, s in enumerate(self.status) if s == OK]
+
+    def worsen(self, recorded: list[str]) -> None:
+        """Take on the failures an upstream record holds (in place: every step sees them)."""
+        for i, s in enumerate(recorded):
+            if s != OK and self.status[i] == OK:
+                self.status[i] = s
+
+    def upstream(self, entry: Entry, name: str):
+        """The ok samples' rows of an upstream array: as computed in this shard, or read from the store."""
+        if name in self.carried:
+            ok = self.ok()
+            return self.carried[name].take(ok) if ok else None
+        self.worsen(entry.record(name, self.shard).status)
+        ok = self.ok()
+        start = entry.shard_bounds(self.shard)[0]
+        return entry.read(name, [start + i for i in ok]) if ok else None
+
+    def compute(self, entry: Entry, names: list[str], step_name: str, dtype: str, fn, passes: int = 1,
+                codec: str = "raw", keep: bool = True) -> None:
+        """fn(ok indices) -> {array name: rows of those samples}; then each array's shard is written
+        whole, failed samples NaN, with a record (even when every sample failed). `keep`: a later
+        step of this shard reads the rows."""
+        ok = self.ok()
+        with _Stage(self.report, step_name, len(ok) * passes) as step:
+            arrays = fn(ok) if ok else {}
+        write_run, status = step.run(self.run), list(self.status)
         for name in names:
-            _write(entry, name, shard, ok, n, list(status), arrays.get(name), step.run(run), dtype, guard, codec)
+            rows = arrays.get(name)
+            if rows is None or not ok:
+                rows = None
+            else:
+                # created here, not in the writer thread: a shape clash raises at its step
+                entry.ensure_array(name, tuple(rows.shape[1:]), dtype, codec)
+                if keep:
+                    self.carried[name] = _Carried(ok, rows)
+                rows = _host(rows)  # off the device now: the write holds host memory only
+            self.write(lambda name=name, rows=rows: _write(entry, name, self.shard, ok, len(status), status, rows,
+                                                           write_run, dtype, self.guard, codec))
+
+    def write(self, fn) -> None:
+        """fn() writes one array's shard: in the writer (a thread, or in place), timed as "write"."""
+        def timed():
+            with _Stage(self.report, "write"):
+                fn()
+        self.writer.submit(self.shard, timed)

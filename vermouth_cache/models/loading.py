@@ -130,8 +130,21 @@ def load_pretrained(cls, path: Path, placement: "Placement | None" = None, **kwa
             where = f"{path}/{kwargs['subfolder']}" if "subfolder" in kwargs else str(path)
             raise VermouthError(f"cannot load {cls.__name__} from {where}: {msg[:300]}") from None
         if placement is not None:
-            model = model.to(placement.device, placement.dtype).eval().requires_grad_(False)
+            model = fast_layout(model.to(placement.device, placement.dtype).eval().requires_grad_(False))
         return model
+
+
+def fast_layout(model):
+    """Convolution weights channels-last on CUDA, where cuDNN's tensor-core kernels want NHWC (the inputs
+    follow: `device_layout`); the CPU keeps the layout its stored bytes were made with."""
+    if next(model.parameters()).device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def device_layout(x: torch.Tensor) -> torch.Tensor:
+    """A 4-D model input channels-last on CUDA, like the models (`fast_layout`)."""
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cuda" and x.dim() == 4 else x
 
 
 def resolve_device(device: str | None) -> torch.device:

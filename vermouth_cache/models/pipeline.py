@@ -32,6 +32,7 @@ class StableDiffusion:
         self.spec = spec
         self.placement = placement
         self._identities: dict[str, str] = {}
+        self.compile_layers: dict | None = None  # `extract --compile`: compiled.compile_layers' options
         if not Path(spec).expanduser().exists() and HUB_ID.match(spec):
             # a hub pipeline: its configs first, so an unsupported one (SDXL, ...) is refused
             # before gigabytes of weights are fetched
@@ -68,7 +69,12 @@ class StableDiffusion:
     def unet(self):
         from diffusers import UNet2DConditionModel
 
-        return load_pretrained(UNet2DConditionModel, self.dir, self.placement, subfolder="unet")
+        unet = load_pretrained(UNet2DConditionModel, self.dir, self.placement, subfolder="unet")
+        if self.compile_layers is not None:
+            from vermouth_cache.models.compiled import compile_layers
+
+            compile_layers(unet, **self.compile_layers)
+        return unet
 
     @functools.cached_property
     def unet_skeleton(self):

@@ -18,6 +18,7 @@ import torch
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.models.backbones import DEFAULT_BACKBONE
 from vermouth_cache.models.backbones.base import unet_blocks
+from vermouth_cache.models.loading import device_layout
 
 # The names requests are checked against before any pipeline is read: the default backbone's (SD
 # 1.x and 2.x share them); a pipeline's own blocks are checked once it is read (`check_taps`).
@@ -198,7 +199,8 @@ def run_taps(
         timesteps = torch.full((latents.shape[0],), t, dtype=torch.long, device=p.device)
         try:
             with torch.enable_grad() if grad else torch.inference_mode():
-                unet(latents.to(p.device, p.dtype), timesteps, encoder_hidden_states=cond.to(p.device, p.dtype))
+                unet(device_layout(latents.to(p.device, p.dtype)), timesteps,
+                     encoder_hidden_states=cond.to(p.device, p.dtype))
         except _Stop:
             pass  # the last needed block ran; the rest of the U-net is skipped on purpose
     finally:
@@ -218,7 +220,8 @@ def unet_output(unet, latents: torch.Tensor, t: int, cond: torch.Tensor) -> torc
     p = next(unet.parameters())
     timesteps = torch.full((latents.shape[0],), t, dtype=torch.long, device=p.device)
     with torch.inference_mode():
-        return unet(latents.to(p.device, p.dtype), timesteps, encoder_hidden_states=cond.to(p.device, p.dtype)).sample
+        return unet(device_layout(latents.to(p.device, p.dtype)), timesteps,
+                    encoder_hidden_states=cond.to(p.device, p.dtype)).sample
 
 
 def summarize_taps(names: Iterable[str]) -> str:

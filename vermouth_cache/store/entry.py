@@ -98,9 +98,11 @@ class Entry:
     def arrays(self) -> dict[str, dict]:
         """{name: {"shape": per-sample shape, "dtype", "meta": sha256 of zarr.json}} of every readable
         array; arrays whose metadata is missing or altered are in `broken` instead."""
-        if self._specs is None:
-            self._specs, self._broken = self._read_specs()
-        return self._specs
+        specs = self._specs  # one read: the extractor's writer thread may reset it meanwhile
+        if specs is None:
+            specs, self._broken = self._read_specs()
+            self._specs = specs
+        return specs
 
     @property
     def broken(self) -> dict[str, str]:
