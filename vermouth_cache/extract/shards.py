@@ -388,14 +388,12 @@ class _Steps:
             arrays = fn(ok) if ok else {}
         write_run, status = step.run(self.run), list(self.status)
         for name in names:
-            rows = arrays.get(name)
-            if rows is None or not ok:
-                rows = None
-            else:
+            rows = arrays.get(name) if ok else None
+            if keep:  # even with no row: a later step must not look for it in the store, still being written
+                self.carried[name] = _Carried(ok, rows)
+            if rows is not None:
                 # created here, not in the writer thread: a shape clash raises at its step
                 entry.ensure_array(name, tuple(rows.shape[1:]), dtype, codec)
-                if keep:
-                    self.carried[name] = _Carried(ok, rows)
                 rows = _host(rows)  # off the device now: the write holds host memory only
             self.write(lambda name=name, rows=rows: _write(entry, name, self.shard, ok, len(status), status, rows,
                                                            write_run, dtype, self.guard, codec))
