@@ -171,7 +171,25 @@ def predict(run, images, out, top_k, text, classname, store, device, quiet):
             click.echo(f"{p['id']}: " + ", ".join(f"{t['photo']} ({t['class']}) {t['cosine']:.3f}" for t in p["nearest"]))
         else:
             click.echo(f"{p['id']}: {p['png']}")
-    click.echo(f"{res['images']} images ({len(res['skipped'])} unreadable) -> {Path(out) / 'predictions.json'}")
+    _say_notes(res)
+    click.echo(f"{res['images']} images ({len(res['skipped'])} unreadable; {_reuse_line(res)}) -> "
+               f"{Path(out) / 'predictions.json'}")
+
+
+def _reuse_line(res: dict) -> str:
+    """How many images predict/embed read from rows already stored, and how many went through extraction."""
+    models = ("caption", "text", "vae", "expert", "unet")
+    computed = ", ".join(f"{k} {v}" for k, v in sorted(res["computed"].items()) if v and k in models)
+    return (f"features of {res['reused']} reused from the store, {res['extracted']} extracted"
+            + (f" ({computed} samples computed)" if computed else " (nothing computed)" if res["extracted"] else ""))
+
+
+def _say_notes(res: dict) -> None:
+    notes = res.get("notes") or []
+    for n in notes[:3]:
+        click.echo(f"note: {n}", err=True)
+    if len(notes) > 3:
+        click.echo(f"note: {len(notes) - 3} more in the output's JSON", err=True)
 
 
 @main.command()
@@ -188,7 +206,8 @@ def embed(run, images, out, store, device, quiet):
 
     res = run_embed(run, images, output_directory(out, "embedding directory"), store=store, device=device,
                     progress=not quiet)
-    click.echo(f"{res['images']} embeddings of {res['dim']} dims -> {res['path']}")
+    _say_notes(res)
+    click.echo(f"{res['images']} embeddings of {res['dim']} dims ({_reuse_line(res)}) -> {res['path']}")
 
 
 @main.group()

@@ -42,11 +42,25 @@ class Dataset:
     samples: tuple[Sample, ...]
     classnames: tuple[str, ...]  # index = label
     source: dict  # {"kind", "spec", "split", "shots", "shot_seed"}: how it was loaded
-    # Memo of identity(); excluded from eq/repr so two loads of the same data compare equal.
+    # Memos of identity() and image_hashes(); excluded from eq/repr so two loads of the same data compare equal.
     _identity: str | None = field(default=None, init=False, repr=False, compare=False)
+    _hashes: tuple[str, ...] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def image_hashes(self) -> tuple[str, ...]:
+        """sha256 hex of each sample's image bytes, in sample order; computed once."""
+        if self._hashes is None:
+            samples = self.samples
+            # Hash one file here first so the process-wide memo is created once, not raced by
+            # the pool threads; the rest is I/O bound, so threads overlap reads well.
+            hashes = [_hash(samples[0])] if samples else []
+            workers = min(32, 2 * (os.cpu_count() or 4))
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                hashes += list(pool.map(_hash, samples[1:]))
+            object.__setattr__(self, "_hashes", tuple(hashes))  # frozen: bypass only for the memo
+        return self._hashes
 
     def identity(self) -> str:
         """sha256 hex of canonical_json(sorted [[id, sha256 of bytes], ...]); computed once.
@@ -55,22 +69,19 @@ class Dataset:
         image bytes are in the set, which is what cached features depend on.
         """
         if self._identity is None:
-            samples = self.samples
-            # Hash one file here first so the process-wide memo is created once, not raced by
-            # the pool threads; the rest is I/O bound, so threads overlap reads well.
-            hashes = [_hash(samples[0])] if samples else []
-            workers = min(32, 2 * (os.cpu_count() or 4))
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                hashes += list(pool.map(_hash, samples[1:]))
-            pairs = sorted([s.id, h] for s, h in zip(samples, hashes))
-            digest = hashlib.sha256(canonical_json(pairs).encode()).hexdigest()
-            object.__setattr__(self, "_identity", digest)  # frozen: bypass only for the memo
+            object.__setattr__(self, "_identity", identity_of([s.id for s in self.samples], self.image_hashes()))
         return self._identity
 
     def describe(self) -> dict:
         """Readable summary for store manifests."""
         return {"name": self.name, "n_samples": len(self.samples), "identity": self.identity(),
                 "source": dict(self.source), "classnames": list(self.classnames)}
+
+
+def identity_of(ids, hashes) -> str:
+    """The identity of a dataset whose samples `ids` have images of sha256 `hashes` (`Dataset.identity`)."""
+    pairs = sorted([i, h] for i, h in zip(ids, hashes))
+    return hashlib.sha256(canonical_json(pairs).encode()).hexdigest()
 
 
 def _hash(sample: Sample) -> str:

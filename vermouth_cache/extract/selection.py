@@ -134,6 +134,10 @@ class FeatureQuery:
         out = {k: v for k, v in self.__dict__.items() if v is not None and k != "pins"}
         return {**out, **{k: v for k, v in self.pins.items() if v is not None}}
 
+    def accepts(self, facts: dict) -> bool:
+        """Whether a features entry of these facts (`features_facts`) is one the query asks for."""
+        return not any(_differs(facts.get(k), v, k) for k, v in self.wanted().items())
+
 
 def features_facts(store: Store, entry: Entry) -> dict:
     """The comparable facts of a features entry, from its recipe chain; None where a field does not

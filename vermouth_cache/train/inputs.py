@@ -76,9 +76,9 @@ def feature_taps(s: TaskSettings) -> list[str]:
 
 
 def open_split(store: Store, ds: Dataset, s: TaskSettings, *, pins: dict | None = None,
-               superset: Dataset | None = None) -> CachedSplit:
+               superset: Dataset | None = None, empty_ok: bool = False) -> CachedSplit:
     """The cached rows of `ds` for settings `s` (and the extraction options `pins` names); refuses a
-    mismatched, ambiguous or incomplete cache."""
+    mismatched, ambiguous or incomplete cache, and (unless `empty_ok`) one whose every sample failed."""
     base_taps = feature_taps(s)
     query = feature_query(s, pins)
     source = ds
@@ -111,10 +111,11 @@ def open_split(store: Store, ds: Dataset, s: TaskSettings, *, pins: dict | None 
     for used in (feats, expert):
         if used is not None:
             mark_used(store, used)  # for `gc --unused-days`: with the latents, text and captions behind it
-    return _usable(ds, feats, expert, taps, rows)
+    return _usable(ds, feats, expert, taps, rows, empty_ok)
 
 
-def _usable(ds: Dataset, feats: Entry, expert: Entry | None, taps: list[str], rows: list[int]) -> CachedSplit:
+def _usable(ds: Dataset, feats: Entry, expert: Entry | None, taps: list[str], rows: list[int],
+            empty_ok: bool = False) -> CachedSplit:
     per_array = [(feats, n) for n in taps] + ([(expert, n) for n in EXPERT_LEVELS] if expert else [])
     statuses = [e.statuses(n) for e, n in per_array]
     keep, skipped = [], {}
@@ -129,7 +130,7 @@ def _usable(ds: Dataset, feats: Entry, expert: Entry | None, taps: list[str], ro
             skipped[sample.id] = bad[0]
         else:
             keep.append((sample, row))
-    if not keep:
+    if not keep and not empty_ok:
         raise VermouthError(f"no usable cached sample in {ds.name} ({len(skipped)} failed at extraction)")
     return CachedSplit(ds, feats, expert, [r for _, r in keep],
                         np.array([s.label if s.label is not None else -1 for s, _ in keep]),
