@@ -145,8 +145,8 @@ def test_ls_and_export(request_for, folder, tmp_path):
 
 def test_the_next_shard_decodes_in_the_background_and_the_bytes_do_not_change(request_for, folder, tmp_path,
                                                                               monkeypatch):
-    """While a shard runs its models, the next shard's images decode in a background thread; the
-    store's bytes are those of the serial path."""
+    """While a shard runs its models, the next shard's images decode (and become the VAE's pixels) in a
+    background thread; the store's bytes are those of the serial path."""
     import threading
 
     from conftest import store_bytes
@@ -154,11 +154,12 @@ def test_the_next_shard_decodes_in_the_background_and_the_bytes_do_not_change(re
 
     threads = []
     real = shards._decode
-    monkeypatch.setattr(shards, "_decode", lambda samples: threads.append(
-        (samples[0].id, threading.current_thread().name)) or real(samples))
+    monkeypatch.setattr(shards, "_decode", lambda samples, size: threads.append(
+        (samples[0].id, threading.current_thread().name, size)) or real(samples, size))
     req = request_for(folder, prompt="null", stages="mid", store=str(tmp_path / "a"))  # 5 images, shards of 2
     extract(req)
-    background = {first: name.startswith("vermouth-cache-decode") for first, name in threads}
+    background = {first: name.startswith("vermouth-cache-decode") for first, name, _ in threads}
+    assert {size for *_, size in threads} == {128}  # the VAE's pixels are made in the decoding thread too
     assert background == {"cat/00.png": False, "cat/02.png": True, "dog/01.png": True}  # shards 0, 1, 2
     monkeypatch.setattr(shards, "PREFETCH", False)
     extract(req.with_(store=str(tmp_path / "b")))

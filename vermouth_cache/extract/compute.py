@@ -74,15 +74,15 @@ def blip_captions(captioner, images: Sequence[Image.Image], *, prefix: str, min_
 
 
 # -- latents ----------------------------------------------------------------------------------
-def pixel_batch(images: Sequence[Image.Image], resolution: int, geometry: str | None = None) -> torch.Tensor:
+def pixel_batch(images: Sequence, resolution: int, geometry: str | None = None) -> torch.Tensor:
     """(B, 3, r, r) in [-1, 1] after the shorter-side resize and centre crop, or, for views, the
-    view placed by its `geometry` (padded or squashed: data/views.py)."""
-    if geometry:
-        return torch.stack([view_tensor(img, resolution, geometry) for img in images])
-    return torch.stack([to_model_tensor(resize_center_crop(img, resolution)) for img in images])
+    view placed by its `geometry` (padded or squashed: data/views.py). An item may already be its
+    (3, r, r) pixels (made while decoding: `shards._decode`)."""
+    return torch.stack([img if isinstance(img, torch.Tensor) else view_tensor(img, resolution, geometry)
+                        if geometry else to_model_tensor(resize_center_crop(img, resolution)) for img in images])
 
 
-def vae_latents(sd, images: Sequence[Image.Image], *, resolution: int, rule: LatentRule, batch: int,
+def vae_latents(sd, images: Sequence, *, resolution: int, rule: LatentRule, batch: int,
                 geometry: str | None = None) -> torch.Tensor:
     """(N, 4, r/8, r/8) float32 on the VAE's device (the U-net takes them from there): E(x).latent_dist.mean,
     times the backbone's scaling_factor by the method's latent rule."""
@@ -134,7 +134,7 @@ def _noised(unet, scheduler, z0, c, ids, *, t, draw, noise, seed, steps) -> torc
 
 
 # -- expert -----------------------------------------------------------------------------------
-def expert_features(expert, images: Sequence[Image.Image], *, resolution: int, batch: int,
+def expert_features(expert, images: Sequence, *, resolution: int, batch: int,
                     geometry: str | None = None) -> dict[str, np.ndarray]:
     """Four feature maps per image, highest resolution first: `expert.level0`-`expert.level3`.
 

@@ -119,8 +119,8 @@ def _invalidate(plan: Plan, only: dict) -> None:
         if prefix not in entries:
             raise VermouthError(f"cannot recompute {prefix}: its request now makes other entries "
                                 f"({', '.join(sorted(entries))}); the images or models it was made from have changed")
-        for name, shards in arrays.items():
-            for shard in shards:
+        for name, numbers in arrays.items():
+            for shard in numbers:
                 entries[prefix].invalidate(name, shard)
 
 

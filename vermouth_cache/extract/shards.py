@@ -49,12 +49,24 @@ class ExtractReport:
     notes: list[str] = field(default_factory=list)  # decisions the log states (e.g. a shard size kept)
 
 
-def _decode(samples) -> list:
-    """Decoded images, or ImageError objects in place of the ones that fail."""
+@dataclass
+class _Decoded:
+    """One decoded image (or view), as BLIP takes it (it resizes it itself) and, when the shard runs
+    the VAE or the expert, as they take it: made in the decoding thread, off the models' thread."""
+    image: object  # PIL.Image.Image
+    pixels: torch.Tensor | None  # (3, r, r) in [-1, 1]: `compute.pixel_batch` of this one image
+
+
+def _decode(samples, resolution: int | None = None) -> list:
+    """`_Decoded` images (with their pixels at `resolution`, if given), or ImageError objects in
+    place of the ones that fail."""
+    geometry = view_geometry(samples)
+
     def one(s):
         try:
             img = decode_sample(s)
-            return s.view.image(img) if s.view is not None else img
+            img = s.view.image(img) if s.view is not None else img
+            return _Decoded(img, compute.pixel_batch([img], resolution, geometry)[0] if resolution else None)
         except ImageError as exc:
             return exc
         except VermouthError as exc:  # a view outside the image (it shrank since the dataset was listed)
@@ -165,7 +177,7 @@ class ShardRunner:
             return  # committed already, or only the U-net is left (it reads latents, not images)
         if self._decoder is None:
             self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vermouth-cache-decode")
-        self._ahead[shard] = self._decoder.submit(_decode, self.samples_of(shard))
+        self._ahead[shard] = self._decoder.submit(_decode, self.samples_of(shard), _pixel_size(self.req, need))
 
     def flush(self, report: ExtractReport) -> set[int]:
         """Wait for every queued write; the shards whose claim was taken over before they committed
@@ -243,6 +255,11 @@ def _write(entry: Entry, name: str, shard: int, ok_index: list[int], n: int, sta
     entry.write_shard(name, shard, status, data=full, run=run, before_commit=guard)
 
 
+def _pixels(decoded: _Decoded):
+    """The pixels made while decoding, or the image itself (the model call makes them)."""
+    return decoded.pixels if decoded.pixels is not None else decoded.image
+
+
 def _host(rows) -> np.ndarray:
     """float32 rows on the host, from numpy or from a (device) tensor."""
     return rows.detach().float().cpu().numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows, np.float32)
@@ -262,6 +279,11 @@ class _Carried:
             return self.rows
         pos = {i: k for k, i in enumerate(self.ok)}
         return self.rows[[pos[i] for i in ok]]
+
+
+def _pixel_size(req, need: dict) -> int | None:
+    """The resolution of the pixels a shard's VAE or expert takes, None if it runs neither."""
+    return req.resolution if need["latents"] or need["expert"] else None
 
 
 def _needs_images(req, need: dict) -> bool:
@@ -285,7 +307,7 @@ def _extract_shard(req, samples, plan: Plan, models: Models, shard: int, need: d
     step = _Steps(report, shard, status, run, guard, writer, carried)
     if need_images:
         with _Stage(report, "decode", n):  # with `decoded`, only the wait for the background decoding
-            images = decoded.result() if decoded is not None else _decode(samples)
+            images = decoded.result() if decoded is not None else _decode(samples, _pixel_size(req, need))
         for i, img in enumerate(images):
             if isinstance(img, ImageError):
                 if req.on_error == "fail" and req.max_error_rate is None:
@@ -298,7 +320,7 @@ def _extract_shard(req, samples, plan: Plan, models: Models, shard: int, need: d
         ok = step.ok()
         with _Stage(report, "caption", len(ok) if cond.needs_captioner else 0) as timed:
             if cond.needs_captioner:
-                caps = compute.blip_captions(captioner, [images[i] for i in ok], prefix=req.caption_prefix,
+                caps = compute.blip_captions(captioner, [images[i].image for i in ok], prefix=req.caption_prefix,
                                              min_new=req.caption_min_tokens, max_new=req.caption_max_tokens,
                                              batch=batch)
             else:
@@ -323,13 +345,13 @@ def _extract_shard(req, samples, plan: Plan, models: Models, shard: int, need: d
             TEXT: cond.encode(sd, [texts[i] for i in ok], req, batch=batch)})
     if need["latents"]:
         step.compute(plan.latents, [LATENTS], "vae", f32, lambda ok: _once_per_image(
-            samples, ok, lambda idx: {LATENTS: compute.vae_latents(sd, [images[i] for i in idx], resolution=req.resolution,
+            samples, ok, lambda idx: {LATENTS: compute.vae_latents(sd, [_pixels(images[i]) for i in idx], resolution=req.resolution,
                                                                    rule=method.latent, batch=batch, geometry=geometry)}))
     dtype = STORAGE_DTYPES[req.dtype]
     if need["expert"]:
         step.compute(plan.expert, EXPERT_LEVELS, "expert", dtype, lambda ok: _once_per_image(
             samples, ok, lambda idx: compute.expert_features(
-                expert, [images[i] for i in idx], resolution=req.resolution, batch=batch, geometry=geometry)),
+                expert, [_pixels(images[i]) for i in idx], resolution=req.resolution, batch=batch, geometry=geometry)),
             codec=req.codec, keep=False)
     if not need["features"]:
         return
