@@ -294,7 +294,6 @@ def _needs_images(req, need: dict) -> bool:
 def _extract_shard(req, samples, plan: Plan, models: Models, shard: int, need: dict, batch: int,
                    run: dict, report: ExtractReport, guard, writer: ShardWriter,
                    decoded: Future | None = None) -> None:
-    start, stop = plan.captions.shard_bounds(shard)
     ids = [s.id for s in samples]
     n = len(samples)
     sd, captioner, expert = models.sd, models.captioner, models.expert
