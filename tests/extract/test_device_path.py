@@ -104,12 +104,20 @@ def test_compiled_layers_store_the_same_bytes(request_for, folder, tmp_path, mon
     assert record_content(tmp_path / "compiled") == record_content(tmp_path / "eager")
 
 
-def test_compile_on_the_cpu_is_refused_in_one_line(request_for, folder, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("option, message", [
+    (["--compile"], "--compile is for CUDA: compiled CPU kernels round differently from eager ones, and a store's "
+                    "bytes must not depend on how they were computed"),
+    (["--precision", "fp16"], "--precision fp16 is for CUDA: the CPU computes in fp32, and a store's bytes must not "
+                              "depend on how they were computed"),
+])
+def test_gpu_only_options_on_the_cpu_are_refused_in_one_line(request_for, folder, tmp_path, monkeypatch, capsys,
+                                                             option, message):
+    """Features computed another way share the key (how is not what): on the CPU, where stores are
+    bit-identical, whatever changes the bytes without changing the key is refused."""
     req = request_for(folder)
     code, _, err = cli(monkeypatch, capsys, "extract", folder, "--store", tmp_path / "s", "--sd-model", req.sd_model,
-                       "--captioner", req.captioner, "--device", "cpu", "--compile", "--quiet")
-    assert code == 1 and err.strip() == ("error: --compile is for CUDA: compiled CPU kernels round differently from "
-                                         "eager ones, and a store's bytes must not depend on how they were computed")
+                       "--captioner", req.captioner, "--device", "cpu", *option, "--quiet")
+    assert code == 1 and err.strip() == f"error: {message}"
     assert not (tmp_path / "s").exists()
 
 

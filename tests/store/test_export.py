@@ -47,3 +47,20 @@ def test_export_expert_refusals_are_one_line(request_for, folder, monkeypatch, c
     assert code != 0 and "holds no expert features" in err and "Traceback" not in err
     code, _, err = cli(monkeypatch, capsys, "export", req.store, "--out", str(tmp_path / "x.h5"), "--expert-entry", "ab")
     assert code != 0 and "--expert-entry chooses the expert entry of --expert" in err
+
+
+def test_export_pairs_the_features_with_the_expert_maps_of_their_codec(request_for, tiny, tmp_path, monkeypatch,
+                                                                      capsys):
+    """Two codecs of one recipe, each with its expert maps: `export --codec zstd --expert` takes the
+    zstd features and the zstd expert maps (as `train --codec` does), not an ambiguity error."""
+    data = make_images(tmp_path / "imgs", {"cat": 2, "dog": 1})
+    req = request_for(data, stages="mid", expert="resnet18", expert_model=str(tiny["resnet18"]), prompt="null")
+    extract(req)
+    rep = extract(req.with_(codec="zstd"))
+    zstd_expert = Store(req.store).find("expert", rep.entries["expert"])
+    out = tmp_path / "x.h5"
+    code, stdout, err = cli(monkeypatch, capsys, "export", req.store, "--out", str(out), "--dataset", str(data),
+                            "--codec", "zstd", "--prompt", "null", "--resolution", "128", "--expert", "--quiet")
+    assert code == 0, err
+    with h5py.File(out) as f:
+        assert f.attrs["expert_key"] == zstd_expert.key and f.attrs["key"] == rep.entries["features t=200"]

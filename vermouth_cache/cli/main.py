@@ -43,8 +43,10 @@ def extract(quiet, **fields):
     """Extract SD features of DATASET into the store, computing only what it lacks.
 
     DATASET is an image-folder tree (root/<class>/<image>), a CoOp split file
-    (split_zhou_<Name>.json, with --split), a CSV/JSONL manifest (path, label, split, ...) or a
-    segmentation dataset root (images + PNG label maps, with --split and --layout).
+    (split_zhou_<Name>.json, with --split), a CSV/JSONL manifest (path, label, split, ...), a
+    segmentation dataset root (images + PNG label maps, with --split and --layout), a depth or
+    REFER root (with --split), WebDataset tar shards (a .tar file or a folder of them), or a
+    Hugging Face dataset saved with save_to_disk (with --split for a DatasetDict).
     """
     from vermouth_cache.extract.run import extract as run_extract
 

@@ -171,6 +171,11 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
         return torch.float32 if device.type == "cpu" else torch.float16
     if precision not in _PRECISIONS:
         raise VermouthError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
+    if device.type == "cpu" and precision != "fp32":
+        # features made in fp16 and in fp32 share a key (precision is how, not what): on the CPU,
+        # where a store's bytes must not depend on how they were computed, only fp32 runs
+        raise VermouthError(f"--precision {precision} is for CUDA: the CPU computes in fp32, and a store's bytes "
+                            "must not depend on how they were computed")
     return _PRECISIONS[precision]
 
 

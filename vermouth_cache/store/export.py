@@ -85,6 +85,10 @@ def expert_of(store: Store, features: Entry, key: str | None = None) -> Entry:
     found = [e for e in store.entries("expert") if e.manifest["about"].get("dataset_record") == about["dataset_record"]
              and e.manifest["recipe"].get("resolution") == about.get("resolution")
              and (key is None or e.key.startswith(key))]
+    codec = features.manifest["recipe"].get("codec", "raw")
+    same_codec = [e for e in found if e.manifest["recipe"].get("codec", "raw") == codec]
+    if len(found) > 1 and same_codec:  # the expert maps stored like the features (what `train --codec` pairs)
+        found = same_codec
     if len(found) == 1:
         return found[0]
     if not found:
@@ -144,7 +148,7 @@ def export_h5(store: Store, out: str | os.PathLike, *, entry: Entry | None = Non
             f.create_dataset("captions", data=np.array([captions[i] for i in keep], dtype=h5py.string_dtype()))
             work = [(e, group, n, shard) for e, group, n in arrays for shard in range(e.n_shards)]
             at = {}  # (group, name) -> rows written so far
-            for e, group, n, shard in track(work, f"export {out.name}", "shard", enabled=progress):
+            for e, group, n, shard in track(work, f"export {out.name}", "chunk", enabled=progress):
                 lo, hi = e.shard_bounds(shard)
                 rows = [i for i in range(lo, hi) if i in kept]
                 if (group, n) not in at:

@@ -48,6 +48,7 @@ from vermouth_cache.extract.reuse import Reusable, Reused, find_reusable
 from vermouth_cache.extract.run import extract
 from vermouth_cache.extract.selection import features_facts, resolve_pins
 from vermouth_cache.methods import method_named
+from vermouth_cache.models.loading import resolve_device
 from vermouth_cache.models.taps import BLOCK_ORDER
 from vermouth_cache.store.entries import Store, refuse_inside_store
 from vermouth_cache.store.entry import Entry
@@ -124,6 +125,8 @@ class RunHead:
         req = ExtractRequest.from_json(saved, dataset=str(manifest), image_root=str(root), split=None, shots=None,
                                        layout=None, views=1, slide=False, store=str(self.store.root),
                                        progress=progress, **({"device": device} if device else {}))
+        if resolve_device(req.device).type == "cpu" and req.precision != "auto":
+            req = req.with_(precision="auto")  # a run extracted in bf16 on a GPU: fp32 here (not in the key)
         ds = req.load_dataset()
         pins = {**resolve_pins(dict(self.config.get("select") or {})), "unet": unet}
         query = feature_query(self.settings, pins)
