@@ -291,3 +291,19 @@ def test_symlinks_in_segmentation_roots(tmp_path):
     (root / "masks" / "train" / "01.png").symlink_to(tmp_path / "nowhere.png")
     with pytest.raises(VermouthError, match="mask .*01.png is a broken symbolic link"):
         load_dataset(root, layout="generic", split="train")
+
+
+def test_ctrl_c_is_one_line_that_says_how_to_resume(request_for, folder, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during a command: one line, exit 130 (click's own handling printed a blank line first
+    and lost the hint)."""
+    from conftest import cli
+    from vermouth_cache.extract import run as extract_run
+
+    def interrupted(req, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(extract_run, "extract", interrupted)
+    req = request_for(folder)
+    code, _, err = cli(monkeypatch, capsys, "extract", folder, "--store", tmp_path / "s", "--sd-model", req.sd_model,
+                       "--captioner", req.captioner, "--quiet")
+    assert code == 130 and err == "interrupted: run the same command again to resume\n"

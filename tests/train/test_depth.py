@@ -8,6 +8,8 @@ text encoder. Views: 2 drawn crops per training image; the test's two shift wind
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import json
 
 import numpy as np
@@ -164,3 +166,10 @@ def test_predict_draws_the_depth_of_new_images(nyu, tmp_path):
     assert img.width == 2 * img.height and 0 <= p["depth_min_m"] <= p["depth_max_m"] <= 10
     with pytest.raises(VermouthError, match="needs a class per sample|has no row"):
         predict(tmp_path / "run", sample.path, tmp_path / "q", progress=False)
+    # two images of one name in two subfolders: each keeps its own map, under its own path
+    for sub in ("a", "b"):
+        (tmp_path / "two" / sub).mkdir(parents=True)
+        (tmp_path / "two" / sub / "x.png").write_bytes(Path(sample.path).read_bytes())
+    rep = predict(tmp_path / "run", tmp_path / "two", tmp_path / "r", classname=sample.classname, progress=False)
+    assert sorted(Path(p["png"]).relative_to(tmp_path / "r").as_posix() for p in rep["predictions"]) == [
+        "a/x.png.depth.png", "b/x.png.depth.png"]

@@ -311,7 +311,10 @@ add_verbosity_options(main)
 def run() -> None:
     """Entry point: user errors become one line and exit 1; Ctrl-C says how to resume."""
     try:
-        main(standalone_mode=False)
+        # click's own `main` turns Ctrl-C into Abort after printing a blank line: invoked directly,
+        # Ctrl-C reaches the one-line message below
+        with main.make_context("vermouth-cache", sys.argv[1:]) as ctx:
+            main.invoke(ctx)
     except VermouthError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)

@@ -20,7 +20,8 @@ says how many images were reused and how many extracted. What comes out, per tas
     depth     the depth of the centre crop (metres, as grey levels), beside it: OUT/<image>.depth.png
     refer     the mask of the object --text refers to, over the crop: OUT/<image>.refer.png
 
-and `embed` writes the pooled U-head embedding of each image (fewshot and sbir heads) to
+(<image>: its path under the folder given, so two images of one name in two subfolders keep
+both maps), and `embed` writes the pooled U-head embedding of each image (fewshot and sbir heads) to
 OUT/embeddings.npz (`ids`, `embeddings`). A prompt that reads a label (VPD depth's table-class)
 needs `--classname`; a sentence prompt (refer) needs `--text`. Runs whose features were recomputed
 online (--tune-norms, --adapter, --tune-unet) are refused: their features are not in a store.
@@ -324,7 +325,8 @@ def _dense(head: RunHead, model, parts: list[Part], opts, out: Path, device) -> 
                 raise VermouthError(f"predict does not know task {head.task!r}")
             for samples, m in zip(served, maps.cpu().numpy()):
                 for sample in samples:
-                    png = out / (Path(sample.id).name + f".{head.task}.png")
+                    png = out / (sample.id + f".{head.task}.png")  # its path under the folder: names may repeat
+                    png.parent.mkdir(parents=True, exist_ok=True)
                     stats = _draw(sample, m, head.task, res, png, n_classes=len(head.config.get("classnames") or []))
                     results.append({"id": sample.id, "png": str(png), **stats})
     return results
