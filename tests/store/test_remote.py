@@ -124,6 +124,11 @@ def test_a_team_member_reads_an_s3_store_read_only(request_for, data, bucket, tm
     view = open_tap(url, f"features/{entry.key[:8]}", "mid_block")
     np.testing.assert_array_equal(view.data.compute(), local)
     assert view.sample_ids == ["a/00.png", "a/01.png", "a/02.png", "b/00.png", "b/01.png"]
+    from vermouth_cache.train.loader import CacheLoader, Field
+
+    # the stream loader's chunk reads (`Location.read_into`) on a store that has no buffer to read into
+    for batch in CacheLoader({"x": Field(entry, "mid_block")}, range(5), 2, mode="stream", shuffle=True):
+        np.testing.assert_array_equal(batch["x"].numpy(), local[batch["index"].numpy()].astype(np.float32))
     from click.testing import CliRunner
 
     from vermouth_cache.cli.main import main

@@ -16,12 +16,12 @@ from vermouth_cache.store.entries import Store
 N, S = 23, 4  # 6 shards, the last one short (3 samples)
 
 
-def make_entry(store: Store, name: str, *, n=N, size=S, skip=(), errors=None, dtype="float16"):
+def make_entry(store: Store, name: str, *, n=N, size=S, skip=(), errors=None, dtype="float16", codec="raw"):
     """Entry with arrays "a" (3, 2) and "b" (5,); shards in `skip` unwritten, `errors` {sample: reason}."""
     entry = store.entry("features", {"name": name, "n": n, "size": size}, n_samples=n, shard_size=size, about={})
     rng = np.random.default_rng(len(name))
     for array, shape in (("a", (3, 2)), ("b", (5,))):
-        entry.ensure_array(array, shape, dtype)
+        entry.ensure_array(array, shape, dtype, codec)
         for shard in range(entry.n_shards):
             if shard in skip:
                 continue
@@ -102,6 +102,65 @@ def test_order_deterministic_per_seed_epoch_and_same_in_both_modes(entry, good):
     assert order(0, 0) != sorted(good)
 
 
+def test_stream_batches_do_not_depend_on_prefetch_or_read_ahead(entry, good):
+    """Reader threads finish in any order; the batches (order and values) must not show it."""
+    def epoch(**kw):
+        loader = CacheLoader(fields(entry), good, 3, shuffle=True, seed=7, shuffle_window=2, **kw)
+        loader.set_epoch(2)
+        return [{k: v.numpy() for k, v in b.items()} for b in loader]
+
+    want = epoch(mode="memory")
+    for prefetch, read_ahead in ((1, 1), (1, 2), (3, 1), (2, 10)):
+        got = epoch(mode="stream", prefetch=prefetch, read_ahead=read_ahead)
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert g.keys() == w.keys() and all(np.array_equal(g[k], w[k]) for k in w)
+
+
+@pytest.mark.parametrize("codec", ["raw", "zstd", "int8", "fp8"])
+def test_stream_decodes_every_codec_into_reused_buffers(store, codec, monkeypatch):
+    """Chunks are read into buffers reused from shard to shard: batches kept to the end of the epoch
+    still hold their own values (they are copies, never views of a buffer read into again)."""
+    e = make_entry(store, f"codec-{codec}", dtype="float32" if codec in ("int8", "fp8") else "float16", codec=codec)
+    buffers = []
+    read_into = LocalLocation.read_into
+
+    def noting_read_into(self, key, buffer):
+        buffers.append(np.asarray(buffer).base)
+        return read_into(self, key, buffer)
+
+    monkeypatch.setattr(LocalLocation, "read_into", noting_read_into)
+    loader = CacheLoader({"a": Field(e, "a")}, range(N), 2, mode="stream", shuffle=True, shuffle_window=1,
+                         read_ahead=1)
+    batches = list(loader)
+    assert len(buffers) == e.n_shards and len({id(b) for b in buffers}) < e.n_shards
+    for batch in batches:
+        np.testing.assert_array_equal(batch["a"].numpy(), e.read("a", batch["index"].numpy()).astype(np.float32))
+
+
+@pytest.mark.parametrize("damage, why", [("flip", "checksum mismatch"), ("grow", "chunk is corrupt: .* more than"),
+                                         ("delete", "chunk missing")])
+def test_damage_in_a_later_shard_raises_when_its_batch_is_reached(store, damage, why):
+    e = make_entry(store, "late")
+    path = e.loc.path(e.chunk_key("b", 4))
+    if damage == "flip":
+        data = bytearray(path.read_bytes())
+        data[0] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif damage == "grow":  # never read into the shard's buffer: refused from its size
+        with open(path, "r+b") as f:
+            f.truncate(64 << 20)
+    else:
+        path.unlink()
+    loader = CacheLoader(fields(e), range(N), S, mode="stream", read_ahead=4)  # shard 4 is read ahead, early
+    served = []
+    with pytest.raises(VermouthError, match=f"store entry {e.prefix} array b shard 4: {why}"):
+        for batch in loader:
+            served += batch["index"].tolist()
+    assert served == list(range(4 * S))  # every batch before the damaged shard's came out
+    assert not loader_threads()
+
+
 @pytest.mark.parametrize("mode", ["memory", "stream"])
 def test_no_shuffle_is_index_order(entry, good, mode):
     loader = CacheLoader(fields(entry), list(reversed(good)), 5, mode=mode)
@@ -127,14 +186,19 @@ def test_window_shuffle_keeps_each_window_within_its_shards(entry, good):
 @pytest.mark.parametrize("mode", ["memory", "stream"])
 def test_reads_whole_chunks_once_per_epoch(entry, good, mode, monkeypatch):
     gets = []
-    original = LocalLocation.read_bytes
+    read_bytes, read_into = LocalLocation.read_bytes, LocalLocation.read_into
 
     def counting_read(self, key, limit=None):
         if "/c/" in key:  # chunk keys, not metadata
             gets.append((key.split("/arrays/")[1], limit))
-        return original(self, key, limit)
+        return read_bytes(self, key, limit)
+
+    def counting_read_into(self, key, buffer):  # stream mode reads chunks into reused buffers
+        gets.append((key.split("/arrays/")[1], memoryview(buffer).nbytes))
+        return read_into(self, key, buffer)
 
     monkeypatch.setattr(LocalLocation, "read_bytes", counting_read)
+    monkeypatch.setattr(LocalLocation, "read_into", counting_read_into)
     loader = CacheLoader(fields(entry), good, 2, shuffle=True, mode=mode, shuffle_window=2)
     for epoch in range(2):
         loader.set_epoch(epoch)
@@ -210,11 +274,11 @@ def test_early_break_leaves_no_thread(entry, good):
 
 
 def test_worker_error_reraised_in_main_thread(entry, good, monkeypatch):
-    def broken(self, name, indices=None):
+    def broken(self, name, shard, rows, into=None):
         raise OSError("disk gone")
 
     loader = CacheLoader(fields(entry), good, 4, mode="stream")
-    monkeypatch.setattr(type(entry), "read", broken)
+    monkeypatch.setattr(type(entry), "read_block", broken)
     with pytest.raises(OSError, match="disk gone"):
         served(loader)
     assert not loader_threads()

@@ -20,6 +20,7 @@ are checked before any byte is decoded.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import zarr
@@ -240,9 +241,11 @@ class Entry:
             raise ShardDamage(self.prefix, name, shard, damage)
         return rec
 
-    def checked_chunk(self, name: str, shard: int, rec: ShardRecord, *, read: bool = True) -> bytes | None:
+    def checked_chunk(self, name: str, shard: int, rec: ShardRecord, *, read: bool = True,
+                      into: Callable[[int], object] | None = None) -> bytes | memoryview | None:
         """The chunk's bytes, if they are exactly those `rec` committed (size, CRC32C); else ShardDamage.
-        `read=False` checks only the size (no bytes are read)."""
+        `read=False` checks only the size (no bytes are read); `into(n)` gives a writable buffer of
+        the n bytes the chunk must have, to read it into (`Location.read_into`)."""
         key = self.chunk_key(name, shard)
         expected = self.chunk_nbytes(name)
         if expected is None:  # a compressed array: each chunk has the size its record committed
@@ -252,7 +255,8 @@ class Entry:
             data = None
         else:
             try:  # never more than one byte past the size it must have: a huge file is not loaded
-                data = self.loc.read_bytes(key, limit=expected)
+                data = (self.loc.read_bytes(key, limit=expected) if into is None
+                        else self.loc.read_into(key, into(expected)))
             except FileNotFoundError:
                 data = None
             except VermouthError as exc:
@@ -349,8 +353,25 @@ class Entry:
         agree (`ShardDamage`, naming entry, array and shard): exactly the checks of `verify --deep`."""
         idx = np.arange(self.n_samples)[indices if indices is not None else slice(None)]
         spec = self.array_spec(name)
+        records = {int(s): self.checked_record(name, int(s)) for s in np.unique(idx // self.shard_size)}
+        self._refuse_unavailable(name, idx, records)
+        blocks = {s: decode_chunk(self.checked_chunk(name, s, rec), spec, self.shard_size) for s, rec in records.items()}
+        return gather(blocks, idx, self.shard_size, spec)
+
+    def read_block(self, name: str, shard: int, rows: np.ndarray, *,
+                   into: Callable[[int], object] | None = None) -> np.ndarray:
+        """Shard `shard`'s whole chunk of `name`, decoded: its (shard_size, *shape) block of stored
+        values (bfloat16 as its uint16 bits, a lossy codec's as float32), after every check `read`
+        makes to serve rows `rows` (entry rows of this shard). `into(n)` gives a writable buffer of
+        n bytes to read the chunk into; a raw chunk's block is then a view of that buffer, so a
+        reader of many chunks (the training loader) reuses its memory."""
+        rec = self.checked_record(name, shard)
+        self._refuse_unavailable(name, np.asarray(rows), {shard: rec})
+        return decode_chunk(self.checked_chunk(name, shard, rec, into=into), self.array_spec(name), self.shard_size)
+
+    def _refuse_unavailable(self, name: str, idx: np.ndarray, records: dict[int, ShardRecord | None]) -> None:
+        """A VermouthError if a sample of `idx` is in a shard never committed or failed."""
         shard_of = idx // self.shard_size
-        records = {int(s): self.checked_record(name, int(s)) for s in np.unique(shard_of)}
         bad = [int(i) for i, s in zip(idx, shard_of)
                if records[int(s)] is None or records[int(s)].status[int(i) - int(s) * self.shard_size] != OK]
         if bad:
@@ -361,8 +382,6 @@ class Entry:
                 f"store entry {self.prefix} array {name}: {len(bad)} requested sample(s) not available "
                 f"(sample #{i} {why})"
             )
-        blocks = {s: decode_chunk(self.checked_chunk(name, s, rec), spec, self.shard_size) for s, rec in records.items()}
-        return gather(blocks, idx, self.shard_size, spec)
 
     def size_bytes(self) -> int:
         return self.loc.du(f"{self.prefix}/arrays")

@@ -12,6 +12,7 @@ never end) and never load more than the caller says an object may hold.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -37,6 +38,20 @@ class LocalLocation(Location):
         return self.root / safe_key(key) if key else self.root
 
     def read_bytes(self, key: str, limit: int | None = None) -> bytes:
+        with self._open_regular(key, limit) as (f, size):
+            buf = bytearray(size)  # read straight into a writable buffer: numpy views it without a copy
+            got = _read_fully(f, memoryview(buf))
+        return buf if got == size else buf[:got]
+
+    def read_into(self, key: str, buffer) -> memoryview:
+        view = memoryview(buffer).cast("B")
+        with self._open_regular(key, view.nbytes) as (f, size):
+            return view[:_read_fully(f, view[:size])]
+
+    @contextlib.contextmanager
+    def _open_regular(self, key: str, limit: int | None):
+        """(unbuffered file, size) of a regular file of at most `limit` bytes; FileNotFoundError when
+        absent, VermouthError for anything else (a FIFO, a device, a file over the limit)."""
         try:  # O_NONBLOCK: a FIFO planted in a store must not hang the open
             fd = os.open(self.path(key), os.O_RDONLY | os.O_NONBLOCK)
         except (IsADirectoryError, NotADirectoryError):
@@ -48,14 +63,9 @@ class LocalLocation(Location):
                 raise FileNotFoundError(key)
             raise VermouthError(f"store file {self.url}/{key} is not a regular file")  # /dev/zero, a FIFO ...
         with os.fdopen(fd, "rb", buffering=0) as f:
-            size = st.st_size
-            if limit is not None and size > limit:
-                raise VermouthError(f"store file {self.url}/{key} is {size} bytes, more than the {limit} it may hold")
-            buf = bytearray(size)  # read straight into a writable buffer: numpy views it without a copy
-            view, got = memoryview(buf), 0
-            while got < size and (n := f.readinto(view[got:])):
-                got += n
-            return buf if got == size else buf[:got]
+            if limit is not None and st.st_size > limit:
+                raise VermouthError(f"store file {self.url}/{key} is {st.st_size} bytes, more than the {limit} it may hold")
+            yield f, st.st_size
 
     def _write_temp(self, key: str, data: bytes) -> Path:
         """`data` in a finished, fsynced temporary file beside the target, mode 0666 less the
@@ -133,3 +143,11 @@ class LocalLocation(Location):
 
     def zarr_store(self, prefix: str):
         return LocalStore(str(self.path(prefix)), read_only=self.read_only)
+
+
+def _read_fully(f, view: memoryview) -> int:
+    """Bytes read into `view` until it is full or the file ends (it may shrink while being read)."""
+    got = 0
+    while got < len(view) and (n := f.readinto(view[got:])):
+        got += n
+    return got

@@ -139,6 +139,13 @@ class Location(abc.ABC):
         self._writable(safe_key(prefix))
         self._delete_prefix(prefix)
 
+    def read_into(self, key: str, buffer) -> memoryview | bytes:
+        """The object's bytes, read into the start of the writable `buffer` where the backend can (a
+        filesystem: the result is a view of it), else as `read_bytes` returns them; an object over
+        the buffer's size is refused or cut as `read_bytes` does with that limit. A reader of many
+        chunks reuses its buffers instead of faulting in fresh pages for each."""
+        return self.read_bytes(key, limit=memoryview(buffer).nbytes)
+
     def read_json(self, key: str):
         data = self.read_bytes(safe_key(key), limit=MAX_JSON_BYTES)  # FileNotFoundError when absent
         if len(data) > MAX_JSON_BYTES:  # an object store's ranged read stops one byte past the limit

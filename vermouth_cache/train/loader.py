@@ -16,22 +16,33 @@ Modes (`mode=`), which serve the SAME batches:
   memory  each field is read once, shard by shard (whole chunks), and kept on `device` in its STORED
           dtype: fp16 stays fp16 (half the RAM / GPU memory of float32; fp16 -> fp32 is exact) and
           each batch is gathered, then cast (on CUDA: index_select + .float()). `nbytes` = that size.
-  stream  each epoch reads `shuffle_window` shards at a time, whole, one window ahead, in background
-          threads that keep up to `prefetch` batches ready; 2-3 windows of rows are held at once.
+  stream  each epoch reads its shards whole, in the order their windows come (below): per shard
+          and field, a task in a pool of reader threads (at most one per core) reads the chunk
+          into a buffer reused from shard to shard and epoch to epoch (one file read, its CRC32C
+          checked against the shard's record, viewed by numpy: `Entry.read_block`) and copies its
+          rows, cast, straight into the float32 batches that hold them. A batch is handed over
+          once its shards' tasks are done; tasks run up to `read_ahead` shards (default
+          `shuffle_window`: one window) past the batch being waited for, and up to `prefetch`
+          batches wait ready. Held at once: the batches of the shards under way (about one
+          window of float32 rows, two while the next is read ahead) and a chunk per reader thread.
           For CUDA, batches cross the bus in the stored dtype (pinned) and are cast on the GPU.
   auto    memory when `nbytes` <= `memory_budget_bytes`, else stream.
 
 Epoch order is a pure function of (seed, epoch) and the same in both modes: the shards holding
 selected samples are permuted, taken `shuffle_window` at a time, and the samples of each window are
-permuted. Memory mode could shuffle globally, but then "auto" picking another mode on a smaller
-machine would change the results, not only the speed. Without shuffle, ascending dataset index.
+permuted (so a batch draws from every shard of its window, and the first batch of an epoch waits
+for its first window's reads). Memory mode could shuffle globally, but then "auto" picking another
+mode on a smaller machine would change the results, not only the speed. Without shuffle, ascending
+dataset index.
 Every selected index is served exactly once per epoch; drop_last drops only the last partial batch.
+Neither `prefetch`, `read_ahead` nor the timing of the reader threads changes a batch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -64,16 +75,18 @@ class CacheLoader:
     def __init__(self, fields: dict[str, Field], indices: Sequence[int], batch_size: int, *,
                  shuffle: bool = False, seed: int = 0, drop_last: bool = False, mode: str = "auto",
                  memory_budget_bytes: int = 8 << 30, device: str | torch.device = "cpu",
-                 prefetch: int = 2, shuffle_window: int = 4, progress: str | None = None,
-                 extra: dict[str, np.ndarray] | None = None):
+                 prefetch: int = 2, shuffle_window: int = 4, read_ahead: int | None = None,
+                 progress: str | None = None, extra: dict[str, np.ndarray] | None = None):
         if not fields:
             raise VermouthError("CacheLoader: no fields")
         if mode not in MODES:
             raise VermouthError(f"CacheLoader: mode {mode!r} is not one of {MODES}")
-        if min(batch_size, prefetch, shuffle_window) < 1:
-            raise VermouthError("CacheLoader: batch_size, prefetch and shuffle_window must be >= 1")
+        read_ahead = shuffle_window if read_ahead is None else read_ahead  # default: one window ahead
+        if min(batch_size, prefetch, shuffle_window, read_ahead) < 1:
+            raise VermouthError("CacheLoader: batch_size, prefetch, shuffle_window and read_ahead must be >= 1")
         self.fields, self.batch_size, self.shuffle, self.seed = dict(fields), batch_size, shuffle, seed
         self.drop_last, self.prefetch, self.shuffle_window, self.progress = drop_last, prefetch, shuffle_window, progress
+        self.read_ahead = read_ahead
         self.device = torch.device(device)
         self.epoch = 0
         self.bar: Progress | None = None
@@ -86,6 +99,7 @@ class CacheLoader:
         self.extra = self._check_extra(extra or {})
         self._mode = mode if mode != "auto" else ("memory" if self.nbytes <= memory_budget_bytes else "stream")
         self._data = self._load() if self._mode == "memory" else None
+        self._buffers = {k: _Buffers() for k in self.fields}  # stream mode's, see _Buffers
 
     def _check_fields(self) -> None:
         (k0, f0), datasets = next(iter(self.fields.items())), {}
@@ -160,12 +174,15 @@ class CacheLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def _windows(self) -> list[tuple[np.ndarray, np.ndarray | None]]:
-        """The epoch's windows: (shards read together, permutation of their selected rows or None)."""
+    def _epoch(self) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's sample order (dataset indices) and its shards in the order they are read."""
         rng = np.random.default_rng([self.seed, self.epoch]) if self.shuffle else None
         shards = rng.permutation(self.shards) if rng is not None else self.shards
-        groups = [shards[w:w + self.shuffle_window] for w in range(0, len(shards), self.shuffle_window)]
-        return [(g, rng.permutation(len(self._rows(g))) if rng is not None else None) for g in groups]
+        parts = []
+        for w in range(0, len(shards), self.shuffle_window):
+            rows = self._rows(shards[w:w + self.shuffle_window])
+            parts.append(rows[rng.permutation(len(rows))] if rng is not None else rows)
+        return np.concatenate(parts), shards
 
     def _rows(self, group: np.ndarray) -> np.ndarray:  # selected dataset indices of the shards
         return np.concatenate([self.indices[slice(*self._span[int(s)])] for s in group])
@@ -174,12 +191,11 @@ class CacheLoader:
         return range(0, len(self) * self.batch_size, self.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        windows = self._windows()
-        order = np.concatenate([self._rows(g) if p is None else self._rows(g)[p] for g, p in windows])
+        order, shards = self._epoch()
         # index and extras are cheap: put the epoch's worth on the device once, slice per batch
         served = {"index": torch.from_numpy(order).to(self.device)}
         served.update({k: torch.from_numpy(v[order]).to(self.device) for k, v in self.extra.items()})
-        feats = self._memory_batches(order) if self._mode == "memory" else self._stream_batches(windows)
+        feats = self._memory_batches(order) if self._mode == "memory" else self._stream_batches(order, shards)
         # one epoch: a bar on a terminal, a debug line otherwise (the training loop logs the run)
         self.bar = Progress(self.progress, len(self), "batch", level=logging.DEBUG) if self.progress else None
         try:
@@ -189,7 +205,7 @@ class CacheLoader:
                 if self.bar is not None:
                     self.bar.update()
         finally:
-            feats.close()  # stops and joins the reader thread when the caller breaks early
+            feats.close()  # stops and joins the reader threads when the caller breaks early
             if self.bar is not None:
                 self.bar.close()
                 self.bar = None
@@ -214,10 +230,10 @@ class CacheLoader:
                    else _join([torch.from_numpy(t.numpy()[rows.numpy()])], pin=False)
                    for k, t in self._data.items()}
 
-    def _stream_batches(self, windows) -> Iterator[dict[str, torch.Tensor]]:
+    def _stream_batches(self, order: np.ndarray, shards: np.ndarray) -> Iterator[dict[str, torch.Tensor]]:
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
-        worker = threading.Thread(target=self._produce, args=(windows, q, stop), daemon=True,
+        worker = threading.Thread(target=self._produce, args=(order, shards, q, stop), daemon=True,
                                   name="vermouth-cache-loader")
         worker.start()
         try:
@@ -230,8 +246,9 @@ class CacheLoader:
             stop.set()
             worker.join()
 
-    def _produce(self, windows, q: queue.Queue, stop: threading.Event) -> None:
-        """Worker thread: read windows whole, emit batches in epoch order (see _join for their dtype)."""
+    def _produce(self, order: np.ndarray, shards: np.ndarray, q: queue.Queue, stop: threading.Event) -> None:
+        """Worker thread: hand over the epoch's batches in order, each once the reader tasks of its
+        shards are done, keeping the next `read_ahead` shards under way (see _Epoch)."""
         def put(item) -> bool:
             while not stop.is_set():  # never block forever on a queue nobody reads any more
                 with contextlib.suppress(queue.Full):
@@ -239,63 +256,149 @@ class CacheLoader:
                     return True
             return False
 
-        # reader threads read the next window's shards (in parallel) while this one gathers batches
-        pool = ThreadPoolExecutor(self.shuffle_window + 1, thread_name_prefix="vermouth-cache-loader-read")
-        pin = self.device.type == "cuda"
+        epoch = _Epoch(self, order, shards)
         try:
-            bounds = np.cumsum([0] + [len(self._rows(g)) for g, _ in windows])  # window w = rows [w], [w+1]
-            reads: dict[int, Future] = {}
-            ready: dict[int, dict[str, list[np.ndarray]]] = {}
-            for b0 in self._starts():
-                b1 = min(b0 + self.batch_size, len(self.indices))
-                first, last = np.searchsorted(bounds, b0, "right") - 1, np.searchsorted(bounds, b1, "left") - 1
-                for w in [w for w in ready if w < first]:
-                    del ready[w]  # only the windows of this batch and the next window stay in memory
-                for w in range(first, min(last + 2, len(windows))):
-                    if w not in reads and w not in ready:
-                        reads[w] = self._read_window(pool, windows[w][0])
-                pieces: list[tuple[dict[str, list[np.ndarray]], np.ndarray]] = []
-                for w in range(first, last + 1):
-                    if w not in ready:
-                        ready[w] = {k: [f.result() for f in fs] for k, fs in reads.pop(w).items()}
-                    a, b = max(b0, bounds[w]) - bounds[w], min(b1, bounds[w + 1]) - bounds[w]
-                    perm = windows[w][1]
-                    pieces.append((ready[w], perm[a:b] if perm is not None else np.arange(a, b)))
-                if not put({k: _gather([(shards[k], rows) for shards, rows in pieces], pin=pin) for k in self.fields}):
+            for b, b0 in enumerate(self._starts()):
+                # the pool takes tasks in order: this batch's shards come first, then `read_ahead` more
+                epoch.start(epoch.rank[b0:b0 + self.batch_size].max() + 1 + self.read_ahead)
+                if not put(epoch.batch(b)):
                     return
         except BaseException as exc:  # re-raised by the main thread at its next batch
             put(exc)
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-
-    def _read_window(self, pool: ThreadPoolExecutor, group: np.ndarray) -> dict[str, list[Future]]:
-        """Per field, each shard's selected rows, read concurrently: one whole-chunk entry.read each
-        (file read and CRC32C release the GIL), re-checking the record."""
-        return {k: [pool.submit(f.entry.read, f.array, self.indices[slice(*self._span[int(s)])]) for s in group]
-                for k, f in self.fields.items()}
+            epoch.close()
 
 
-def _gather(parts: list[tuple[list[np.ndarray], np.ndarray]], pin: bool) -> torch.Tensor:
-    """One batch: for each window part, rows `rows` of its shards' rows taken in order (row r of the
-    window is row r - offset of the shard holding it), gathered and cast straight into one new
-    float32 array (or, `pin`, for CUDA, a pinned one in the stored dtype): one pass over the bytes."""
-    first = parts[0][0][0]
-    shape = (sum(len(rows) for _, rows in parts), *first.shape[1:])
-    if pin:
-        out_t = torch.empty(shape, dtype=torch.from_numpy(first[:0]).dtype, pin_memory=True)
-        out = out_t.numpy()
-    else:
-        out = np.empty(shape, np.float32)  # numpy asks for huge pages: see _join
-        out_t = torch.from_numpy(out)
-    o = 0
-    for shards, rows in parts:
-        offsets = np.cumsum([0] + [len(a) for a in shards])
-        which = np.searchsorted(offsets, rows, "right") - 1
-        for s in np.unique(which):
-            at = np.flatnonzero(which == s)
-            out[o + at] = shards[s][rows[at] - offsets[s]]
-        o += len(rows)
-    return out_t
+class _Epoch:
+    """One stream epoch: per shard, in read order, one task per field in a thread pool that reads
+    the shard's chunk (`_fill`) and copies its rows, cast, straight into the batches holding them,
+    so reading and gathering spread over every core and a shard's rows are gathered as soon as it
+    is read. A batch is complete once the tasks of its shards are; its tensors are allocated when
+    the first of them starts, so the batches of the shards under way are held (about one window
+    of float32 rows, two while the next window is read ahead)."""
+
+    def __init__(self, loader: CacheLoader, order: np.ndarray, shards: np.ndarray):
+        self.loader, self.order, self.shards = loader, order, shards
+        # rank: per served sample (drop_last may leave some unserved), its shard's place in the read order
+        by_shard = np.empty(len(shards), np.int64)
+        by_shard[np.searchsorted(loader.shards, shards)] = np.arange(len(shards))
+        n = len(loader) * loader.batch_size if loader.drop_last else len(order)
+        self.rank = by_shard[np.searchsorted(loader.shards, order[:n] // loader.shard_size)]
+        # the served positions of each rank's samples: positions[bounds[r]:bounds[r + 1]], ascending
+        self.positions = np.argsort(self.rank, kind="stable")
+        self.bounds = np.searchsorted(self.rank[self.positions], np.arange(len(shards) + 1))
+        # reading local files and copying rows are CPU work: more threads than cores would only
+        # delay the shards the next batch waits for
+        self.pool = ThreadPoolExecutor(min(loader.read_ahead + 1, os.cpu_count() or 1),
+                                       thread_name_prefix="vermouth-cache-loader-read")
+        self.tasks: dict[int, list[Future]] = {}  # rank -> its tasks, until its last batch is handed over
+        self.batches: dict[int, dict[str, torch.Tensor]] = {}  # allocated, not yet handed over
+        self.started = 0  # ranks below have their tasks
+
+    def start(self, upto: int) -> None:
+        """Start the tasks of every shard of rank < `upto` that holds served samples."""
+        while self.started < min(len(self.shards), upto):
+            r, self.started = self.started, self.started + 1
+            pos = self.positions[self.bounds[r]:self.bounds[r + 1]]
+            if len(pos):
+                self.tasks[r] = self._submit(int(self.shards[r]), pos)
+
+    def _submit(self, shard: int, pos: np.ndarray) -> list[Future]:
+        size, batch = self.loader.batch_size, pos // self.loader.batch_size
+        rows = self.order[pos] % self.loader.shard_size
+        targets = [(self._batch(int(b)), pos[batch == b] % size, rows[batch == b]) for b in np.unique(batch)]
+        selected = self.loader.indices[slice(*self.loader._span[shard])]
+        return [self.pool.submit(_fill, key, f, shard, selected, self.loader._buffers[key], targets)
+                for key, f in self.loader.fields.items()]
+
+    def _batch(self, b: int) -> dict[str, torch.Tensor]:
+        """Batch `b`'s tensors: new float32 ones or, for CUDA, pinned ones in the stored dtype."""
+        if b not in self.batches:
+            n = min(self.loader.batch_size, len(self.rank) - b * self.loader.batch_size)
+            pin = self.loader.device.type == "cuda"
+            self.batches[b] = {}
+            for key, f in self.loader.fields.items():
+                spec = f.entry.array_spec(f.array)
+                shape = (n, *spec["shape"])
+                # torch's allocator, not numpy's: numpy asks for huge pages, and with several batches
+                # begun at once the kernel then compacts memory on first touch (100+ ms stalls)
+                self.batches[b][key] = (torch.empty(shape, dtype=TORCH_DTYPES[spec["dtype"]], pin_memory=True) if pin
+                                        else torch.empty(shape, dtype=torch.float32))
+        return self.batches[b]
+
+    def batch(self, b: int) -> dict[str, torch.Tensor]:
+        """Batch `b` once its shards' tasks are done (a task's exception is raised here)."""
+        b0 = b * self.loader.batch_size
+        for r in np.unique(self.rank[b0:b0 + self.loader.batch_size]):
+            for task in self.tasks[int(r)]:
+                task.result()
+            if self.positions[self.bounds[r + 1] - 1] // self.loader.batch_size == b:
+                del self.tasks[int(r)]  # its last batch (positions ascend within a rank)
+        return self.batches.pop(b)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Buffers:
+    """Chunk buffers of one field, kept from shard to shard and epoch to epoch: fresh memory costs a
+    page fault per page, on a small VM more than the read itself. As many are kept as the loader
+    ever read at once (one per reader thread)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()  # taken and given back by the reader threads
+        self._free: list[np.ndarray] = []
+
+    def take(self, nbytes: int) -> np.ndarray:
+        with self._lock:
+            buf = self._free.pop() if self._free else None
+        if buf is None or len(buf) < nbytes:  # compressed chunks differ in size
+            buf = torch.empty(nbytes, dtype=torch.uint8).numpy()  # not numpy's huge pages: see _batch
+        return buf
+
+    def give_back(self, buf: np.ndarray) -> None:
+        with self._lock:
+            self._free.append(buf)
+
+
+def _fill(key: str, field: Field, shard: int, selected: np.ndarray, buffers: _Buffers,
+          targets: list[tuple[dict[str, torch.Tensor], np.ndarray, np.ndarray]]) -> None:
+    """Reader thread: read the shard's chunk of `field` into a reused buffer, checked as every read
+    is (`Entry.read_block`: one file read, its CRC32C against the record, viewed by numpy, for
+    the `selected` samples), and copy rows `rows` of it into rows `at` of each target batch's `key`."""
+    held: list[np.ndarray] = []
+
+    def into(nbytes: int) -> np.ndarray:
+        held.append(buffers.take(nbytes))
+        return held[0][:nbytes]
+
+    block = field.entry.read_block(field.array, shard, selected, into=into)
+    # bfloat16, which numpy lacks, is stored as its bits
+    src = torch.from_numpy(block.view(np.int16)).view(torch.bfloat16) if block.dtype == np.uint16 \
+        else torch.from_numpy(block)
+    for batch, at, rows in targets:
+        _copy_rows(batch[key], at, src, rows)
+    del block, src  # views of the buffer: it may be read into again
+    if held:
+        buffers.give_back(held[0])
+
+
+SERIAL_COPY = 1 << 15  # elements: torch runs a bigger copy on all its threads (at::internal::GRAIN_SIZE)
+
+
+def _copy_rows(out: torch.Tensor, at: np.ndarray, block: torch.Tensor, rows: np.ndarray) -> None:
+    """out[at] = block[rows], cast to out's dtype, row by row in pieces torch copies on this thread
+    alone: one pass over the bytes, no temporary, and no parallel region, which would stall on the
+    reader threads that keep every core busy (or on any other load). Small rows in one indexed
+    copy, where a call per row would cost more than its bytes."""
+    dst, src = out.view(len(out), -1), block.view(len(block), -1)
+    if dst.shape[1] < SERIAL_COPY // 8:
+        dst.index_copy_(0, torch.from_numpy(at), src.index_select(0, torch.from_numpy(rows)).to(dst.dtype))
+        return
+    pairs = list(zip(at.tolist(), rows.tolist()))
+    for d, s in zip(dst.split(SERIAL_COPY, 1), src.split(SERIAL_COPY, 1)):
+        for a, r in pairs:
+            d[a].copy_(s[r])
 
 
 def _join(parts: list[torch.Tensor], pin: bool) -> torch.Tensor:
