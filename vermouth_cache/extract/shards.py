@@ -245,11 +245,10 @@ def wait_poll(ttl: float) -> float:
 
 
 def _write(entry: Entry, name: str, shard: int, ok_index: list[int], n: int, status: list[str],
-           data, run: dict, dtype: str, guard, codec: str = "raw") -> None:
-    """Scatter the ok samples' rows into a NaN-filled shard block and write it whole."""
+           data: np.ndarray | None, run: dict, guard) -> None:
+    """Scatter the ok samples' rows (float32, on the host) into a NaN-filled shard block and write it whole."""
     full = None
     if data is not None and len(ok_index):
-        data = _host(data)
         full = np.full((n, *data.shape[1:]), np.nan, dtype=np.float32)
         full[ok_index] = data
     entry.write_shard(name, shard, status, data=full, run=run, before_commit=guard)
@@ -417,7 +416,7 @@ class _Steps:
                 entry.ensure_array(name, tuple(rows.shape[1:]), dtype, codec)
                 rows = _host(rows)  # off the device now: the write holds host memory only
             self.write(lambda name=name, rows=rows: _write(entry, name, self.shard, ok, len(status), status, rows,
-                                                           write_run, dtype, self.guard, codec))
+                                                           write_run, self.guard))
 
     def write(self, fn) -> None:
         """fn() writes one array's shard: in the writer (a thread, or in place), timed as "write"."""

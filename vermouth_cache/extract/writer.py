@@ -21,7 +21,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 
 class ShardWriter:
-    def __init__(self, *, background: bool, depth: int = 8, lost_error: type[Exception] = Exception):
+    def __init__(self, *, background: bool, lost_error: type[Exception], depth: int = 8):
+        """`lost_error`: what a write raises when its claim was taken over (the shard is then retried)."""
         self.background, self.depth, self._lost_error = background, depth, lost_error
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="vermouth-cache-write") if background else None
         self._pending: deque[Future] = deque()
