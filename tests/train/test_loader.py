@@ -210,6 +210,26 @@ def test_reads_whole_chunks_once_per_epoch(entry, good, mode, monkeypatch):
     assert all(limit == entry.chunk_nbytes(k.split("/")[0]) for k, limit in gets)  # whole chunks, size-checked
 
 
+@pytest.mark.parametrize("change", ["rewritten", "failed", "removed"])
+def test_memory_mode_refuses_a_shard_changed_since_it_was_loaded(store, change):
+    """Memory mode reads once, at construction; a shard recomputed, re-committed as failed or removed
+    since then raises at the next epoch, naming it, instead of being served from memory."""
+    from vermouth_cache.store.records import ShardDamage
+
+    entry = make_entry(store, "mem")
+    loader = CacheLoader(fields(entry), list(range(N)), 4, shuffle=True, mode="memory")
+    served(loader)
+    start, stop = entry.shard_bounds(1)
+    if change == "removed":
+        entry.loc.delete(entry.record_key("b", 1))
+    else:
+        status = ["ok" if change == "rewritten" else "error: oom"] * (stop - start)
+        entry.write_shard("b", 1, status, data=np.full((stop - start, 5), 55.0))
+    loader.set_epoch(1)
+    with pytest.raises(ShardDamage, match=f"{entry.prefix} array b shard 1: changed in the store since this loader"):
+        served(loader)
+
+
 @pytest.mark.parametrize("bad, why", [(9, "sample #9 was never computed"), (17, "sample #17 error: oom"),
                                       (1, "sample #1 error: bad image")])
 def test_unavailable_indices_refused(entry, good, bad, why):

@@ -55,7 +55,7 @@ import torch
 from vermouth_cache.core.errors import VermouthError
 from vermouth_cache.core.progress import Progress
 from vermouth_cache.store.entry import Entry
-from vermouth_cache.store.records import OK
+from vermouth_cache.store.records import OK, ShardDamage, ShardRecord
 
 MODES = ("memory", "stream", "auto")
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -195,6 +195,8 @@ class CacheLoader:
         # index and extras are cheap: put the epoch's worth on the device once, slice per batch
         served = {"index": torch.from_numpy(order).to(self.device)}
         served.update({k: torch.from_numpy(v[order]).to(self.device) for k, v in self.extra.items()})
+        if self._mode == "memory":
+            self._check_unchanged()
         feats = self._memory_batches(order) if self._mode == "memory" else self._stream_batches(order, shards)
         # one epoch: a bar on a terminal, a debug line otherwise (the training loop logs the run)
         self.bar = Progress(self.progress, len(self), "batch", level=logging.DEBUG) if self.progress else None
@@ -212,14 +214,26 @@ class CacheLoader:
 
     def _load(self) -> dict[str, torch.Tensor]:
         data = {}
+        self._loaded: dict[tuple[str, int], ShardRecord] = {}  # the records the rows in memory were read under
         for key, f in self.fields.items():
             spec = f.entry.array_spec(f.array)
             buf = torch.empty((len(self.indices), *spec["shape"]), dtype=TORCH_DTYPES[spec["dtype"]], device=self.device)
             for s, (lo, hi) in self._span.items():
+                # before the rows: a shard rewritten in between then fails the next epoch's check, never passes it
+                self._loaded[key, s] = f.entry.checked_record(f.array, s)
                 # one whole chunk per read; copied into place so no second full-size host copy exists
                 buf[lo:hi].copy_(torch.from_numpy(f.entry.read(f.array, self.indices[lo:hi])))
             data[key] = buf
         return data
+
+    def _check_unchanged(self) -> None:
+        """Memory mode, each epoch: every shard's record is still the one its rows were read under (a
+        shard recomputed, failed or removed since then raises instead of being served from memory)."""
+        for (key, s), rec in self._loaded.items():
+            f = self.fields[key]
+            if f.entry.checked_record(f.array, s) != rec:
+                raise ShardDamage(f.entry.prefix, f.array, s, "changed in the store since this loader read it into "
+                                  "memory; build the loader again to train on what it holds now")
 
     def _memory_batches(self, order: np.ndarray) -> Iterator[dict[str, torch.Tensor]]:
         pos = torch.from_numpy(np.searchsorted(self.indices, order)).to(self.device)  # rows of self._data
